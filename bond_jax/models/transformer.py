@@ -1,0 +1,273 @@
+"""Decoder-only LM (Llama and Gemma families) as Flax Linen modules, with a KV cache.
+
+Shapes: B batch rows, T tokens in this call, S cache slots, D d_model, H query heads, K kv heads,
+Dh head_dim, V vocab.
+
+Padding: batches are LEFT-padded. `token_mask` [B, T] is True on real tokens; a row's positions count its
+real tokens only (positions_from_mask), so a prompt's logits do not depend on how much padding precedes it.
+Pad tokens are never attended to; their own outputs are garbage and must be ignored by callers.
+
+KV cache (init_cache): {'k','v': [L, B, S, K, Dh], 'valid': [B, S] bool, 'index': int32 []}. A call
+with a cache writes its T tokens at slots [index, index + T) and attends to every valid slot up to its
+own. Prefill = one call with the whole prompt; decode = calls with T = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bond_jax.models.config import ModelConfig
+from bond_jax.sharding import constrain
+
+Cache = dict[str, jax.Array]
+_NEG_INF = -1e30  # finite, so a row with nothing to attend to (a left pad) gives no NaN
+
+
+def _param(module: nn.Module, name: str, init, shape, names, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+def positions_from_mask(token_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+  """[B, T] positions: the number of real tokens before each one (+ offset [B] or scalar); pads get 0."""
+  positions = jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1 + jnp.asarray(offset)[..., None]
+  return jnp.where(token_mask, positions, 0)
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
+  """[Dh / 2] rotary inverse frequencies, with Llama 3 scaling when configured."""
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+  if cfg.rope_llama3_scaling is None:
+    return inv_freq
+  factor, low_freq_factor, high_freq_factor, original_context = cfg.rope_llama3_scaling
+  wavelength = 2 * math.pi / inv_freq
+  long_wavelength = original_context / low_freq_factor
+  short_wavelength = original_context / high_freq_factor
+  scaled = jnp.where(wavelength > long_wavelength, inv_freq / factor, inv_freq)
+  ramp = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smoothed = (1 - ramp) * scaled / factor + ramp * scaled
+  in_between = (wavelength >= short_wavelength) & (wavelength <= long_wavelength)
+  return jnp.where(in_between, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Split-half rotary embedding (the Hugging Face layout). x [B, T, heads, Dh], positions [B, T]."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+  cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+  sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+  first, second = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    gemma = self.cfg.family == "gemma"
+    init = nn.initializers.zeros if gemma else nn.initializers.ones
+    scale = _param(self, "scale", init, (self.cfg.d_model,), ("embed",), self.cfg.params_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    if gemma:  # Gemma scales in float32 by (1 + w), then casts
+      return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)  # Llama casts first, then scales
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, attend, layer_cache):
+    """x [B, T, D]; attend [B, S, T?]: see Transformer; layer_cache None or (k, v) [B, S, K, Dh]."""
+    cfg, dt = self.cfg, self.cfg.dtype
+    init = nn.initializers.normal(stddev=cfg.d_model ** -0.5)
+    wq = _param(self, "q", init, (cfg.d_model, cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
+                cfg.params_dtype)
+    wk = _param(self, "k", init, (cfg.d_model, cfg.num_kv_heads, cfg.head_dim),
+                ("embed", "kv_heads", "head_dim"), cfg.params_dtype)
+    wv = _param(self, "v", init, (cfg.d_model, cfg.num_kv_heads, cfg.head_dim),
+                ("embed", "kv_heads", "head_dim"), cfg.params_dtype)
+    wo = _param(self, "o", nn.initializers.normal(stddev=(cfg.num_heads * cfg.head_dim) ** -0.5),
+                (cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"), cfg.params_dtype)
+    inv_freq = rope_inverse_frequencies(cfg)
+    q = apply_rope(jnp.einsum("btd,dhk->bthk", x, wq.astype(dt)), positions, inv_freq)
+    k = apply_rope(jnp.einsum("btd,dhk->bthk", x, wk.astype(dt)), positions, inv_freq)
+    v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+    q = constrain(q, ("act_batch", "act_length", "act_heads", None))
+    if layer_cache is not None:
+      cache_k, cache_v, index = layer_cache
+      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+      new_cache = (k, v)
+    else:
+      new_cache = None
+    batch, length = q.shape[:2]
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt)).astype(jnp.float32) * cfg.head_dim ** -0.5
+    scores = jnp.where(attend[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(batch, length, cfg.num_heads,
+                                                                        cfg.head_dim)
+    out = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
+    return constrain(out, ("act_batch", "act_length", "act_embed")), new_cache
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, dt = self.cfg, self.cfg.dtype
+    init_in = nn.initializers.normal(stddev=cfg.d_model ** -0.5)
+    gate = _param(self, "gate", init_in, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), cfg.params_dtype)
+    up = _param(self, "up", init_in, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), cfg.params_dtype)
+    down = _param(self, "down", nn.initializers.normal(stddev=cfg.mlp_dim ** -0.5),
+                  (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), cfg.params_dtype)
+    g = x @ gate.astype(dt)
+    act = jax.nn.gelu(g, approximate=True) if cfg.family == "gemma" else jax.nn.silu(g)
+    h = constrain(act * (x @ up.astype(dt)), ("act_batch", "act_length", "act_mlp"))
+    return h @ down.astype(dt)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block. Returns (x, new layer cache); scan-compatible signature."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, attend, layer_cache):
+    h, new_cache = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), positions,
+                                                    attend, layer_cache)
+    x = x + h
+    x = x + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+    return constrain(x, ("act_batch", "act_length", "act_embed")), new_cache
+
+
+class _ScanBlock(nn.Module):
+  """Block with (carry, xs) -> (carry, ys) for nn.scan; the cache is scanned over its layer axis."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, layer_cache, positions, attend, index):
+    block = nn.remat(Block, prevent_cse=False)(self.cfg, name="block") if self.cfg.remat else \
+        Block(self.cfg, name="block")
+    cache_in = None if layer_cache is None else (layer_cache[0], layer_cache[1], index)
+    return block(x, positions, attend, cache_in)
+
+
+class Transformer(nn.Module):
+  """The LM. __call__ gives logits; `hidden` gives final-norm states (what the reward head reads)."""
+  cfg: ModelConfig
+  with_lm_head: bool = True  # False for the reward model's backbone (no untied output matrix)
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedding = _param(self, "embedding", nn.initializers.normal(stddev=1.0),
+                            (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.params_dtype)
+    if cfg.scan_layers:
+      self.layers = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+    else:
+      block_cls = nn.remat(Block) if cfg.remat else Block
+      self.blocks = [block_cls(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg)
+    if self.with_lm_head and not cfg.tie_embeddings:
+      self.lm_head = _param(self, "lm_head", nn.initializers.normal(stddev=cfg.d_model ** -0.5),
+                            (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.params_dtype)
+
+  def hidden(self, tokens: jax.Array, token_mask: jax.Array, cache: Cache | None = None):
+    """tokens, token_mask [B, T] -> (hidden [B, T, D] after the final norm, new cache or None)."""
+    cfg, dt = self.cfg, self.cfg.dtype
+    x = jnp.take(self.embedding, tokens, axis=0).astype(dt)
+    if cfg.family == "gemma":
+      x = x * jnp.asarray(cfg.d_model ** 0.5, dtype=dt)
+    x = constrain(x, ("act_batch", "act_length", "act_embed"))
+    length = tokens.shape[1]
+    if cache is None:
+      positions = positions_from_mask(token_mask)
+      causal = jnp.tril(jnp.ones((length, length), bool))
+      attend = causal[None] & token_mask[:, None, :]  # [B, T, T]: query t may read key s
+      index = None
+    else:
+      index = cache["index"]
+      positions = positions_from_mask(token_mask, jnp.sum(cache["valid"], axis=-1))
+      valid = jax.lax.dynamic_update_slice(cache["valid"], token_mask, (0, index))
+      slots = jnp.arange(valid.shape[1])
+      causal = slots[None, :] <= (index + jnp.arange(length))[:, None]  # [T, S]
+      attend = causal[None] & valid[:, None, :]  # [B, T, S]
+    if cfg.scan_layers:
+      layer_caches = None if cache is None else (cache["k"], cache["v"])
+      x, new_kv = self.layers(x, layer_caches, positions, attend, index)
+    else:
+      new_k, new_v = [], []
+      for i, block in enumerate(self.blocks):
+        layer_cache = None if cache is None else (cache["k"][i], cache["v"][i], index)
+        x, kv = block(x, positions, attend, layer_cache)
+        if kv is not None:
+          new_k.append(kv[0])
+          new_v.append(kv[1])
+      new_kv = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+    x = self.final_norm(x)
+    if cache is None:
+      return x, None
+    return x, {"k": new_kv[0], "v": new_kv[1], "valid": valid, "index": index + length}
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden [B, T, D] -> float32 logits [B, T, V]."""
+    dt = self.cfg.dtype
+    head = self.embedding.T if self.cfg.tie_embeddings else self.lm_head
+    logits = (hidden @ head.astype(dt)).astype(jnp.float32)
+    return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+  def __call__(self, tokens: jax.Array, token_mask: jax.Array, cache: Cache | None = None):
+    """tokens, token_mask [B, T] -> (logits [B, T, V] float32, new cache or None)."""
+    hidden, cache = self.hidden(tokens, token_mask, cache)
+    return self.logits(hidden), cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+  """An empty cache of `length` slots for `batch` rows (dtype defaults to the compute dtype)."""
+  dtype = cfg.dtype if dtype is None else dtype
+  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "valid": jnp.zeros((batch, length), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def cache_logical_axes() -> dict[str, tuple]:
+  """Logical names of the cache arrays, for shardings (rows on the batch axes, kv heads on tensor)."""
+  kv = ("layers", "act_batch", "cache_length", "act_kv_heads", "head_dim")
+  return {"k": kv, "v": kv, "valid": ("act_batch", "cache_length"), "index": ()}
+
+
+def forward(cfg: ModelConfig, params: Any, tokens: jax.Array, token_mask: jax.Array) -> jax.Array:
+  """Full forward pass: logits [B, T, V] float32 for left-padded tokens [B, T]."""
+  return Transformer(cfg).apply({"params": params}, tokens, token_mask)[0]
+
+
+def prefill(cfg: ModelConfig, params: Any, tokens: jax.Array, token_mask: jax.Array,
+            cache_length: int) -> tuple[jax.Array, Cache]:
+  """Run a left-padded prompt [B, P] into a fresh cache of cache_length slots: (logits [B, P, V], cache)."""
+  if tokens.shape[1] > cache_length:
+    raise ValueError(f"prompt length {tokens.shape[1]} exceeds the cache length {cache_length}")
+  cache = init_cache(cfg, tokens.shape[0], cache_length)
+  return Transformer(cfg).apply({"params": params}, tokens, token_mask, cache)
+
+
+def decode_step(cfg: ModelConfig, params: Any, token: jax.Array, cache: Cache,
+                token_mask: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+  """One token per row, token [B] -> (logits [B, V], cache). token_mask [B] (default all True)."""
+  token_mask = jnp.ones(token.shape, bool) if token_mask is None else token_mask
+  logits, cache = Transformer(cfg).apply({"params": params}, token[:, None], token_mask[:, None], cache)
+  return logits[:, 0], cache
+
+
+def init_boxed(cfg: ModelConfig, rng: jax.Array) -> Any:
+  """Params with their nn.LogicallyPartitioned boxes (sharding.init_sharded places them on a mesh)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Transformer(cfg).init(rng, tokens, jnp.ones((1, 1), bool))["params"]

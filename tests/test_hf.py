@@ -1,0 +1,175 @@
+"""Hugging Face interop: import parity, export parity (logits and greedy text), bit-exact round trip."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from bond_jax import hf, sharding
+from bond_jax.models import reward, transformer
+from bond_jax.models.config import ModelConfig
+
+TINY = dict(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+            mlp_dim=96, max_seq_len=128)
+PAD, BOS, EOS = 0, 2, 1
+LLAMA_FORM = dict(**TINY, family="llama", tie_embeddings=False, rope_theta=500_000.0)
+LLAMA_FORM_SCALED = dict(LLAMA_FORM, rope_llama3_scaling=(8.0, 1.0, 4.0, 32))
+GEMMA_FORM = dict(**TINY, family="gemma", tie_embeddings=True)
+FAMILIES = {"llama": LLAMA_FORM, "llama3_rope": LLAMA_FORM_SCALED, "gemma": GEMMA_FORM}
+
+
+def _batch(seed=0, lengths=(12, 7, 3), length=12):
+  """Left-padded random tokens [B, T] (never the pad id) and their mask."""
+  rng = np.random.default_rng(seed)
+  lengths = np.asarray(lengths)
+  mask = np.arange(length)[None] >= (length - lengths)[:, None]
+  tokens = np.where(mask, rng.integers(3, TINY["vocab_size"], (len(lengths), length)), PAD)
+  return tokens.astype(np.int32), mask
+
+
+def _torch_logits(model, tokens, mask):
+  """Logits of a transformers model with the same left-padding positions as ours."""
+  positions = np.asarray(transformer.positions_from_mask(jnp.asarray(mask)))
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                attention_mask=torch.tensor(mask.astype(np.int64)),
+                position_ids=torch.tensor(positions, dtype=torch.long))
+  return out.logits.float().numpy()
+
+
+def _random_hf_model(name, kind, tmp_path):
+  """A tiny random transformers model of the family, saved to disk (made locally, nothing downloaded)."""
+  torch.manual_seed(0)
+  cfg = ModelConfig(**FAMILIES[name])
+  hf_cfg = hf.config_to_hf(cfg, kind, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+  config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_cfg.items() if k != "architectures"})
+  cls = transformers.AutoModelForCausalLM if kind == "lm" else transformers.AutoModelForSequenceClassification
+  model = cls.from_config(config).float().eval()
+  with torch.no_grad():  # the default init leaves norms at 1 / 0: perturb them so the test sees them
+    for pname, p in model.named_parameters():
+      if "norm" in pname or "score" in pname:
+        p.add_(0.2 * torch.randn_like(p))
+  model.save_pretrained(tmp_path / name)
+  return model, tmp_path / name
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_import_matches_transformers_logits(name, tmp_path):
+  model, path = _random_hf_model(name, "lm", tmp_path)
+  params, cfg = hf.import_params(str(path), mesh=sharding.make_mesh({"fsdp": 4, "tensor": 2}))
+  assert cfg.family == FAMILIES[name]["family"]
+  tokens, mask = _batch()
+  ours = np.asarray(jax.jit(transformer.forward, static_argnums=0)(cfg, params, tokens, mask))
+  theirs = _torch_logits(model, tokens, mask)
+  diff = np.abs(ours - theirs)[mask].max()
+  assert diff <= 1e-4, diff
+  assert np.abs(theirs[mask]).max() > 0.1  # the comparison is not between two zero tensors
+
+
+def _our_model(name, seed=1, **overrides):
+  cfg = ModelConfig(**{**FAMILIES[name], **overrides})
+  params, _ = sharding.init_sharded(lambda r: transformer.init_boxed(cfg, r), jax.random.key(seed),
+                                    sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+  # norms start at their identity values: perturb them so an export bug there cannot hide
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.2 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+      if "norm" in jax.tree_util.keystr(p) else x, params)
+  return cfg, params
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_export_loads_in_transformers_with_same_logits_and_greedy_text(name, tmp_path):
+  cfg, params = _our_model(name)
+  out = tmp_path / "export"
+  hf.export(params, cfg, str(out), bos_id=BOS, eos_id=EOS, pad_id=PAD)
+  assert {"config.json", "generation_config.json", "model.safetensors"} <= set(os.listdir(out))
+  model = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+  assert type(model).__name__ == ("LlamaForCausalLM" if name == "llama" else "GemmaForCausalLM")
+  tokens, mask = _batch(seed=3)
+  theirs = _torch_logits(model, tokens, mask)
+  ours = np.asarray(transformer.forward(cfg, params, tokens, mask))
+  assert np.abs(ours - theirs)[mask].max() <= 1e-4
+
+  # greedy continuation of 32 tokens of one prompt: ours through the KV cache, theirs via generate
+  prompt = tokens[:1]
+  with torch.no_grad():
+    generated = model.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=32, do_sample=False,
+                               min_new_tokens=32, eos_token_id=None, pad_token_id=PAD)
+  theirs_greedy = generated[0, prompt.shape[1]:].numpy()
+  logits, cache = transformer.prefill(cfg, params, prompt, np.ones_like(prompt, bool), 64)
+  token = jnp.argmax(logits[:, -1], -1)
+  ours_greedy = [int(token[0])]
+  step = jax.jit(transformer.decode_step, static_argnums=0)
+  for _ in range(31):
+    logits, cache = step(cfg, params, token, cache)
+    token = jnp.argmax(logits, -1)
+    ours_greedy.append(int(token[0]))
+  np.testing.assert_array_equal(np.asarray(ours_greedy), theirs_greedy)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_export_import_round_trip_is_bit_exact(scan, tmp_path):
+  cfg, params = _our_model("llama", scan_layers=scan)
+  hf.export(params, cfg, str(tmp_path / "rt"), bos_id=BOS, eos_id=EOS, pad_id=PAD,
+            max_shard_bytes=60_000)  # small shards: exercises the sharded index too
+  assert (tmp_path / "rt" / "model.safetensors.index.json").exists()
+  back, cfg_back = hf.import_params(str(tmp_path / "rt"), scan_layers=scan)
+  assert cfg_back == cfg
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_reward_model_import_export_parity(name, tmp_path):
+  model, path = _random_hf_model(name, "reward", tmp_path)
+  params, cfg = hf.import_params(str(path))
+  tokens, mask = _batch(seed=5)
+  with torch.no_grad():  # left padding: transformers reads the last non-pad token, as we do
+    positions = np.asarray(transformer.positions_from_mask(jnp.asarray(mask)))
+    theirs = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                   attention_mask=torch.tensor(mask.astype(np.int64)),
+                   position_ids=torch.tensor(positions, dtype=torch.long)).logits[:, 0].numpy()
+  ours = np.asarray(reward.score(cfg, params, tokens, mask))
+  assert np.abs(ours - theirs).max() <= 1e-4 and np.abs(theirs).max() > 1e-3
+
+  hf.export(params, cfg, str(tmp_path / "rm"), kind="reward", bos_id=BOS, eos_id=EOS, pad_id=PAD)
+  reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+  assert json.loads((tmp_path / "rm" / "config.json").read_text())["pad_token_id"] == PAD
+  with torch.no_grad():  # right-padded batch, transformers' own default positions
+    right_tokens = np.where(mask[:, ::-1], tokens[:, ::-1], PAD)  # reversed rows stand in for content
+    right_mask = mask[:, ::-1].copy()
+    scores = reloaded(input_ids=torch.tensor(right_tokens, dtype=torch.long),
+                      attention_mask=torch.tensor(right_mask.astype(np.int64))).logits[:, 0].numpy()
+  left_tokens = np.zeros_like(right_tokens)
+  for i, row in enumerate(right_tokens):  # the same rows, left-padded for us
+    real = row[right_mask[i]]
+    left_tokens[i, len(row) - len(real):] = real
+  ours = np.asarray(reward.score(cfg, params, left_tokens, mask))
+  assert np.abs(ours - scores).max() <= 1e-4
+  back, _ = hf.import_params(str(tmp_path / "rm"))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_export_refuses_non_empty_directory_without_overwrite(tmp_path):
+  cfg, params = _our_model("gemma")
+  (tmp_path / "busy").mkdir()
+  (tmp_path / "busy" / "keep.txt").write_text("precious")
+  with pytest.raises(ValueError, match=r"not empty; pass --overwrite"):
+    hf.export(params, cfg, str(tmp_path / "busy"))
+  assert (tmp_path / "busy" / "keep.txt").read_text() == "precious"
+  hf.export(params, cfg, str(tmp_path / "busy"), overwrite=True)
+  assert not (tmp_path / "busy" / "keep.txt").exists()
+
+
+def test_import_rejects_unsupported_architecture(tmp_path):
+  (tmp_path / "gpt2").mkdir()
+  (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+  with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; allowed: llama, gemma"):
+    hf.import_params(str(tmp_path / "gpt2"))
