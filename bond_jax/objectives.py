@@ -1,0 +1,452 @@
+"""BOND objectives as pure functions: Best-of-N densities, quantiles, BOND / J-BOND / RLOO losses.
+
+Paper: "BOND: Aligning LLMs with Best-of-N Distillation", Sessa et al. 2024 (arXiv 2407.14622); equation
+numbers are the paper's, the derivations and sign traps are in BOND_MATH.md.
+
+Conventions shared by every function here:
+  * Every log-probability is SEQUENCE level: the sum over the response tokens of log-softmax(logits) at
+    temperature 1 of the distribution the samples were actually drawn from. Token-level values are never
+    accepted: a loss fed token log-probs would be silently wrong.
+  * `B` is the number of prompts, `M` the number of policy samples per prompt, `k` the number of reference
+    (or anchor) samples per prompt used for quantiles.
+  * Losses return `(loss, metrics)`; metrics are scalars, already stop-gradiented.
+  * Static hyper-parameters (n, beta, gamma, eta, k) are validated in Python, before tracing; a traced value
+    skips validation (check it once, where the config is read, with `validate_hparams`).
+
+Leave-one-out baseline (`baseline="loo"`): for returns of shape [B, M] with M >= 2 the baseline of a sample
+is the mean return of the OTHER samples of the same prompt (RLOO); with M == 1 (J-BOND's single policy
+sample per prompt) it is the mean over the other prompts of the batch, as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Metrics = dict[str, Array]
+
+# J-BOND's penalty for a policy sample worse than both anchor samples: E[r_J] = log p_<= at the median.
+JBOND_PENALTY = math.log(16.0)
+BASELINES = ("none", "loo")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation of static hyper-parameters (Python level, never inside jit).
+
+
+def _is_static_number(value: Any) -> bool:
+  return isinstance(value, numbers.Number) and not isinstance(value, jax.core.Tracer)
+
+
+def _check_unit_interval(name: str, value: Any) -> None:
+  if _is_static_number(value) and not 0.0 <= float(value) <= 1.0:
+    raise ValueError(f"{name}={value} is out of range: {name} must be in [0, 1]")
+
+
+def _check_best_of(name: str, value: Any) -> None:
+  if _is_static_number(value) and (int(value) != value or value < 2):
+    raise ValueError(f"{name}={value} is not allowed: Best-of-{name} needs an integer {name} >= 2")
+
+
+def _check_non_negative(name: str, value: Any) -> None:
+  if _is_static_number(value) and value < 0:
+    raise ValueError(f"{name}={value} is negative: {name} must be >= 0")
+
+
+def _check_baseline(baseline: str) -> None:
+  if baseline not in BASELINES:
+    raise ValueError(f"baseline={baseline!r} is unknown: allowed are {', '.join(BASELINES)}")
+
+
+def validate_hparams(*, n: Any = None, beta: Any = None, eta: Any = None, gamma: Any = None,
+                     k: Any = None, beta_rl: Any = None, baseline: str | None = None,
+                     anchor_period: Any = None) -> None:
+  """Raises ValueError (one line, naming the value and what is allowed) for an invalid hyper-parameter.
+
+  n: Best-of-n (integer >= 2); beta: Jeffreys mix in [0, 1]; eta: EMA rate in [0, 1]; gamma: anchor-KL
+  weight >= 0; k: quantile sample count (integer >= 1); beta_rl: RLHF KL weight >= 0; anchor_period:
+  hard anchor period of iterative BOND (integer >= 1). None = not given.
+  """
+  if n is not None:
+    _check_best_of("n", n)
+  if beta is not None:
+    _check_unit_interval("beta", beta)
+  if eta is not None:
+    _check_unit_interval("eta", eta)
+  if gamma is not None:
+    _check_non_negative("gamma", gamma)
+  if beta_rl is not None:
+    _check_non_negative("beta_rl", beta_rl)
+  if k is not None and (int(k) != k or k < 1):
+    raise ValueError(f"k={k} is not allowed: the quantile needs an integer k >= 1 reference samples")
+  if baseline is not None:
+    _check_baseline(baseline)
+  if anchor_period is not None and (int(anchor_period) != anchor_period or anchor_period < 1):
+    raise ValueError(f"anchor_period={anchor_period} is not allowed: it must be an integer >= 1")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exact Best-of-N density on an enumerated response space (Theorem 1, eq. 4).
+
+
+def exact_quantiles(ref_logprobs: Array, rewards: Array) -> tuple[Array, Array]:
+  """Exact reference quantiles p_<(y) and p_<=(y) over an enumerated response set.
+
+  Args:
+    ref_logprobs: [..., S] log pi_ref(y) of EVERY response of the space (they must sum to 1 in prob).
+    rewards: [..., S] r(y).
+  Returns:
+    (p_less, p_less_equal), each [..., S]: P_{y'~pi_ref}[r(y') < r(y)] and P[r(y') <= r(y)].
+  """
+  ref_probs = jnp.exp(ref_logprobs)
+  # [..., S(y), S(y')]: an O(S^2) comparison is fine for the spaces that can be enumerated at all.
+  less = rewards[..., None, :] < rewards[..., :, None]
+  less_equal = rewards[..., None, :] <= rewards[..., :, None]
+  p_less = jnp.sum(jnp.where(less, ref_probs[..., None, :], 0.0), axis=-1)
+  p_less_equal = jnp.sum(jnp.where(less_equal, ref_probs[..., None, :], 0.0), axis=-1)
+  return p_less, jnp.minimum(p_less_equal, 1.0)
+
+
+def best_of_n_log_density(ref_logprobs: Array, rewards: Array, n: int) -> Array:
+  """Exact log pi_BoN(y) of Theorem 1 (eq. 4), WITH the tie (collision) correction factor.
+
+      pi_BoN(y) = pi_ref(y) * p_<=(y)^(n-1) * sum_{i=1..n} (p_<(y) / p_<=(y))^(i-1)
+
+  It is the law of the following sampler: draw n i.i.d. responses from pi_ref, return the one with the
+  highest reward, ties broken by ANY rule that looks only at the sample indices (lowest index, uniform at
+  random, ...). Proof: the chosen index is i with y_i = y iff the i-1 earlier samples score < r(y) and the
+  n-i later ones <= r(y) (lowest-index rule), probability pi_ref(y) p_<^(i-1) p_<=^(n-i); summing over i
+  gives eq. 4. Any index-only rule gives the same law because the samples are exchangeable. A rule that
+  looks at the responses themselves (e.g. shortest among tied) is NOT covered by eq. 4.
+
+  Repeated draws of the same y count as ties, so on a discrete space the correction matters even when
+  all rewards are distinct.
+
+  Args:
+    ref_logprobs: [..., S] log pi_ref over the enumerated space.
+    rewards: [..., S].
+    n: Best-of-n, static integer >= 2.
+  Returns:
+    [..., S] log pi_BoN(y).
+  """
+  _check_best_of("n", n)
+  p_less, p_less_equal = exact_quantiles(ref_logprobs, rewards)
+  ratio = p_less / jnp.maximum(p_less_equal, jnp.finfo(p_less_equal.dtype).tiny)
+  powers = ratio[..., None] ** jnp.arange(n, dtype=ratio.dtype)
+  correction = jnp.sum(powers, axis=-1)  # in [1, n]
+  return ref_logprobs + (n - 1) * jnp.log(p_less_equal) + jnp.log(correction)
+
+
+def best_of_n_log_density_no_ties(ref_logprobs: Array, rewards: Array, n: int) -> Array:
+  """The no-ties form log(n * pi_ref(y) * p_<=(y)^(n-1)) of eq. 4 (the correction factor set to n).
+
+  Exact only for continuous reward distributions; on a discrete space it over-weights responses with a
+  large reference mass and does not sum to 1. Shapes as in `best_of_n_log_density`.
+  """
+  _check_best_of("n", n)
+  _, p_less_equal = exact_quantiles(ref_logprobs, rewards)
+  return math.log(n) + ref_logprobs + (n - 1) * jnp.log(p_less_equal)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Monte-Carlo quantile (eq. 10) and best-of selection.
+
+
+def empirical_quantile(rewards: Array, ref_rewards: Array) -> Array:
+  """Monte-Carlo reference quantile p_hat(y) of eq. 10, floored by counting y itself.
+
+      p_hat(y) = (1 + #{i : r(y_i) <= r(y)}) / (k + 1),   y_1..y_k ~ pi_ref(.|x)
+
+  The floor: y joins the pool of k reference rewards, so p_hat is y's rank in k + 1 rewards. It is always
+  in [1/(k+1), 1] (log p_hat is finite) and converges to p_<=(y) as k grows; its bias,
+  (1 - p_<=)/(k+1), vanishes as k grows and is largest for low-reward y.
+
+  Args:
+    rewards: [B, M] rewards of the responses to rank (M per prompt; [B] is treated as M = 1).
+    ref_rewards: [B, k] rewards of k >= 1 reference samples of the SAME prompt.
+  Returns:
+    [B, M] (or [B]) p_hat in [1/(k+1), 1].
+  """
+  k = ref_rewards.shape[-1]
+  if k < 1:
+    raise ValueError(f"k={k} is not allowed: the quantile needs an integer k >= 1 reference samples")
+  flat = rewards.ndim == 1
+  rewards_2d = rewards[:, None] if flat else rewards
+  count = jnp.sum(ref_rewards[:, None, :] <= rewards_2d[:, :, None], axis=-1)
+  quantile = (1.0 + count.astype(jnp.float32)) / (k + 1.0)
+  return quantile[:, 0] if flat else quantile
+
+
+def select_best(rewards: Array) -> tuple[Array, Array]:
+  """Index of the highest reward along the last axis; ties go to the LOWEST index, and are counted.
+
+  Lowest-index tie-breaking depends only on positions, so the selected response follows eq. 4 exactly
+  (see `best_of_n_log_density`).
+
+  Args:
+    rewards: [..., N].
+  Returns:
+    (best_index [...] int32, num_at_max [...] int32): num_at_max = how many of the N share the best
+    reward (1 = no tie).
+  """
+  best_index = jnp.argmax(rewards, axis=-1).astype(jnp.int32)  # argmax returns the first maximum
+  best_reward = jnp.max(rewards, axis=-1, keepdims=True)
+  num_at_max = jnp.sum(rewards == best_reward, axis=-1).astype(jnp.int32)
+  return best_index, num_at_max
+
+
+def leave_one_out_baseline(returns: Array) -> Array:
+  """Mean return of the other samples: per prompt for [B, M >= 2], across the batch for [B, 1] or [B].
+
+  Needs at least 2 samples in the group it averages over (static shapes, checked in Python).
+  """
+  if returns.ndim == 2 and returns.shape[1] >= 2:
+    group = returns.shape[1]
+    return (jnp.sum(returns, axis=1, keepdims=True) - returns) / (group - 1)
+  count = returns.size
+  if count < 2:
+    raise ValueError(f"leave-one-out baseline over {count} sample: needs >= 2 (or use baseline='none')")
+  return (jnp.sum(returns) - returns) / (count - 1)
+
+
+def _advantage(returns: Array, baseline: str) -> Array:
+  _check_baseline(baseline)
+  returns = jax.lax.stop_gradient(returns)
+  if baseline == "loo":
+    return returns - leave_one_out_baseline(returns)
+  return returns
+
+
+def _policy_gradient_surrogate(policy_logprobs: Array, advantage: Array) -> Array:
+  """-mean(log pi(y) * A(y)): its gradient is the REINFORCE estimate of -grad E_pi[A] (A held fixed)."""
+  return -jnp.mean(policy_logprobs * jax.lax.stop_gradient(advantage))
+
+
+def _mean_std(x: Array) -> tuple[Array, Array]:
+  return jnp.mean(x), jnp.std(x)
+
+
+def _stop(metrics: Mapping[str, Array]) -> Metrics:
+  return {name: jax.lax.stop_gradient(jnp.asarray(value, jnp.float32)) for name, value in metrics.items()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# BOND: forward KL, backward KL, Jeffreys mix (eqs. 11-15).
+
+
+def forward_kl_loss(best_logprobs: Array) -> Array:
+  """Forward-KL term (eq. 13): NLL of Best-of-N reference samples under the policy.
+
+  Args:
+    best_logprobs: [B] log pi(y_best), y_best the best of N samples of pi_ref (or of the anchor).
+  Returns:
+    scalar loss; its gradient is that of KL(pi_BoN || pi) (up to a constant).
+  """
+  return -jnp.mean(best_logprobs)
+
+
+def backward_kl_loss(policy_logprobs: Array, base_logprobs: Array, log_quantiles: Array, n: int,
+                     baseline: str = "loo") -> tuple[Array, Metrics]:
+  """Backward-KL policy-gradient surrogate (eq. 15) on samples y ~ pi.
+
+      R(y) = (n - 1) * log p_hat(y) - (log pi(y) - log pi_base(y)),   loss = -mean(log pi(y) * sg(R - b))
+
+  Its gradient estimates grad KL(pi || pi_BoN) where pi_BoN = Best-of-n of pi_base (the no-ties form; the
+  constant log n cancels in expectation). pi_base is pi_ref for BOND and the anchor for iterative BOND.
+
+  Args:
+    policy_logprobs: [B, M] log pi(y), differentiable.
+    base_logprobs: [B, M] log pi_base(y) (treated as a constant).
+    log_quantiles: [B, M] log p_hat(y) against samples of pi_base (`empirical_quantile`).
+    n: Best-of-n, static >= 2.
+    baseline: "loo" or "none".
+  Returns:
+    (loss, metrics) with return_mean, kl_estimate (mean log pi - log pi_base), mean_log_quantile.
+  """
+  _check_best_of("n", n)
+  log_ratio = jax.lax.stop_gradient(policy_logprobs - base_logprobs)
+  returns = (n - 1) * log_quantiles - log_ratio
+  loss = _policy_gradient_surrogate(policy_logprobs, _advantage(returns, baseline))
+  metrics = {"return_mean": jnp.mean(returns), "kl_estimate": jnp.mean(log_ratio),
+             "mean_log_quantile": jnp.mean(log_quantiles)}
+  return loss, _stop(metrics)
+
+
+def bond_loss(policy_logprobs: Array, base_logprobs: Array, policy_rewards: Array, base_rewards: Array,
+              best_logprobs: Array, *, n: int, beta: float, baseline: str = "loo",
+              ref_logprobs: Array | None = None) -> tuple[Array, Metrics]:
+  """Jeffreys BOND loss (eq. 11): (1 - beta) * forward + beta * backward.
+
+  Args:
+    policy_logprobs: [B, M] log pi of M samples y ~ pi per prompt (differentiable).
+    base_logprobs: [B, M] log pi_base of the same samples (pi_ref; the anchor in iterative BOND).
+    policy_rewards: [B, M] r(y).
+    base_rewards: [B, k] rewards of k samples of pi_base, for the quantiles (eq. 10).
+    best_logprobs: [B] log pi of the best of n samples of pi_base (differentiable).
+    n, beta: static; n >= 2, beta in [0, 1] (0 = forward KL only, 1 = backward KL only).
+    baseline: "loo" or "none" (backward term).
+    ref_logprobs: optional [B, M] log pi_ref of the policy samples, for the kl_policy_ref metric when the
+      base is an anchor (defaults to base_logprobs).
+  Returns:
+    (loss, metrics): loss_forward, loss_backward, kl_policy_base, kl_policy_ref, mean_log_quantile,
+    mean_quantile, return_mean, reward_mean, reward_std, entropy_estimate.
+  """
+  validate_hparams(n=n, beta=beta, baseline=baseline)
+  quantiles = empirical_quantile(policy_rewards, base_rewards)
+  log_quantiles = jnp.log(quantiles)
+  loss_forward = forward_kl_loss(best_logprobs)
+  loss_backward, backward_metrics = backward_kl_loss(policy_logprobs, base_logprobs, log_quantiles, n,
+                                                     baseline)
+  loss = (1.0 - beta) * loss_forward + beta * loss_backward
+  reward_mean, reward_std = _mean_std(policy_rewards)
+  ref = base_logprobs if ref_logprobs is None else ref_logprobs
+  metrics = {
+      "loss_forward": loss_forward,
+      "loss_backward": loss_backward,
+      "kl_policy_base": backward_metrics["kl_estimate"],
+      "kl_policy_ref": jnp.mean(policy_logprobs - ref),
+      "mean_log_quantile": backward_metrics["mean_log_quantile"],
+      "mean_quantile": jnp.mean(quantiles),
+      "return_mean": backward_metrics["return_mean"],
+      "reward_mean": reward_mean,
+      "reward_std": reward_std,
+      "entropy_estimate": -jnp.mean(policy_logprobs),
+  }
+  return loss, _stop(metrics)
+
+
+# --------------------------------------------------------------------------------------------------------
+# J-BOND (Algorithm 2).
+
+
+def anchor_kl_regularizer(policy_logprobs: Array, anchor_logprobs: Array) -> Array:
+  """loss_reg = mean(log pi(y) * sg(log pi(y) - log pi_anchor(y))), y ~ pi.
+
+  Its gradient is E_pi[grad log pi * (log pi - log pi_anchor)] = grad KL(pi || anchor), so DEscending it
+  lowers the KL. (Algorithm 2 as printed has the opposite sign, which would raise the KL; eq. 19 and the
+  text want it lowered.)
+
+  Args:
+    policy_logprobs: [B] or [B, M], differentiable.
+    anchor_logprobs: same shape, constant.
+  """
+  log_ratio = jax.lax.stop_gradient(policy_logprobs - anchor_logprobs)
+  return jnp.mean(policy_logprobs * log_ratio)
+
+
+def jbond_loss(policy_logprobs: Array, anchor_logprobs: Array, policy_rewards: Array,
+               anchor_rewards: Array, best_anchor_logprobs: Array, *, beta: float, gamma: float = 0.0,
+               baseline: str = "loo", penalty: float = JBOND_PENALTY,
+               ref_logprobs: Array | None = None) -> tuple[Array, Metrics]:
+  """J-BOND loss (Algorithm 2): 1 policy sample and 2 anchor samples per prompt.
+
+      forward:  loss_fw  = -mean(log pi(y'_best)),   y'_best = better of the 2 anchor samples
+      backward: r_J(y)   = -penalty if r(y) < min(r(y'_1), r(y'_2)) (strict) else 0
+                R(y)     = r_J(y) - (log pi(y) - log pi_anchor(y)),  loss_bw = -mean(log pi(y) sg(R - b))
+      regulariser (gamma >= 0): loss_reg = `anchor_kl_regularizer` (lowers KL(pi || anchor))
+      loss = (1 - beta) * loss_fw + beta * loss_bw + gamma * loss_reg
+
+  Args:
+    policy_logprobs: [B] log pi(y), y ~ pi (differentiable).
+    anchor_logprobs: [B] log pi_anchor(y) of the same samples (constant).
+    policy_rewards: [B] r(y).
+    anchor_rewards: [B, 2] rewards of the 2 anchor samples.
+    best_anchor_logprobs: [B] log pi of the better anchor sample (pick it with `select_best`).
+    beta in [0, 1], gamma >= 0: static. penalty: log 16 in the paper.
+    baseline: "loo" (mean return of the other prompts) or "none".
+    ref_logprobs: optional [B] log pi_ref(y), for the kl_policy_ref metric.
+  Returns:
+    (loss, metrics): loss_forward, loss_backward, loss_reg, penalty_rate, kl_policy_anchor,
+    [kl_policy_ref], anchor_tie_rate, policy_tie_rate, return_mean, reward_mean, reward_std,
+    anchor_reward_mean, entropy_estimate.
+  """
+  validate_hparams(beta=beta, gamma=gamma, baseline=baseline)
+  if anchor_rewards.shape[-1] != 2:
+    raise ValueError(f"anchor_rewards has {anchor_rewards.shape[-1]} samples per prompt: J-BOND needs 2")
+  worst_anchor = jnp.min(anchor_rewards, axis=-1)
+  penalized = policy_rewards < worst_anchor
+  log_ratio = jax.lax.stop_gradient(policy_logprobs - anchor_logprobs)
+  returns = jnp.where(penalized, -penalty, 0.0) - log_ratio
+  loss_forward = forward_kl_loss(best_anchor_logprobs)
+  loss_backward = _policy_gradient_surrogate(policy_logprobs, _advantage(returns, baseline))
+  loss_reg = anchor_kl_regularizer(policy_logprobs, anchor_logprobs)
+  loss = (1.0 - beta) * loss_forward + beta * loss_backward + gamma * loss_reg
+  reward_mean, reward_std = _mean_std(policy_rewards)
+  metrics = {
+      "loss_forward": loss_forward,
+      "loss_backward": loss_backward,
+      "loss_reg": loss_reg,
+      "penalty_rate": jnp.mean(penalized),
+      "kl_policy_anchor": jnp.mean(log_ratio),
+      # Ties silence the strict-< penalty (BOND_MATH section 9): report them.
+      "anchor_tie_rate": jnp.mean(anchor_rewards[..., 0] == anchor_rewards[..., 1]),
+      "policy_tie_rate": jnp.mean(policy_rewards == worst_anchor),
+      "return_mean": jnp.mean(returns),
+      "reward_mean": reward_mean,
+      "reward_std": reward_std,
+      "anchor_reward_mean": jnp.mean(anchor_rewards),
+      "entropy_estimate": -jnp.mean(policy_logprobs),
+  }
+  if ref_logprobs is not None:
+    metrics["kl_policy_ref"] = jnp.mean(policy_logprobs - ref_logprobs)
+  return loss, _stop(metrics)
+
+
+# --------------------------------------------------------------------------------------------------------
+# REINFORCE / RLOO baseline (section 7).
+
+
+def reinforce_loss(policy_logprobs: Array, ref_logprobs: Array, rewards: Array, *, beta_rl: float,
+                   baseline: str = "loo") -> tuple[Array, Metrics]:
+  """REINFORCE on R = r - beta_rl * (log pi - log pi_ref), leave-one-out baseline (RLOO).
+
+  Args:
+    policy_logprobs: [B, M] log pi(y), y ~ pi (M = 2 in the paper), differentiable.
+    ref_logprobs: [B, M] log pi_ref(y), constant.
+    rewards: [B, M].
+    beta_rl: static >= 0. baseline: "loo" or "none".
+  Returns:
+    (loss, metrics): loss_pg, kl_policy_ref, return_mean, reward_mean, reward_std, entropy_estimate.
+  """
+  validate_hparams(beta_rl=beta_rl, baseline=baseline)
+  log_ratio = jax.lax.stop_gradient(policy_logprobs - ref_logprobs)
+  returns = rewards - beta_rl * log_ratio
+  loss = _policy_gradient_surrogate(policy_logprobs, _advantage(returns, baseline))
+  reward_mean, reward_std = _mean_std(rewards)
+  metrics = {"loss_pg": loss, "kl_policy_ref": jnp.mean(log_ratio), "return_mean": jnp.mean(returns),
+             "reward_mean": reward_mean, "reward_std": reward_std,
+             "entropy_estimate": -jnp.mean(policy_logprobs)}
+  return loss, _stop(metrics)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Anchors: EMA (J-BOND) and hard periodic updates (iterative BOND, Algorithm 1).
+
+
+def ema_anchor_update(anchor_params: Any, params: Any, eta: float) -> Any:
+  """theta_anchor <- (1 - eta) * theta_anchor + eta * theta, leaf by leaf (eta in [0, 1]).
+
+  eta = 0 keeps the anchor and eta = 1 copies the policy, bit for bit.
+  """
+  validate_hparams(eta=eta)
+  return jax.tree.map(lambda anchor, theta: ((1.0 - eta) * anchor + eta * theta).astype(anchor.dtype),
+                      anchor_params, params)
+
+
+def hard_anchor_update(anchor_params: Any, params: Any, step: Array, period: int) -> Any:
+  """Iterative BOND: the anchor becomes the policy when `step` (updates done so far) hits a multiple of
+  `period`, otherwise stays. jit-friendly (step may be traced)."""
+  validate_hparams(anchor_period=period)
+  refresh = (step > 0) & (step % period == 0)
+  return jax.tree.map(lambda anchor, theta: jnp.where(refresh, theta, anchor), anchor_params, params)
+
+
+def iterative_best_of(n: int, num_anchor_updates: int) -> int:
+  """Best-of-n distilled M times in a row is Best-of-(n^M) of pi_ref (the max of maxes is a max)."""
+  _check_best_of("n", n)
+  return int(n) ** int(num_anchor_updates)

@@ -1,0 +1,309 @@
+"""Jitted update steps for BOND, iterative BOND, J-BOND and the RLOO baseline, generic over the policy.
+
+The policy enters only through `sequence_logprob_fn(params, tokens, mask) -> [rows]`: the SEQUENCE log-prob
+of each response (sum over the response tokens where mask is 1 of log-softmax at temperature 1). A tabular
+autoregressive policy (tests) and the transformer (teacher-forced, supplied by the sampling module) plug in
+the same way. The caller samples; a step only scores the samples it is given.
+
+Batches are dicts of arrays whose leading axis is the prompt axis B (sharded over the mesh's batch axes):
+  BOND / iterative BOND  policy_tokens [B, M, T], policy_mask [B, M, T], policy_rewards [B, M],
+                         base_rewards [B, k] (k samples of pi_ref, or of the anchor, for the quantiles),
+                         best_tokens [B, T], best_mask [B, T] (best of n samples of the same base).
+  J-BOND                 policy_tokens [B, T], policy_mask [B, T], policy_rewards [B],
+                         anchor_tokens [B, 2, T], anchor_mask [B, 2, T], anchor_rewards [B, 2].
+  RLOO                   policy_tokens [B, M, T], policy_mask [B, M, T], policy_rewards [B, M].
+A step is `step(state, ref_params, batch) -> (state, metrics)`; ref_params may be None where the loss does
+not need pi_ref (J-BOND then reports no kl_policy_ref).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bond_jax import objectives
+
+Array = jax.Array
+SequenceLogprobFn = Callable[[Any, Array, Array], Array]
+LossFn = Callable[[Any, Any, Any, dict], tuple[Array, dict]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """params and anchor_params share one structure; anchor_params is None for plain BOND / RLOO.
+
+  step counts applied updates; skipped_steps counts updates dropped by the non-finite guard.
+  """
+  params: Any
+  opt_state: Any
+  anchor_params: Any
+  step: Array
+  skipped_steps: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Adam(W) with linear warm-up, then a constant / cosine / linear schedule, and global-norm clipping.
+
+  decay_steps counts the steps AFTER warm-up over which the schedule falls to end_lr_fraction * lr.
+  max_grad_norm <= 0 disables clipping; weight_decay > 0 makes it AdamW.
+  """
+  learning_rate: float = 3e-6
+  warmup_steps: int = 0
+  schedule: str = "constant"
+  decay_steps: int = 0
+  end_lr_fraction: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  max_grad_norm: float = 1.0
+
+
+_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def make_schedule(config: OptimizerConfig) -> optax.Schedule:
+  if config.schedule not in _SCHEDULES:
+    raise ValueError(f"schedule={config.schedule!r} is unknown: allowed are {', '.join(_SCHEDULES)}")
+  if config.learning_rate <= 0 or config.warmup_steps < 0:
+    raise ValueError(f"learning_rate={config.learning_rate}, warmup_steps={config.warmup_steps}: "
+                     "need learning_rate > 0 and warmup_steps >= 0")
+  peak = config.learning_rate
+  if config.schedule == "constant" or config.decay_steps <= 0:
+    after = optax.constant_schedule(peak)
+  elif config.schedule == "cosine":
+    after = optax.cosine_decay_schedule(peak, config.decay_steps, alpha=config.end_lr_fraction)
+  else:
+    after = optax.linear_schedule(peak, peak * config.end_lr_fraction, config.decay_steps)
+  if config.warmup_steps == 0:
+    return after
+  warmup = optax.linear_schedule(0.0, peak, config.warmup_steps)
+  return optax.join_schedules([warmup, after], [config.warmup_steps])
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+  """clip_by_global_norm -> adam(w) with `make_schedule(config)`."""
+  schedule = make_schedule(config)
+  adam = (optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                      weight_decay=config.weight_decay) if config.weight_decay > 0 else
+          optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps))
+  if config.max_grad_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adam)
+  return adam
+
+
+def init_train_state(params: Any, optimizer: optax.GradientTransformation,
+                     anchor_params: Any = None) -> TrainState:
+  """A fresh state. The anchor is copied, so donating the state never donates one buffer twice; params
+  are not (a model's worth of memory): once a donating step has run, the caller's params are gone."""
+  anchor = None if anchor_params is None else jax.tree.map(jnp.copy, anchor_params)
+  return TrainState(params=params, opt_state=optimizer.init(params), anchor_params=anchor,
+                    step=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Losses over batches (policy-generic), built from objectives.
+
+
+def _flat_logprobs(sequence_logprob_fn: SequenceLogprobFn, params: Any, tokens: Array,
+                   mask: Array) -> Array:
+  """Sequence log-probs of tokens [..., T] -> [...] through a [rows, T] -> [rows] function."""
+  lead = tokens.shape[:-1]
+  rows = sequence_logprob_fn(params, tokens.reshape(-1, tokens.shape[-1]), mask.reshape(-1, mask.shape[-1]))
+  return rows.reshape(lead)
+
+
+def _constant_logprobs(fn: SequenceLogprobFn, params: Any, tokens: Array, mask: Array) -> Array:
+  return jax.lax.stop_gradient(_flat_logprobs(fn, params, tokens, mask))
+
+
+def bond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, n: int, beta: float, baseline: str = "loo",
+                 use_anchor: bool = False) -> LossFn:
+  """Jeffreys BOND on a batch; the Best-of-n base is pi_ref, or the anchor when use_anchor (iterative)."""
+  objectives.validate_hparams(n=n, beta=beta, baseline=baseline)
+
+  def loss_fn(params, anchor_params, ref_params, batch):
+    base_params = anchor_params if use_anchor else ref_params
+    if base_params is None:
+      raise ValueError("BOND needs ref_params (or an anchor in the state for iterative BOND)")
+    tokens, mask = batch["policy_tokens"], batch["policy_mask"]
+    policy_logprobs = _flat_logprobs(sequence_logprob_fn, params, tokens, mask)
+    base_logprobs = _constant_logprobs(sequence_logprob_fn, base_params, tokens, mask)
+    ref_logprobs = None
+    if use_anchor and ref_params is not None:
+      ref_logprobs = _constant_logprobs(sequence_logprob_fn, ref_params, tokens, mask)
+    best_logprobs = _flat_logprobs(sequence_logprob_fn, params, batch["best_tokens"], batch["best_mask"])
+    return objectives.bond_loss(policy_logprobs, base_logprobs, batch["policy_rewards"],
+                                batch["base_rewards"], best_logprobs, n=n, beta=beta, baseline=baseline,
+                                ref_logprobs=ref_logprobs)
+
+  return loss_fn
+
+
+def jbond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta: float, gamma: float,
+                  baseline: str = "loo", penalty: float = objectives.JBOND_PENALTY) -> LossFn:
+  """J-BOND on a batch: selects the better anchor sample (lowest index on ties) and scores it."""
+  objectives.validate_hparams(beta=beta, gamma=gamma, baseline=baseline)
+
+  def loss_fn(params, anchor_params, ref_params, batch):
+    if anchor_params is None:
+      raise ValueError("J-BOND needs anchor_params in the TrainState (init_train_state(anchor_params=...))")
+    tokens, mask = batch["policy_tokens"], batch["policy_mask"]
+    policy_logprobs = _flat_logprobs(sequence_logprob_fn, params, tokens, mask)
+    anchor_logprobs = _constant_logprobs(sequence_logprob_fn, anchor_params, tokens, mask)
+    best_index, _ = objectives.select_best(batch["anchor_rewards"])
+    pick = lambda x: jnp.take_along_axis(x, best_index[:, None, None], axis=1)[:, 0]
+    best_logprobs = _flat_logprobs(sequence_logprob_fn, params, pick(batch["anchor_tokens"]),
+                                   pick(batch["anchor_mask"]))
+    ref_logprobs = (None if ref_params is None else
+                    _constant_logprobs(sequence_logprob_fn, ref_params, tokens, mask))
+    return objectives.jbond_loss(policy_logprobs, anchor_logprobs, batch["policy_rewards"],
+                                 batch["anchor_rewards"], best_logprobs, beta=beta, gamma=gamma,
+                                 baseline=baseline, penalty=penalty, ref_logprobs=ref_logprobs)
+
+  return loss_fn
+
+
+def reinforce_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta_rl: float,
+                      baseline: str = "loo") -> LossFn:
+  """RLOO with a beta_rl KL penalty to pi_ref (the paper's baseline)."""
+  objectives.validate_hparams(beta_rl=beta_rl, baseline=baseline)
+
+  def loss_fn(params, anchor_params, ref_params, batch):
+    del anchor_params
+    if ref_params is None:
+      raise ValueError("REINFORCE needs ref_params for its KL penalty")
+    tokens, mask = batch["policy_tokens"], batch["policy_mask"]
+    policy_logprobs = _flat_logprobs(sequence_logprob_fn, params, tokens, mask)
+    ref_logprobs = _constant_logprobs(sequence_logprob_fn, ref_params, tokens, mask)
+    return objectives.reinforce_loss(policy_logprobs, ref_logprobs, batch["policy_rewards"],
+                                     beta_rl=beta_rl, baseline=baseline)
+
+  return loss_fn
+
+
+# --------------------------------------------------------------------------------------------------------
+# The generic step: gradient accumulation, non-finite guard, anchor update, jit with shardings.
+
+
+def _loss_and_grads(loss_fn: LossFn, params, anchor_params, ref_params, batch, num_microbatches: int):
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_microbatches == 1:
+    (loss, metrics), grads = grad_fn(params, anchor_params, ref_params, batch)
+    return loss, metrics, grads
+
+  def split(x):
+    if x.shape[0] % num_microbatches:
+      raise ValueError(f"batch of {x.shape[0]} prompts does not split into {num_microbatches} microbatches")
+    return x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:])
+
+  def accumulate(carry, microbatch):
+    (loss, metrics), grads = grad_fn(params, anchor_params, ref_params, microbatch)
+    return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+  # Shapes of one microbatch's outputs give the zero carry without running the loss twice.
+  first = jax.tree.map(lambda x: split(x)[0], batch)
+  (loss_shape, metrics_shape), grads_shape = jax.eval_shape(grad_fn, params, anchor_params, ref_params,
+                                                            first)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_shape, metrics_shape, grads_shape))
+  total, _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, batch))
+  # Each microbatch loss is a mean, so the mean of the microbatch gradients is the full-batch gradient
+  # (leave-one-out baselines are formed within each microbatch).
+  return jax.tree.map(lambda x: x / num_microbatches, total)
+
+
+AnchorUpdate = Callable[[Any, Any, Array], Any]  # (anchor, new_params, new_step) -> anchor
+
+
+def build_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                      anchor_update: AnchorUpdate | None = None, num_microbatches: int = 1,
+                      mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None,
+                      batch_sharding: Any = None, ref_sharding: Any = None, donate: bool = True):
+  """jit(step(state, ref_params, batch) -> (state, metrics)) for any loss_fn.
+
+  Gradients are averaged over `num_microbatches` slices of the batch (lax.scan, one optimizer update per
+  call). If the loss or any gradient is non-finite, the update is dropped: params, optimizer state, anchor
+  and step are returned unchanged, skipped_steps grows by 1 and metrics['step_skipped'] is 1.
+
+  Shardings: with a mesh (or any sharding given) the step is compiled with explicit in/out shardings,
+  every one not given being replicated over the mesh; otherwise jit infers them from the arguments.
+  Metrics always come back replicated. The state (argument 0) is donated unless donate=False.
+  """
+  if int(num_microbatches) != num_microbatches or num_microbatches < 1:
+    raise ValueError(f"num_microbatches={num_microbatches} is not allowed: need an integer >= 1")
+
+  def step(state: TrainState, ref_params: Any, batch: dict) -> tuple[TrainState, dict]:
+    loss, metrics, grads = _loss_and_grads(loss_fn, state.params, state.anchor_params, ref_params, batch,
+                                           num_microbatches)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # the norm is non-finite if any leaf is
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_step = state.step + 1
+    anchor = state.anchor_params
+    if anchor_update is not None:
+      anchor = anchor_update(anchor, params, new_step)
+    candidate = (params, opt_state, anchor, new_step)
+    current = (state.params, state.opt_state, state.anchor_params, state.step)
+    params, opt_state, anchor, new_step = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                                       candidate, current)
+    skipped = (~finite).astype(jnp.int32)
+    new_state = TrainState(params=params, opt_state=opt_state, anchor_params=anchor, step=new_step,
+                           skipped_steps=state.skipped_steps + skipped)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, step_skipped=skipped.astype(jnp.float32),
+                   skipped_steps=new_state.skipped_steps.astype(jnp.float32))
+    return new_state, metrics
+
+  donate_argnums = (0,) if donate else ()
+  shardings = (state_sharding, ref_sharding, batch_sharding)
+  if mesh is None and all(s is None for s in shardings):
+    return jax.jit(step, donate_argnums=donate_argnums)
+  if mesh is None:
+    mesh = next(s for s in jax.tree.leaves(shardings) if isinstance(s, NamedSharding)).mesh
+  replicated = NamedSharding(mesh, PartitionSpec())
+  state_in, ref_in, batch_in = (replicated if s is None else s for s in shardings)
+  return jax.jit(step, in_shardings=(state_in, ref_in, batch_in), out_shardings=(state_in, replicated),
+                 donate_argnums=donate_argnums)
+
+
+def make_bond_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.GradientTransformation, *,
+                   n: int, beta: float, baseline: str = "loo", anchor_period: int | None = None,
+                   **step_options):
+  """BOND (anchor_period=None: Best-of-n of pi_ref) or iterative BOND (Algorithm 1: Best-of-n of the
+  anchor, which becomes the policy after every `anchor_period` updates). step_options: see
+  `build_update_step`."""
+  objectives.validate_hparams(anchor_period=anchor_period)
+  use_anchor = anchor_period is not None
+  anchor_update = functools.partial(_hard_update, period=anchor_period) if use_anchor else None
+  loss_fn = bond_loss_fn(sequence_logprob_fn, n=n, beta=beta, baseline=baseline, use_anchor=use_anchor)
+  return build_update_step(loss_fn, optimizer, anchor_update=anchor_update, **step_options)
+
+
+def _hard_update(anchor, params, step, *, period):
+  return objectives.hard_anchor_update(anchor, params, step, period)
+
+
+def make_jbond_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.GradientTransformation, *,
+                    beta: float = 0.5, gamma: float = 0.0, eta: float = 0.02, baseline: str = "loo",
+                    penalty: float = objectives.JBOND_PENALTY, **step_options):
+  """J-BOND (Algorithm 2) with the EMA anchor update theta_a <- (1 - eta) theta_a + eta theta after
+  every applied update. The state must carry anchor_params (start them at pi_ref)."""
+  objectives.validate_hparams(eta=eta)
+  loss_fn = jbond_loss_fn(sequence_logprob_fn, beta=beta, gamma=gamma, baseline=baseline, penalty=penalty)
+  anchor_update = lambda anchor, params, step: objectives.ema_anchor_update(anchor, params, eta)
+  return build_update_step(loss_fn, optimizer, anchor_update=anchor_update, **step_options)
+
+
+def make_reinforce_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.GradientTransformation,
+                        *, beta_rl: float, baseline: str = "loo", **step_options):
+  """RLOO baseline: REINFORCE on r - beta_rl * (log pi - log pi_ref)."""
+  loss_fn = reinforce_loss_fn(sequence_logprob_fn, beta_rl=beta_rl, baseline=baseline)
+  return build_update_step(loss_fn, optimizer, **step_options)
