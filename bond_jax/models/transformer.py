@@ -167,7 +167,8 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.embedding = _param(self, "embedding", nn.initializers.normal(stddev=1.0),
+    # 1/sqrt(D): unit-scale rows after Gemma's sqrt(D) multiplier, and modest logits when tied.
+    self.embedding = _param(self, "embedding", nn.initializers.normal(stddev=cfg.d_model ** -0.5),
                             (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.params_dtype)
     if cfg.scan_layers:
       self.layers = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},

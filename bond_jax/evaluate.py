@@ -1,0 +1,156 @@
+"""Policy vs Best-of-N of the reference: the evaluation that says whether BOND worked.
+
+On held-out prompts x [B, P]: one policy sample y per prompt, K reference samples y_1..y_K per prompt, all
+scored by the reward model. From these:
+- the policy's reference quantile u = (#{r(y_i) < r(y)} + #{r(y_i) = r(y)} / 2) / K (a BoN-of-N sample has u ~ Beta(N, 1):
+  density N u^(N-1), mean N/(N+1)); the policy's "effective N" solves N/(N+1) = mean u;
+- the mean reward of Best-of-N of the reference for each N, by the unbiased order-statistics estimator
+  over the K samples (no resampling noise): E[max of N] = sum_i r_(i) C(i-1, N-1) / C(K, N);
+- KL(pi || pi_ref) = mean(log pi(y) - log pi_ref(y)) against BoN's log N - (N - 1)/N.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bond_jax import sampling
+from bond_jax.models.config import ModelConfig
+
+
+def best_of_n_mean(rewards: np.ndarray, n: int) -> np.ndarray:
+  """[B] expected max of n draws without replacement from each row of rewards [B, K] (needs n <= K)."""
+  k = rewards.shape[1]
+  if not 1 <= n <= k:
+    raise ValueError(f"best-of-{n} needs 1 <= n <= K={k} reference samples")
+  ordered = np.sort(rewards, axis=1)
+  weights = np.array([math.comb(i, n - 1) for i in range(k)], dtype=np.float64) / math.comb(k, n)
+  return ordered @ weights
+
+
+def bon_kl_bound(n: int) -> float:
+  """KL(pi_BoN || pi_ref) without ties: log N - (N - 1) / N (Beirami et al. 2024)."""
+  return math.log(n) - (n - 1) / n
+
+
+def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_logprobs: np.ndarray,
+              ref_logprobs: np.ndarray, best_of: Sequence[int]) -> dict[str, Any]:
+  """Metrics from policy_rewards [B], reference_rewards [B, K], sequence log-probs [B] (see module doc)."""
+  below = np.mean(reference_rewards < policy_rewards[:, None], axis=1)
+  ties = np.mean(reference_rewards == policy_rewards[:, None], axis=1)
+  # Mid-rank: a tie counts half, so one more sample of pi_ref scores exactly 1/2 on average even when
+  # identical responses tie (as N/(N+1) says for N = 1); without ties it is p_<= of BOND_MATH.md.
+  quantile = below + 0.5 * ties
+  mean_u = float(np.mean(quantile))
+  out = {
+      "policy_reward": float(np.mean(policy_rewards)),
+      "policy_quantile_mean": mean_u,
+      "policy_log_quantile_mean": float(np.mean(np.log(np.maximum(quantile, 1.0 / reference_rewards.shape[1])))),
+      "policy_win_rate_vs_ref": mean_u,
+      "policy_effective_n": mean_u / max(1.0 - mean_u, 1e-6),
+      "kl_policy_ref": float(np.mean(policy_logprobs - ref_logprobs)),
+      "reward_ties_fraction": float(np.mean(ties)),
+      "reference_reward": float(np.mean(reference_rewards)),
+      "best_of_n": {str(n): {"reward": float(np.mean(best_of_n_mean(reference_rewards, n))),
+                             "quantile_mean": n / (n + 1), "win_rate_vs_ref": n / (n + 1),
+                             "kl_bound": bon_kl_bound(n)} for n in best_of},
+      "policy_quantiles": quantile.tolist(),
+  }
+  return out
+
+
+def evaluate(cfg: ModelConfig, rm_cfg: ModelConfig, policy_params: Any, ref_params: Any, rm_params: Any,
+             prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *, best_of: Sequence[int],
+             quantile_samples: int, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
+             mesh=None) -> dict[str, Any]:
+  """Sample and score, then `summarize`. prompts [B, P] left-padded held-out prompts."""
+  k = max(quantile_samples, max(best_of))
+  policy_rng, ref_rng = jax.random.split(rng)
+  opts = dict(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_ids=eos_ids,
+              pad_id=pad_id, mesh=mesh)
+  policy = sampling.generate(cfg, policy_params, prompts, prompt_mask, policy_rng, num_samples=1, **opts)
+  reference = sampling.generate(cfg, ref_params, prompts, prompt_mask, ref_rng, num_samples=k, **opts)
+  policy_rewards = sampling.score_responses(rm_cfg, rm_params, prompts, prompt_mask, policy.tokens, policy.mask)
+  ref_rewards = sampling.score_responses(rm_cfg, rm_params, prompts, prompt_mask, reference.tokens,
+                                         reference.mask)
+  _, ref_logprobs = sampling.sequence_logprobs(cfg, ref_params, prompts, prompt_mask, policy.tokens, policy.mask)
+  policy_logprobs = jnp.sum(policy.model_logprobs, axis=-1)
+  host = lambda x: np.asarray(jax.device_get(x), np.float64)
+  out = summarize(host(policy_rewards)[:, 0], host(ref_rewards), host(policy_logprobs)[:, 0],
+                  host(ref_logprobs)[:, 0], best_of=best_of)
+  out["policy_response_length"] = float(jnp.mean(policy.lengths))
+  out["reference_response_length"] = float(jnp.mean(reference.lengths))
+  return out
+
+
+def write(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict[str, Any]] = ()) -> list[str]:
+  """Write eval_<step>.json and PNG plots (BoN curve, quantile histogram, progress over training)."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"eval_{step:06d}.json"), "w") as f:
+    json.dump({"step": step, **result}, f, indent=1)
+  return plot(result, out_dir, step, history)
+
+
+def plot(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict[str, Any]]) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  ns = sorted(int(n) for n in result["best_of_n"])
+  bon = [result["best_of_n"][str(n)] for n in ns]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  ax = axes[0]
+  ax.plot(ns, [b["reward"] for b in bon], "o-", label="Best-of-N of pi_ref")
+  ax.axhline(result["policy_reward"], color="C3", label=f"policy, 1 sample (N_eff={result['policy_effective_n']:.2f})")
+  ax.set(xscale="log", xlabel="N", ylabel="mean reward", title=f"reward, step {step}")
+  _integer_ticks(ax, ns)
+  ax.legend(fontsize=8)
+  ax = axes[1]
+  u = np.asarray(result["policy_quantiles"])
+  ax.hist(u, bins=10, range=(0, 1), density=True, alpha=0.5, color="C3", label="policy")
+  grid = np.linspace(0, 1, 101)
+  for n in (1, 2, 4):
+    ax.plot(grid, n * grid ** (n - 1), label=f"BoN-{n}: {n} u^{n - 1}")
+  ax.set(xlabel="reference quantile u", ylabel="density", title="quantile of the policy's sample")
+  ax.legend(fontsize=8)
+  ax = axes[2]
+  ax.plot(ns, [b["kl_bound"] for b in bon], "o-", label="BoN: log N - (N-1)/N")
+  ax.scatter([max(result["policy_effective_n"], 1.0)], [result["kl_policy_ref"]], color="C3", zorder=3,
+             label="policy at its N_eff")
+  ax.set(xscale="log", xlabel="N", ylabel="KL(. || pi_ref) nats", title="KL")
+  _integer_ticks(ax, ns)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  paths = [os.path.join(out_dir, "eval_latest.png")]
+  fig.savefig(paths[0], dpi=90)
+  plt.close(fig)
+  if history:
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    axes[0].plot(steps, [h["policy_quantile_mean"] for h in history], "o-", color="C3", label="policy")
+    for n in (1, 2, 4):
+      axes[0].axhline(n / (n + 1), ls="--", color="gray")
+      axes[0].text(steps[0], n / (n + 1), f" BoN-{n}", va="bottom", fontsize=8)
+    axes[0].set(xlabel="step", ylabel="mean reference quantile", title="policy vs Best-of-N")
+    axes[1].plot(steps, [h["kl_policy_ref"] for h in history], "o-", color="C3")
+    for n in (2, 4):
+      axes[1].axhline(bon_kl_bound(n), ls="--", color="gray")
+      axes[1].text(steps[0], bon_kl_bound(n), f" BoN-{n} KL", va="bottom", fontsize=8)
+    axes[1].set(xlabel="step", ylabel="KL(pi || pi_ref) nats", title="KL to the reference")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "progress.png"))
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+  return paths
+
+
+def _integer_ticks(ax, ns):
+  from matplotlib.ticker import NullFormatter
+  ax.set_xticks(ns, [str(n) for n in ns])
+  ax.xaxis.set_minor_formatter(NullFormatter())

@@ -1,0 +1,63 @@
+"""Evaluation against Best-of-N: the order-statistics estimator and the BoN reference lines."""
+
+import math
+
+import numpy as np
+import pytest
+
+from bond_jax import evaluate
+
+
+def test_best_of_n_mean_matches_brute_force_subsets():
+  rng = np.random.default_rng(0)
+  rewards = rng.normal(size=(3, 7))
+  for n in (1, 2, 3, 7):
+    brute = []
+    for row in rewards:  # every n-subset equally likely when drawing without replacement
+      import itertools
+      brute.append(np.mean([max(c) for c in itertools.combinations(row, n)]))
+    np.testing.assert_allclose(evaluate.best_of_n_mean(rewards, n), brute, rtol=1e-12)
+  with pytest.raises(ValueError, match="best-of-8 needs 1 <= n <= K=7"):
+    evaluate.best_of_n_mean(rewards, 8)
+
+
+def test_bon_kl_bound_values_from_the_paper():
+  assert [round(evaluate.bon_kl_bound(n), 3) for n in (2, 4, 8, 16)] == [0.193, 0.636, 1.204, 1.835]
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_a_best_of_n_policy_scores_n_over_n_plus_one(n):
+  """A 'policy' whose sample is the best of n fresh reference draws has mean quantile ~ n/(n+1)."""
+  rng = np.random.default_rng(n)
+  prompts, k = 4000, 100
+  reference = rng.normal(size=(prompts, k))
+  policy = rng.normal(size=(prompts, n)).max(axis=1)
+  out = evaluate.summarize(policy, reference, np.zeros(prompts), np.zeros(prompts), best_of=(1, 2, 4))
+  assert abs(out["policy_quantile_mean"] - n / (n + 1)) < 0.015
+  assert abs(out["policy_effective_n"] - n) < 0.25 * n
+  assert out["best_of_n"]["4"]["reward"] > out["best_of_n"]["2"]["reward"] > out["best_of_n"]["1"]["reward"]
+  hist, _ = np.histogram(out["policy_quantiles"], bins=5, range=(0, 1), density=True)
+  edges = np.linspace(0, 1, 6)
+  expected = (edges[1:] ** n - edges[:-1] ** n) / 0.2  # Beta(n, 1) mass per bin
+  np.testing.assert_allclose(hist, expected, atol=0.15)
+
+
+def test_ties_count_half_so_the_reference_scores_one_half():
+  reference = np.tile(np.array([[0.0, 1.0, 1.0, 2.0]]), (3, 1))
+  policy = np.array([1.0, 1.0, 1.0])
+  out = evaluate.summarize(policy, reference, np.ones(3), np.zeros(3), best_of=(1,))
+  assert out["policy_quantile_mean"] == pytest.approx(0.5)
+  assert out["reward_ties_fraction"] == pytest.approx(0.5)
+  assert out["kl_policy_ref"] == pytest.approx(1.0)
+
+
+def test_plots_are_written(tmp_path):
+  rng = np.random.default_rng(0)
+  out = evaluate.summarize(rng.normal(size=50), rng.normal(size=(50, 16)), np.zeros(50), np.zeros(50),
+                           best_of=(1, 2, 4, 8, 16))
+  history = [{"step": s, "policy_quantile_mean": 0.5 + s / 100, "kl_policy_ref": s / 50} for s in (0, 10)]
+  paths = evaluate.write(out, str(tmp_path), 10, history)
+  assert [p.rsplit("/", 1)[1] for p in paths] == ["eval_latest.png", "progress.png"]
+  assert all((tmp_path / p.rsplit("/", 1)[1]).stat().st_size > 10_000 for p in paths)
+  assert (tmp_path / "eval_000010.json").exists()
+  assert math.isfinite(out["policy_log_quantile_mean"])
