@@ -1,0 +1,278 @@
+"""Per-device memory plan of a J-BOND run, from the shapes alone (nothing is allocated or compiled).
+
+    python -m bond_jax.plan --config=configs/dialogue.py:gemma_7b --mesh=data=1,fsdp=16,tensor=1 --accelerator=v5p
+
+Sizes follow the code: parameters come from jax.eval_shape of the real modules with their logical axis
+names, divided by the mesh axes of sharding.LOGICAL_AXIS_RULES (embed -> fsdp; vocab, mlp, heads,
+kv_heads -> tensor); activations put rows on ('data', 'fsdp') and heads / mlp / vocab on 'tensor'.
+Notation: B prompts (train.batch_size), m = optimizer.grad_accum_steps, b = B / m / (data * fsdp)
+prompt rows per device in one update call, P = data.max_prompt_len, T = sampling.max_new_tokens,
+L = P + T, D d_model, H heads, K kv heads, Dh head_dim, M mlp_dim, V vocab, t = tensor,
+s = bytes of the compute dtype.
+
+Phases (a run's peak is persistent + max(sampling, update): the KV cache is gone before the update):
+- persistent: policy, anchor, reference, reward model (backbone + head) in param_dtype; Adam mu and nu
+  (2 x policy, float32).
+- sampling (rollout.jbond_batch: generate(policy, n=1) then generate(anchor, n=2)); the anchor call is
+  the larger: its prompt cache is shared by the 2 samples (sampling.py), so the KV cache holds
+  layers * 2 (k, v) * K/t * Dh * s * (B * P + 2 * B * (T - 1)) / (data * fsdp) bytes; that is less than
+  the naive 3 * B rows * (P + T) slots. Plus a compute-dtype copy of the sampled weights when
+  param_dtype != compute_dtype (sampling._cast_weights). Reward scoring (no gradient) is smaller than
+  the update and not listed.
+- update (update.jbond_loss_fn): two calls with gradient (policy samples, best anchor samples, b rows
+  each) and up to two without (anchor, reference). Forward tensors of one layer on r rows:
+      S(r) = r * L * s * (4 D + 2 (H + K) Dh / t + 3 M / t) + r * (H / t) * L^2 * (4 + s)
+  (x-sized tensors; q, k, v and attention output; MLP gate, up, product; float32 scores + probs).
+  With remat: the layer inputs of both calls are kept, layers * 2b * L * D * s, plus one layer
+  recomputed with its gradients, 2 * S(b). Without remat: every layer's forward tensors of both calls,
+  layers * S(2b), plus one layer's gradients, S(b).
+  Logits: 3 * b * (L - 1) * V/t * 4 bytes (the float32 log-softmax of both gradient calls is kept for
+  the backward pass, plus one call's raw logits in flight). Gradients in param_dtype (a float32
+  accumulator too when m > 1), and with fsdp > 1 (or a dtype cast) one all-gathered layer plus the
+  embedding in the compute dtype, split only over tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from typing import Any, Mapping, Sequence
+
+GIB = 2 ** 30
+MESH_AXES = ("data", "fsdp", "tensor")
+# Per-device HBM in GiB (None: no limit checked).
+ACCELERATORS: dict[str, float | None] = {
+    "v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "a100": 80, "h100": 80, "h200": 141, "cpu": None}
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  component: str
+  bytes: float  # per device
+  phase: str  # persistent | sampling | update
+  sharding: str
+
+  @property
+  def gib(self) -> float:
+    return self.bytes / GIB
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=1,fsdp=16,tensor=1' -> {'data': 1, 'fsdp': 16, 'tensor': 1} (missing axes are 1)."""
+  shape = {}
+  for item in filter(None, text.split(",")):
+    name, sep, value = item.partition("=")
+    if not sep or name.strip() not in MESH_AXES:
+      raise ValueError(f"mesh entry {item!r} is not AXIS=SIZE with AXIS in {', '.join(MESH_AXES)}")
+    try:
+      shape[name.strip()] = int(value)
+    except ValueError:
+      raise ValueError(f"mesh entry {item!r}: size {value!r} is not an integer") from None
+  return {axis: shape.get(axis, 1) for axis in MESH_AXES}
+
+
+def resolve_mesh(mesh_shape: Mapping[str, int], num_devices: int | None = None) -> dict[str, int]:
+  """Mesh sizes with a -1 axis resolved from num_devices; every size must end up >= 1."""
+  sizes = {axis: int(mesh_shape.get(axis, 1)) for axis in MESH_AXES}
+  unknown = sorted(set(mesh_shape) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"unknown mesh axis {unknown[0]!r}; allowed: {', '.join(MESH_AXES)}")
+  free = [axis for axis, size in sizes.items() if size == -1]
+  if any(size == 0 or size < -1 for size in sizes.values()) or len(free) > 1:
+    raise ValueError(f"mesh {sizes}: sizes must be >= 1, with at most one -1")
+  if free:
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if num_devices is None:
+      raise ValueError(f"mesh {sizes} has {free[0]}=-1; give the device count (--devices) or every size")
+    if num_devices % known:
+      raise ValueError(f"mesh {sizes} does not fit {num_devices} devices: {num_devices} is not divisible "
+                       f"by {known}")
+    sizes[free[0]] = num_devices // known
+  return sizes
+
+
+def model_config(config: Any):
+  """The run's ModelConfig: presets.get(model.preset, **model.overrides) (vocab from the preset unless
+  overridden; a tokenizer trained here has data.vocab_size pieces, equal to the tiny/small presets')."""
+  from bond_jax.models import presets
+  overrides = dict(config.model.overrides.to_dict()) if config.model.get("overrides") else {}
+  return presets.get(config.model.preset, **overrides)
+
+
+def _param_shapes(cfg, reward_model: bool) -> list[tuple[tuple[int, ...], tuple]]:
+  """(shape, logical names) of every parameter of the real module (abstractly, via jax.eval_shape);
+  layer parameters are stacked on a leading 'layers' axis."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from bond_jax.models import reward, transformer
+  cfg = cfg.replace(scan_layers=True)  # same parameters, stacked on a leading 'layers' axis
+  module = reward.RewardModel(cfg) if reward_model else transformer.Transformer(cfg)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), tokens, jnp.ones((1, 4), bool)))
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  out = []
+  for leaf in leaves:
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      out.append((tuple(leaf.value.shape), tuple(leaf.names)))
+    else:
+      out.append((tuple(leaf.shape), (None,) * len(leaf.shape)))
+  return out
+
+
+def _shard_elements(shapes, mesh: Mapping[str, int]) -> float:
+  """Elements per device of a parameter list sharded by LOGICAL_AXIS_RULES over `mesh`."""
+  from bond_jax.sharding import LOGICAL_AXIS_RULES
+  rules = dict(LOGICAL_AXIS_RULES)
+  total = 0
+  for shape, names in shapes:
+    count = 1
+    for dim, name in zip(shape, names):
+      axes = rules.get(name) if name else None
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+      count *= dim // math.prod(mesh[a] for a in axes)
+    total += count
+  return total
+
+
+def check_mesh(cfg, config: Any, mesh: Mapping[str, int]) -> None:
+  """One-line ValueError for the first model or batch dimension the mesh does not divide."""
+  t, dp = mesh["tensor"], mesh["data"] * mesh["fsdp"]
+  if cfg.num_kv_heads % t:
+    raise ValueError(
+        f"num_kv_heads={cfg.num_kv_heads} ({config.model.preset}) is not divisible by tensor={t}: the rules "
+        f"shard kv_heads over 'tensor' and sharding.check_divisible rejects these k/v params (kv heads are "
+        f"not replicated); use a tensor size dividing {cfg.num_kv_heads} (e.g. tensor=1) and more fsdp")
+  for name, dim, axis, size in (("d_model (embed)", cfg.d_model, "fsdp", mesh["fsdp"]),
+                                ("num_heads", cfg.num_heads, "tensor", t),
+                                ("mlp_dim", cfg.mlp_dim, "tensor", t),
+                                ("vocab_size", cfg.vocab_size, "tensor", t)):
+    if dim % size:
+      raise ValueError(f"{name}={dim} ({config.model.preset}) is not divisible by {axis}={size}; "
+                       f"use a {axis} size that divides {dim}")
+  batch, accum = config.train.batch_size, config.optimizer.grad_accum_steps
+  if batch % (accum * dp):
+    raise ValueError(f"train.batch_size={batch} is not divisible by grad_accum_steps * data * fsdp = "
+                     f"{accum} * {mesh['data']} * {mesh['fsdp']} = {accum * dp}; the update's rows would "
+                     f"not shard evenly")
+
+
+def plan(config: Any, mesh_shape: Mapping[str, int], num_devices: int | None = None) -> list[Row]:
+  """Per-device memory rows of a J-BOND run of `config` (a configs/*.py ConfigDict) on `mesh_shape`."""
+  if config.bond.algorithm != "jbond":
+    raise ValueError(f"bond.algorithm={config.bond.algorithm!r}: the plan models 'jbond' only")
+  mesh = resolve_mesh(mesh_shape, num_devices)
+  cfg = model_config(config)
+  check_mesh(cfg, config, mesh)
+  t, fsdp, dp = mesh["tensor"], mesh["fsdp"], mesh["data"] * mesh["fsdp"]
+  ps, s = _BYTES[cfg.param_dtype], _BYTES[cfg.compute_dtype]
+  D, H, K, Dh, M, V, layers = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim,
+                               cfg.vocab_size, cfg.num_layers)
+  B, m = config.train.batch_size, config.optimizer.grad_accum_steps
+  P, T = config.data.max_prompt_len, config.sampling.max_new_tokens
+  L = P + T
+  b = B // m // dp
+  lm = _param_shapes(cfg, reward_model=False)
+  rm = _param_shapes(cfg, reward_model=True)
+  lm_elems, rm_elems = _shard_elements(lm, mesh), _shard_elements(rm, mesh)
+  params_how = f"embed/fsdp={fsdp}, heads/kv/mlp/vocab/tensor={t}"
+  rows_how = f"rows/(data*fsdp)={dp}"
+
+  rows = [
+      Row("policy params", lm_elems * ps, "persistent", params_how),
+      Row("anchor params", lm_elems * ps, "persistent", params_how),
+      Row("reference params", lm_elems * ps, "persistent", params_how),
+      Row("reward model params", rm_elems * ps, "persistent", params_how),
+      Row("adam mu+nu (f32)", 2 * lm_elems * 4, "persistent", params_how),
+  ]
+  cast = cfg.param_dtype != cfg.compute_dtype
+  if cast:
+    rows.append(Row(f"sampled weights ({cfg.compute_dtype})", lm_elems * s, "sampling", params_how))
+  kv = layers * 2 * (K // t) * Dh * s * (B * P + 2 * B * max(T - 1, 1)) / dp
+  rows.append(Row("kv cache (anchor, n=2)", kv, "sampling", f"{rows_how}, kv_heads/tensor={t}"))
+
+  def forward_tensors(r: float) -> float:
+    return (r * L * s * (4 * D + 2 * (H + K) * Dh / t + 3 * M / t)
+            + r * (H / t) * L * L * (4 + s))
+
+  if cfg.remat:
+    acts = layers * 2 * b * L * D * s + 2 * forward_tensors(b)
+    acts_name = "activations (remat)"
+  else:
+    acts = layers * forward_tensors(2 * b) + forward_tensors(b)
+    acts_name = "activations (no remat)"
+  rows.append(Row(acts_name, acts, "update", f"{rows_how}, heads/mlp/tensor={t}"))
+  rows.append(Row("logits (f32)", 3 * b * (L - 1) * (V / t) * 4, "update", f"{rows_how}, vocab/tensor={t}"))
+  rows.append(Row("gradients", lm_elems * ps, "update", params_how))
+  if m > 1:
+    rows.append(Row("grad accumulator (f32)", lm_elems * 4, "update", params_how))
+  if fsdp > 1 or cast:
+    per_layer = [(shape[1:], names[1:]) for shape, names in lm if names[0] == "layers"]
+    embed = [(shape, names) for shape, names in lm if "vocab" in names]
+    gathered = _shard_elements(per_layer + embed, {"data": 1, "fsdp": 1, "tensor": t}) * s
+    rows.append(Row("gathered layer+embedding", gathered, "update", f"all-gathered, tensor={t}"))
+  return rows
+
+
+def peak_bytes(rows: Sequence[Row]) -> float:
+  """persistent + max(sampling, update): the KV cache is freed before the update runs."""
+  phase = lambda name: sum(r.bytes for r in rows if r.phase == name)
+  return phase("persistent") + max(phase("sampling"), phase("update"))
+
+
+def format_table(rows: Sequence[Row], mesh: Mapping[str, int], accelerator: str = "cpu") -> str:
+  """The plan as text: one line per component, the peak, and a WARNING when it exceeds the HBM."""
+  lines = [f"{'component':<28}{'GiB/device':>11}  {'phase':<11}sharded over",
+           "-" * 90]
+  lines += [f"{r.component:<28}{r.gib:>11.2f}  {r.phase:<11}{r.sharding}" for r in rows]
+  for phase in ("persistent", "sampling", "update"):
+    lines.append(f"{'  subtotal ' + phase:<28}{sum(r.gib for r in rows if r.phase == phase):>11.2f}")
+  total = peak_bytes(rows) / GIB
+  lines.append(f"{'TOTAL (peak)':<28}{total:>11.2f}  persistent + max(sampling, update)")
+  hbm = ACCELERATORS[accelerator]
+  if hbm is not None:
+    lines.append(f"{accelerator} HBM per device: {hbm} GiB")
+    if total > hbm:
+      lines.append(f"WARNING: {total:.2f} GiB per device exceeds the {hbm} GiB of a {accelerator} device "
+                   f"(mesh data={mesh['data']}, fsdp={mesh['fsdp']}, tensor={mesh['tensor']}); use more fsdp "
+                   f"(or tensor), a smaller train.batch_size or more optimizer.grad_accum_steps")
+  return "\n".join(lines)
+
+
+def report(config: Any, mesh_text: str = "", accelerator: str = "cpu", num_devices: int | None = None) -> str:
+  """The CLI's output: a header line and the table. mesh_text ('data=1,fsdp=16,tensor=1') overrides the
+  config's mesh."""
+  if accelerator not in ACCELERATORS:
+    raise ValueError(f"accelerator {accelerator!r} is not known; allowed: {', '.join(ACCELERATORS)}")
+  mesh = resolve_mesh(parse_mesh(mesh_text) if mesh_text else dict(config.mesh), num_devices)
+  rows = plan(config, mesh)
+  cfg = model_config(config)
+  header = (f"{config.model.preset}: {cfg.num_params() / 1e9:.3f}B params, batch {config.train.batch_size}, "
+            f"prompt {config.data.max_prompt_len} + {config.sampling.max_new_tokens} new tokens, "
+            f"mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}")
+  return header + "\n" + format_table(rows, mesh, accelerator)
+
+
+def _main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  jax.config.update("jax_platforms", "cpu")  # shapes only: never claim the accelerators
+  try:
+    print(report(_CONFIG.value, _MESH.value, _ACCELERATOR.value, _DEVICES.value))
+  except ValueError as error:  # bad mesh or config: one line, no traceback
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  import jax
+  from absl import app, flags
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dialogue.py:gemma_7b.")
+  _MESH = flags.DEFINE_string("mesh", "", "data=..,fsdp=..,tensor=..; overrides the config's mesh.")
+  _DEVICES = flags.DEFINE_integer("devices", None, "Device count, to resolve a -1 mesh axis.")
+  _ACCELERATOR = flags.DEFINE_string("accelerator", "cpu", f"One of {', '.join(ACCELERATORS)}.")
+  flags.mark_flags_as_required(["config"])
+  app.run(_main)

@@ -1,0 +1,127 @@
+"""bond_jax.plan: per-device bytes against hand computation, the CLI's tables and warnings, bad meshes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bond_jax import plan
+from bond_jax.models import presets
+from configs import dialogue
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 2 ** 30
+
+
+def _config(preset="tiny", **changes):
+  config = dialogue.get_config(preset)
+  for key, value in changes.items():
+    section, name = key.split("__")
+    config[section][name] = value
+  return config
+
+
+def _rows(config, **mesh):
+  return {row.component: row for row in plan.plan(config, dict(dict(data=1, fsdp=1, tensor=1), **mesh))}
+
+
+def test_tiny_by_hand_fsdp_only():
+  cfg = presets.get("tiny")  # f32 params and compute, no remat, tied embeddings
+  n = cfg.num_params()
+  assert n == 2048 * 256 + 4 * (256 * 64 * (4 + 4) + 4 * 64 * 256 + 3 * 256 * 768 + 2 * 256) + 256
+  rows = _rows(_config(), data=2, fsdp=4)
+  # every parameter has an embed axis: exactly num_params / fsdp elements per device, 4 bytes each
+  for name in ("policy params", "anchor params", "reference params", "gradients"):
+    assert rows[name].bytes == n * 4 / 4
+  assert rows["reward model params"].bytes == (n + 256) * 4 / 4  # + scalar head [D]
+  assert rows["adam mu+nu (f32)"].bytes == 2 * n * 4 / 4
+  # B=16, P=96, T=24: cache slots B*P + 2*B*(T-1) over data*fsdp = 8; 4 layers, k and v, K=2, Dh=64, f32
+  assert rows["kv cache (anchor, n=2)"].bytes == 4 * 2 * 2 * 64 * 4 * (16 * 96 + 2 * 16 * 23) / 8
+  b, L = 16 // 8, 96 + 24
+  assert rows["logits (f32)"].bytes == 3 * b * (L - 1) * 2048 * 4
+  fwd = lambda r: r * L * 4 * (4 * 256 + 2 * (4 + 2) * 64 + 3 * 768) + r * 4 * L * L * (4 + 4)
+  assert rows["activations (no remat)"].bytes == pytest.approx(4 * fwd(2 * b) + fwd(b))
+  # gathered: one layer (no norms' layer axis aside) + embedding, f32, whole because tensor = 1
+  layer = 256 * 64 * 8 + 4 * 64 * 256 + 3 * 256 * 768 + 2 * 256
+  assert rows["gathered layer+embedding"].bytes == (layer + 2048 * 256) * 4
+  assert "sampled weights (bfloat16)" not in rows and "grad accumulator (f32)" not in rows
+  persistent = (3 * n + (n + 256) + 2 * n) * 4 / 4  # policy, anchor, reference; reward model; adam
+  update = sum(r.bytes for r in rows.values() if r.phase == "update")
+  assert plan.peak_bytes(list(rows.values())) == pytest.approx(persistent + update)
+
+
+def test_tensor_sharding_remat_and_accumulation():
+  config = _config(optimizer__grad_accum_steps=2)
+  config.model.overrides = dict(remat=True, compute_dtype="bfloat16")
+  rows = _rows(config, fsdp=2, tensor=2)
+  d, h, kv, dh, m, v, layers = 256, 4, 2, 64, 768, 2048, 4
+  # embed over fsdp=2, heads/kv/mlp/vocab over tensor=2; norm scales only over fsdp
+  per_layer = (d * dh * (h + 2 * kv) + h * dh * d + 3 * d * m) / 4 + 2 * d / 2
+  lm = v * d / 4 + layers * per_layer + d / 2
+  assert rows["policy params"].bytes == lm * 4
+  assert rows["sampled weights (bfloat16)"].bytes == lm * 2
+  assert rows["grad accumulator (f32)"].bytes == lm * 4
+  b, L = 16 // 2 // 2, 120  # B / grad_accum / (data * fsdp)
+  fwd = b * L * 2 * (4 * d + 2 * (h + kv) * dh / 2 + 3 * m / 2) + b * (h / 2) * L * L * (4 + 2)
+  assert rows["activations (remat)"].bytes == pytest.approx(layers * 2 * b * L * d * 2 + 2 * fwd)
+  assert rows["kv cache (anchor, n=2)"].bytes == layers * 2 * (kv // 2) * dh * 2 * (16 * 96 + 2 * 16 * 23) / 2
+  assert rows["logits (f32)"].bytes == 3 * b * (L - 1) * (v / 2) * 4
+
+
+def test_gemma_7b_numbers():
+  rows = _rows(_config("gemma_7b"), fsdp=16)
+  n = presets.get("gemma_7b").num_params()
+  assert rows["policy params"].bytes == n * 4 / 16
+  assert rows["policy params"].gib == pytest.approx(1.988, abs=1e-3)
+  # 28 layers * 2 * 16 kv heads * 256 * bf16 * (128 * 512 + 2 * 128 * 255) slots / 16 devices
+  assert rows["kv cache (anchor, n=2)"].gib == pytest.approx(28 * 2 * 16 * 256 * 2 * 130816 / 16 / GIB)
+  assert rows["logits (f32)"].gib == pytest.approx(3 * 8 * 767 * 256_000 * 4 / GIB)
+  assert plan.peak_bytes(list(rows.values())) / GIB == pytest.approx(38.61, abs=0.01)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "bond_jax.plan", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=60)
+
+
+def test_cli_tables_and_warning():
+  out = _cli("--config=configs/dialogue.py:gemma_7b", "--mesh=data=1,fsdp=16,tensor=1", "--accelerator=v5p")
+  assert out.returncode == 0, out.stderr
+  assert "gemma_7b: 8.538B params" in out.stdout and "mesh data=1 fsdp=16 tensor=1" in out.stdout
+  assert "TOTAL (peak)                      38.61" in out.stdout and "WARNING" not in out.stdout
+  assert "policy params                      1.99  persistent embed/fsdp=16" in out.stdout
+  # one v5e chip cannot hold gemma_7b
+  text = plan.report(_config("gemma_7b"), "fsdp=1", "v5e")
+  assert "WARNING: 588.00 GiB per device exceeds the 16 GiB of a v5e device" in text
+  assert "use more fsdp (or tensor)" in text
+
+
+def test_report_gemma_2b_and_devices():
+  text = plan.report(_config("gemma_2b"), "", "v4", num_devices=16)  # config mesh fsdp=-1 -> 16
+  assert "gemma_2b: 2.506B params" in text and "mesh data=1 fsdp=16 tensor=1" in text
+  assert "TOTAL (peak)                      25.51" in text and "WARNING" not in text
+
+
+@pytest.mark.parametrize("preset, mesh, message", [
+    ("gemma_2b", "fsdp=4,tensor=2", "num_kv_heads=1 \\(gemma_2b\\) is not divisible by tensor=2"),
+    ("gemma_7b", "fsdp=5", "d_model \\(embed\\)=3072 \\(gemma_7b\\) is not divisible by fsdp=5"),
+    ("gemma_7b", "fsdp=2,tensor=32", "num_kv_heads=16 \\(gemma_7b\\) is not divisible by tensor=32"),
+    ("gemma_7b", "data=3,fsdp=1", "train.batch_size=128 is not divisible by grad_accum_steps"),
+    ("gemma_7b", "fsdp=-1", "fsdp=-1; give the device count"),
+    ("gemma_7b", "pipe=2", "mesh entry 'pipe=2' is not AXIS=SIZE"),
+    ("gemma_7b", "fsdp=x", "size 'x' is not an integer"),
+])
+def test_bad_mesh_one_line_errors(preset, mesh, message):
+  with pytest.raises(ValueError, match=message) as info:
+    plan.report(_config(preset), mesh, "v5p")
+  assert "\n" not in str(info.value)
+
+
+def test_cli_error_is_one_line():
+  out = _cli("--config=configs/dialogue.py:gemma_2b", "--mesh=fsdp=8,tensor=2", "--accelerator=v5p")
+  assert out.returncode == 2
+  assert out.stderr.strip().startswith("error: num_kv_heads=1 (gemma_2b) is not divisible by tensor=2")
+  assert len(out.stderr.strip().splitlines()) == 1
+  with pytest.raises(ValueError, match="accelerator 'tpu9' is not known; allowed: v4, v5e, v5p"):
+    plan.report(_config("gemma_2b"), "fsdp=8", "tpu9")
