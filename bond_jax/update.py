@@ -230,7 +230,7 @@ def build_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, 
   """jit(step(state, ref_params, batch) -> (state, metrics)) for any loss_fn.
 
   Gradients are averaged over `num_microbatches` slices of the batch (lax.scan, one optimizer update per
-  call). If the loss or any gradient is non-finite, the update is dropped: params, optimizer state, anchor
+  call). If the loss, a gradient, an update or a float input of the batch is non-finite, the update is dropped: params, optimizer state, anchor
   and step are returned unchanged, skipped_steps grows by 1 and metrics['step_skipped'] is 1.
 
   Shardings: with a mesh (or any sharding given) the step is compiled with explicit in/out shardings,
@@ -244,8 +244,13 @@ def build_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, 
     loss, metrics, grads = _loss_and_grads(loss_fn, state.params, state.anchor_params, ref_params, batch,
                                            num_microbatches)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # the norm is non-finite if any leaf is
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    # A norm is non-finite if any leaf is. Non-finite inputs (e.g. a broken reward model's NaN scores,
+    # which comparisons silently turn into finite losses) and non-finite updates are refused too.
+    inputs_finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(batch)
+                                       if jnp.issubdtype(x.dtype, jnp.floating)] or [True]))
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+              & inputs_finite)
     params = optax.apply_updates(state.params, updates)
     new_step = state.step + 1
     anchor = state.anchor_params

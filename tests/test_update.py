@@ -324,6 +324,20 @@ def test_non_finite_guard_skips_the_step():
   assert float(jnp.max(jnp.abs(stepped.params - REF_TABLE))) > 0
 
 
+def test_nan_reward_that_leaves_the_loss_finite_still_skips_the_step():
+  """J-BOND compares rewards, and comparisons with NaN are False: the loss stays finite. The guard must
+  look at the inputs too, or a broken reward model would silently train the policy."""
+  optimizer = upd.make_optimizer(upd.OptimizerConfig(learning_rate=0.05))
+  step = upd.make_jbond_step(tabular_logprob, optimizer, beta=0.5, gamma=0.0, eta=0.1, donate=False)
+  batch = jbond_batch(jax.random.key(60), REF_TABLE, REF_TABLE, 8)
+  batch["anchor_rewards"] = batch["anchor_rewards"].at[2, 0].set(jnp.nan)
+  state = upd.init_train_state(jnp.copy(REF_TABLE), optimizer, anchor_params=REF_TABLE)
+  new_state, metrics = step(state, REF_TABLE, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  assert float(metrics["step_skipped"]) == 1.0 and int(new_state.step) == 0
+  np.testing.assert_array_equal(new_state.params, state.params)
+
+
 def test_optimizer_schedule_and_clipping():
   config = upd.OptimizerConfig(learning_rate=1.0, warmup_steps=4, schedule="linear", decay_steps=10,
                                end_lr_fraction=0.1, max_grad_norm=0.5)

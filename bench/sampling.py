@@ -1,0 +1,128 @@
+"""Sampling throughput: bond_jax.sampling.generate vs transformers' generate on the same weights (CPU).
+
+    python -m bench.sampling [--presets=tiny,small] [--dtypes=float32,bfloat16] [--repeats=3]
+
+Per preset: random weights, exported with hf.export and loaded by transformers (torch, float32). Both
+sample B prompts x N samples (transformers: num_return_sequences=N) of exactly T new tokens (no EOS) at
+temperature 1 without truncation. Tokens/s counts new tokens (B * N * T) over the whole call, prefill
+included; each number is the best of --repeats runs after one warm-up (compilation excluded).
+Also reported: forking (one prefill per prompt, shared prompt cache) vs repeating each prompt N times,
+and our decode FLOP/s as a fraction of a jnp matmul peak measured here in the same dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bond_jax import hf, sampling, sharding
+from bond_jax.models import presets, transformer
+
+
+def _best_time(fn, repeats: int) -> float:
+  fn()  # warm-up: compiles
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def matmul_peak(dtype, size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a jitted [size, size] @ [size, size] product (float32 accumulation for bf16)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype)
+  b = jnp.asarray(np.random.default_rng(1).standard_normal((size, size)), dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  seconds = _best_time(lambda: f(a, b).block_until_ready(), repeats)
+  return 2 * size ** 3 / seconds
+
+
+def decode_flops(cfg, batch: int, num_samples: int, prompt_len: int, new_tokens: int) -> float:
+  """Matmul + attention FLOPs of the decode steps (the first token comes from the prefill)."""
+  d, h, kv, hd, m = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  per_token = 2 * (cfg.num_layers * (d * hd * (h + 2 * kv) + h * hd * d + 3 * d * m) + d * cfg.vocab_size)
+  total = 0.0
+  for step in range(1, new_tokens):
+    context = prompt_len + step
+    total += per_token + cfg.num_layers * 4 * h * hd * context
+  return total * batch * num_samples
+
+
+def run_preset(name: str, dtypes, batch: int, num_samples: int, prompt_len: int, new_tokens: int,
+               repeats: int, threads: int):
+  import torch
+  import transformers
+  torch.set_num_threads(threads)
+  cfg = presets.get(name)
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  params, _ = sharding.init_sharded(lambda r: transformer.init_boxed(cfg, r), jax.random.key(0), mesh)
+  prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
+  mask = np.ones_like(prompts, bool)
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    hf.export(params, cfg, os.path.join(tmp, "m"), bos_id=2, eos_id=1, pad_id=0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "m")).float().eval()
+
+    def theirs():
+      with torch.no_grad():
+        out = model.generate(torch.tensor(prompts, dtype=torch.long), do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             num_return_sequences=num_samples, eos_token_id=None, pad_token_id=0)
+      assert out.shape == (batch * num_samples, prompt_len + new_tokens)
+
+    torch.manual_seed(0)
+    t_theirs = _best_time(theirs, repeats)
+  tokens = batch * num_samples * new_tokens
+  for dtype in dtypes:
+    cfg_d = cfg.replace(compute_dtype=dtype)
+    peak = matmul_peak(jnp.float32 if dtype == "float32" else jnp.bfloat16)
+
+    def ours(p=prompts, m=mask, n=num_samples):
+      out = sampling.generate(cfg_d, params, p, m, jax.random.key(1), num_samples=n,
+                              max_new_tokens=new_tokens, temperature=1.0)
+      out.tokens.block_until_ready()
+
+    t_ours = _best_time(ours, repeats)
+    rep_p, rep_m = np.repeat(prompts, num_samples, 0), np.repeat(mask, num_samples, 0)
+    t_repeat = _best_time(lambda: ours(rep_p, rep_m, 1), repeats)
+    flops = decode_flops(cfg, batch, num_samples, prompt_len, new_tokens)
+    rows.append(dict(preset=name, dtype=dtype, theirs=tokens / t_theirs, ours=tokens / t_ours,
+                     ratio=t_theirs / t_ours, fork_gain=t_repeat / t_ours,
+                     flops=flops / t_ours, peak=peak))
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--presets", default="tiny,small")
+  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--num_samples", type=int, default=8)
+  parser.add_argument("--prompt_len", type=int, default=32)
+  parser.add_argument("--new_tokens", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+  args = parser.parse_args()
+  print(f"B={args.batch} prompts x N={args.num_samples}, {args.prompt_len}-token prompts, "
+        f"{args.new_tokens} new tokens, temperature 1, devices: {jax.devices()[0].device_kind}")
+  header = ("| preset | compute | transformers tok/s | bond_jax tok/s | ratio | fork vs repeat | "
+            "decode GFLOP/s | of matmul peak |")
+  print(header)
+  print("|---" * (header.count("|") - 1) + "|")
+  for name in args.presets.split(","):
+    for row in run_preset(name, args.dtypes.split(","), args.batch, args.num_samples, args.prompt_len,
+                          args.new_tokens, args.repeats, args.threads):
+      print(f"| {row['preset']} | {row['dtype']} | {row['theirs']:,.0f} | {row['ours']:,.0f} | "
+            f"{row['ratio']:.2f}x | {row['fork_gain']:.2f}x | {row['flops'] / 1e9:.1f} | "
+            f"{row['flops'] / row['peak']:.0%} of {row['peak'] / 1e9:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,597 @@
+"""Best-of-N sampling: prefill each prompt once, decode N samples that share its KV cache.
+
+Shapes: B prompts, N samples per prompt, R = B * N sample rows (row r = b * N + n), P prompt tokens,
+T = max_new_tokens response tokens, V vocab, L layers, K kv heads, Dh head_dim.
+
+Prompts are LEFT-padded ([B, P] tokens + mask, real tokens at the right end). Responses are RIGHT-padded:
+`tokens[b, n, :lengths[b, n]]` is the response, its last token is an EOS id when the sample stopped, and
+everything after it is `pad_id` with mask False (EOS itself is in the response, mask True).
+
+How `generate` spends its FLOPs (see DESIGN.md, "Sampling speed"):
+- ONE prefill per prompt. Its KV cache is never copied: the N samples of a prompt attend to the shared
+  prompt cache [L, B, P, K, Dh] plus their own cache of generated tokens [L, R, S, K, Dh].
+- The decode loop is a lax.while_loop per chunk of steps that stops as soon as every row has emitted EOS;
+  chunk c reads only the generated-cache slots that can be filled by then (static slices), not the whole
+  preallocated buffer.
+- Sampling is by inverse CDF (one uniform per token, cumulative sum, count): exact and as cheap as argmax.
+- Prompt widths are bucketed (`bucket_length`), so a run compiles once per bucket, not once per batch.
+
+Randomness: row r's uniforms come from fold_in(rng, r) alone, so a prompt's samples depend only on
+(rng, its batch index b, N) and not on its padding, the other prompts, or the device mesh. Generating
+prompts repeated N times with num_samples=1 gives the same samples as num_samples=N (same row keys).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bond_jax import objectives, sharding
+from bond_jax.models import reward, transformer
+from bond_jax.models.config import ModelConfig
+
+_NEG_INF = -1e30  # finite: a fully masked score row stays NaN-free (as in transformer.py)
+MIN_BUCKET = 16
+
+# Incremented each time generate's jitted body is traced (i.e. compiled); tests read it.
+TRACE_COUNT = {"generate": 0}
+
+
+class Samples(NamedTuple):
+  """What `generate` returns (a pytree). All [B, N, T] arrays are right-padded after EOS.
+
+  tokens: [B, N, T] int32 response tokens; `pad_id` after EOS.
+  mask: [B, N, T] bool, True on the response (EOS included), False on the padding after it.
+  lengths: [B, N] int32 response lengths (= mask.sum(-1)), EOS included.
+  sample_logprobs: [B, N, T] float32 log-prob of each token under the distribution ACTUALLY SAMPLED: the
+    softmax of logits / temperature after top-k and top-p truncation, renormalised. 0 for greedy
+    (temperature 0: a point mass) and on padding. Use it for importance weights of the sampler.
+  model_logprobs: [B, N, T] float32 log pi(token) of the model itself: log-softmax of the raw logits
+    (temperature 1, no truncation), 0 on padding. This is the log pi that BOND's math uses; it equals
+    `sequence_logprobs(...)[0]` of the same tokens.
+  """
+  tokens: jax.Array
+  mask: jax.Array
+  lengths: jax.Array
+  sample_logprobs: jax.Array
+  model_logprobs: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation and bucketing (host side, before anything is traced).
+
+
+def validate_sampling(*, num_samples: int, max_new_tokens: int, temperature: float, top_k: int,
+                      top_p: float) -> None:
+  """One-line ValueErrors naming the bad value and what is allowed."""
+  if int(num_samples) != num_samples or num_samples < 1:
+    raise ValueError(f"num_samples={num_samples} is not allowed: need an integer >= 1")
+  if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} is not allowed: need an integer >= 1")
+  if not temperature >= 0:  # also rejects NaN
+    raise ValueError(f"temperature={temperature} is not allowed: need temperature >= 0 (0 = greedy)")
+  if int(top_k) != top_k or top_k < 0:
+    raise ValueError(f"top_k={top_k} is not allowed: need an integer >= 0 (0 = no top-k truncation)")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p} is not allowed: need 0 < top_p <= 1 (1 = no nucleus truncation)")
+
+
+def bucket_length(length: int, limit: int | None = None) -> int:
+  """Prompt width to compile for: the next power of two >= length (at least MIN_BUCKET), capped at limit.
+
+  Powers of two bound the number of compilations to log2(max_seq_len) while wasting < 2x prefill work
+  (the decode reads the prompt cache through its mask, so the padding costs little there).
+  """
+  bucket = max(MIN_BUCKET, 1 << max(0, int(length) - 1).bit_length())
+  return max(int(length), min(bucket, limit)) if limit is not None else bucket
+
+
+@jax.jit
+def _prompt_stats(prompt_mask):
+  real = jnp.sum(prompt_mask, axis=-1)
+  left_padded = jnp.all(prompt_mask[:, 1:] >= prompt_mask[:, :-1])
+  return jnp.min(real), jnp.argmin(real), jnp.max(real), left_padded
+
+
+def _check_prompts(cfg: ModelConfig, prompts, prompt_mask, max_new_tokens: int) -> int:
+  """Validates the prompt batch; returns the longest real prompt length."""
+  if prompts.ndim != 2 or prompts.shape != prompt_mask.shape:
+    raise ValueError(f"prompts {tuple(prompts.shape)} and prompt_mask {tuple(prompt_mask.shape)} must "
+                     f"both be [B, P]")
+  if prompts.shape[0] < 1 or prompts.shape[1] < 1:
+    raise ValueError(f"prompts {tuple(prompts.shape)} is empty; need B >= 1 prompts of P >= 1 tokens")
+  shortest, shortest_row, longest, left_padded = jax.device_get(_prompt_stats(prompt_mask))
+  if shortest < 1:
+    raise ValueError(f"prompt row {int(shortest_row)} is empty (prompt_mask has no True); every prompt "
+                     f"needs >= 1 real token (e.g. BOS)")
+  if not left_padded:
+    raise ValueError("prompt_mask is not left-padded: each row must be False...False then True...True")
+  if longest + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(f"prompt length {int(longest)} + max_new_tokens {max_new_tokens} = "
+                     f"{int(longest) + max_new_tokens} exceeds the context max_seq_len={cfg.max_seq_len}")
+  return int(longest)
+
+
+def _fit_width(prompts, prompt_mask, width: int):
+  """Left-padded prompts cut or padded on the LEFT to `width` columns (real tokens stay at the right)."""
+  have = prompts.shape[1]
+  if have >= width:
+    return prompts[:, have - width:], prompt_mask[:, have - width:]
+  extra = width - have
+  return (jnp.pad(prompts, ((0, 0), (extra, 0))), jnp.pad(prompt_mask, ((0, 0), (extra, 0))))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token choice.
+
+
+def _inverse_cdf(probs: jax.Array, uniforms: jax.Array) -> jax.Array:
+  """Index i with cdf[i-1] <= u * total < cdf[i]: exact sampling from unnormalised probs [R, V].
+
+  A zero-probability token is never chosen (its cdf step is empty); the threshold is kept strictly below
+  the total so that float rounding of u * total can never run past the last token with mass.
+  """
+  cdf = jnp.cumsum(probs, axis=-1)
+  total = cdf[:, -1:]
+  threshold = jnp.minimum(uniforms[:, None] * total, jnp.nextafter(total, 0.0))
+  return jnp.sum(cdf <= threshold, axis=-1).astype(jnp.int32)
+
+
+def _top_k(scaled: jax.Array, top_k: int) -> jax.Array:
+  """Logits [R, V] with every token below the k-th largest set to -inf (ties with the k-th stay, as in
+  transformers' TopKLogitsWarper)."""
+  if not top_k or top_k >= scaled.shape[-1]:
+    return scaled
+  kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+  return jnp.where(scaled < kth, -jnp.inf, scaled)
+
+
+def _nucleus(logp: jax.Array, uniforms: jax.Array, top_p: float) -> tuple[jax.Array, jax.Array]:
+  """Top-p sampling from normalised log-probs [R, V]: (tokens [R], their log-prob in the nucleus [R]).
+
+  The nucleus is the shortest prefix of the tokens sorted by probability (stable: lower id first on exact
+  ties) whose mass reaches top_p; it is renormalised and sampled by inverse CDF IN SORTED ORDER, then
+  mapped back to token ids. Deciding membership on the sorted array itself (instead of comparing every
+  token against a cutoff value) keeps the decision exact: a recomputed cutoff can differ by an ulp.
+  """
+  ids = jnp.broadcast_to(jnp.arange(logp.shape[-1], dtype=jnp.int32), logp.shape)
+  neg_sorted, order = jax.lax.sort_key_val(-logp, ids, dimension=-1)
+  sorted_logp = -neg_sorted
+  sorted_probs = jnp.exp(sorted_logp)
+  mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # of the strictly likelier tokens
+  kept = jnp.where(mass_before < top_p, sorted_logp, -jnp.inf)
+  kept = kept - jax.nn.logsumexp(kept, axis=-1, keepdims=True)
+  index = _inverse_cdf(jnp.exp(kept), uniforms)
+  pick = lambda x: jnp.take_along_axis(x, index[:, None], axis=-1)[:, 0]
+  return pick(order), pick(kept)
+
+
+def _choose(logits, uniforms, temperature, top_p, *, greedy: bool, plain: bool, top_k: int, nucleus: bool):
+  """choose_tokens with the static decisions separated from the (traced) temperature and top_p values."""
+  model_logp = jax.nn.log_softmax(logits, axis=-1)
+  pick = lambda logp, tokens: jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+  if greedy:
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    chosen = pick(model_logp, tokens)
+    return tokens, jnp.zeros_like(chosen), chosen
+  if plain:
+    sample_logp = model_logp  # temperature 1, no truncation: the sampled distribution is the model's
+  else:
+    sample_logp = jax.nn.log_softmax(_top_k(logits / temperature, top_k), axis=-1)
+  if nucleus:
+    tokens, chosen = _nucleus(sample_logp, uniforms, top_p)
+    return tokens, chosen, pick(model_logp, tokens)
+  tokens = _inverse_cdf(jnp.exp(sample_logp), uniforms)
+  return tokens, pick(sample_logp, tokens), pick(model_logp, tokens)
+
+
+def _static_mode(temperature: float, top_k: int, top_p: float) -> dict[str, Any]:
+  """What must be compiled in: greedy or not, the plain fast path, k, whether there is a nucleus."""
+  return dict(greedy=temperature == 0, plain=temperature == 1.0 and not top_k and top_p == 1.0,
+              top_k=int(top_k), nucleus=top_p < 1.0)
+
+
+def choose_tokens(logits: jax.Array, uniforms: jax.Array, *, temperature: float, top_k: int,
+                  top_p: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Sample one token per row. logits [R, V] float32, uniforms [R] in [0, 1).
+
+  Order as transformers' warpers: temperature, then top-k, then top-p on the renormalised top-k
+  distribution. Returns (tokens [R] int32, sample_logprobs [R], model_logprobs [R]): see `Samples` for
+  which is which. temperature 0 is greedy (argmax, lowest id on ties; sample log-prob 0).
+  """
+  return _choose(logits, uniforms, jnp.float32(max(temperature, 1e-30)), jnp.float32(top_p),
+                 **_static_mode(temperature, top_k, top_p))
+
+
+def row_uniforms(rng: jax.Array, num_rows: int, num_tokens: int) -> jax.Array:
+  """[R, T] uniforms; row r's come from fold_in(rng, r) only (batch-, padding- and mesh-independent)."""
+  keys = jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(num_rows, dtype=jnp.uint32))
+  return jax.vmap(lambda key: jax.random.uniform(key, (num_tokens,), jnp.float32))(keys)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode step with a shared prompt cache.
+
+
+def _layer_params(cfg: ModelConfig, params: Any) -> list[Any] | Any:
+  """Per-layer param dicts (a list), or the stacked [L, ...] dict when the model scans its layers."""
+  if cfg.scan_layers:
+    return params["layers"]["block"]
+  return [params[f"layer_{i}"] for i in range(cfg.num_layers)]
+
+
+def _cast_weights(params: Any, dtype) -> Any:
+  """Matrices in the compute dtype once, outside the loop (norm scales keep their dtype and math)."""
+  return jax.tree.map(lambda w: w.astype(dtype) if w.ndim >= 2 else w, params)
+
+
+def _norm(cfg: ModelConfig, scale: jax.Array, x: jax.Array) -> jax.Array:
+  return transformer.RMSNorm(cfg).apply({"params": {"scale": scale}}, x)
+
+
+def _attention(cfg: ModelConfig, p: Any, x, positions, prompt_kv, prompt_valid, gen_blocks, num_samples: int):
+  """One decode token per row, softmax over prompt slots + generated slots + the token itself (float32).
+
+  x [R, D]; positions [R]; prompt_kv: k, v [B, K, P, Dh] and prompt_valid [B, P]; gen_blocks: a list of
+  (k, v [R, K, S_c, Dh], valid [R, S_c]) holding earlier generated tokens. Returns (out [R, D], (k, v)
+  [R, K, Dh] of this token). Heads-before-slots layouts keep every contraction a plain batched matmul,
+  which XLA CPU runs far faster than reductions over a non-minor axis; each block is read whole (a
+  slice of a bigger buffer would be copied first).
+  """
+  dt, f32 = cfg.dtype, jnp.float32
+  rows = x.shape[0]
+  batch = rows // num_samples
+  k_heads, groups, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+  inv_freq = transformer.rope_inverse_frequencies(cfg)
+  rope = lambda t: transformer.apply_rope(t[:, None], positions[:, None], inv_freq)[:, 0]
+  q = rope(jnp.einsum("rd,dhk->rhk", x, p["q"])) * jnp.asarray(dh ** -0.5, dt)
+  k = rope(jnp.einsum("rd,dhk->rhk", x, p["k"]))
+  v = jnp.einsum("rd,dhk->rhk", x, p["v"])
+  q = sharding.constrain(q.reshape(rows, k_heads, groups, dh), ("act_batch", "act_kv_heads", None, None))
+  # prompt: the N samples of prompt b share its cache -> one [N*g, Dh] x [Dh, P] product per (b, kv head)
+  q_by_prompt = q.reshape(batch, num_samples, k_heads, groups, dh).transpose(0, 2, 1, 3, 4).reshape(
+      batch, k_heads, num_samples * groups, dh)
+  s_prompt = jnp.einsum("bkmd,bkpd->bkmp", q_by_prompt, prompt_kv[0], preferred_element_type=f32)
+  s_prompt = jnp.where(prompt_valid[:, None, None, :], s_prompt, _NEG_INF)
+  s_gen = [jnp.where(valid[:, None, None, :],
+                     jnp.einsum("rkgd,rksd->rkgs", q, gk, preferred_element_type=f32), _NEG_INF)
+           for gk, _, valid in gen_blocks]
+  s_self = jnp.sum(q.astype(f32) * k[:, :, None, :].astype(f32), axis=-1)  # [R, K, g]
+
+  by_row = lambda t: t.reshape(batch, k_heads, num_samples, groups, *t.shape[3:]).swapaxes(1, 2).reshape(
+      rows, k_heads, groups, *t.shape[3:])  # [B, K, N*g, ...] -> [R, K, g, ...]
+  top = jnp.maximum(by_row(jnp.max(s_prompt, axis=-1)), s_self)
+  for scores in s_gen:
+    top = jnp.maximum(top, jnp.max(scores, axis=-1))
+  top_by_prompt = top.reshape(batch, num_samples, k_heads, groups).transpose(0, 2, 1, 3).reshape(
+      batch, k_heads, num_samples * groups, 1)
+  e_prompt = jnp.exp(s_prompt - top_by_prompt)
+  e_self = jnp.exp(s_self - top)
+  denom = by_row(jnp.sum(e_prompt, axis=-1)) + e_self
+  total = by_row(jnp.einsum("bkmp,bkpd->bkmd", e_prompt.astype(dt), prompt_kv[1],
+                            preferred_element_type=f32)) + e_self[..., None] * v[:, :, None, :].astype(f32)
+  for scores, (_, gv, _) in zip(s_gen, gen_blocks):
+    e_gen = jnp.exp(scores - top[..., None])
+    denom = denom + jnp.sum(e_gen, axis=-1)
+    total = total + jnp.einsum("rkgs,rksd->rkgd", e_gen.astype(dt), gv, preferred_element_type=f32)
+  out = (total / denom[..., None]).astype(dt).reshape(rows, cfg.num_heads, dh)
+  out = jnp.einsum("rhk,hkd->rd", out, p["o"])
+  return sharding.constrain(out, ("act_batch", "act_embed")), (k, v)
+
+
+def _mlp(cfg: ModelConfig, p: Any, x: jax.Array) -> jax.Array:
+  g = x @ p["gate"]
+  act = jax.nn.gelu(g, approximate=True) if cfg.family == "gemma" else jax.nn.silu(g)
+  h = sharding.constrain(act * (x @ p["up"]), ("act_batch", "act_mlp"))
+  return h @ p["down"]
+
+
+def _block(cfg, p, x, positions, prompt_kv, prompt_valid, gen_blocks, num_samples):
+  h, kv = _attention(cfg, p["attn"], _norm(cfg, p["attn_norm"]["scale"], x), positions, prompt_kv,
+                     prompt_valid, gen_blocks, num_samples)
+  x = x + h
+  x = x + _mlp(cfg, p["mlp"], _norm(cfg, p["mlp_norm"]["scale"], x))
+  return sharding.constrain(x, ("act_batch", "act_embed")), kv
+
+
+def _embed(cfg: ModelConfig, params: Any, tokens: jax.Array) -> jax.Array:
+  x = jnp.take(params["embedding"], tokens, axis=0).astype(cfg.dtype)
+  if cfg.family == "gemma":
+    x = x * jnp.asarray(cfg.d_model ** 0.5, dtype=cfg.dtype)
+  return x
+
+
+def _lm_logits(cfg: ModelConfig, params: Any, hidden: jax.Array) -> jax.Array:
+  head = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
+  logits = jnp.dot(hidden, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+  return sharding.constrain(logits, ("act_batch", "act_vocab"))
+
+
+def _decode_logits(cfg, params, layers, tokens, positions, prompt_cache, gen_blocks, num_samples):
+  """tokens, positions [R] -> (logits [R, V] float32, new k, v [L, R, K, Dh] of these tokens).
+
+  gen_blocks: list of (k, v [L, R, K, S_c, Dh], valid [R, S_c]) with the earlier generated tokens.
+  """
+  x = _embed(cfg, params, tokens)
+  pk, pv, p_valid = prompt_cache["k"], prompt_cache["v"], prompt_cache["valid"]  # [L, B, K, P, Dh]
+  kv_blocks = [(k, v) for k, v, _ in gen_blocks]
+  with_valid = lambda layer_kv: [(k, v, valid) for (k, v), (_, _, valid) in zip(layer_kv, gen_blocks)]
+  if cfg.scan_layers:
+    def body(x, xs):
+      p, lpk, lpv, layer_kv = xs
+      return _block(cfg, p, x, positions, (lpk, lpv), p_valid, with_valid(layer_kv), num_samples)
+    x, (new_k, new_v) = jax.lax.scan(body, x, (layers, pk, pv, kv_blocks))
+  else:
+    new = []
+    for i, p in enumerate(layers):
+      layer_kv = [(k[i], v[i]) for k, v in kv_blocks]
+      x, kv = _block(cfg, p, x, positions, (pk[i], pv[i]), p_valid, with_valid(layer_kv), num_samples)
+      new.append(kv)
+    new_k, new_v = jnp.stack([k for k, _ in new]), jnp.stack([v for _, v in new])
+  x = _norm(cfg, params["final_norm"]["scale"], x)
+  return _lm_logits(cfg, params, x), new_k, new_v
+
+
+def _chunks(num_steps: int) -> list[tuple[int, int]]:
+  """[start, stop) ranges of decode steps; chunk c has its own cache block of stop - start slots.
+
+  Chunk c attends to the blocks of chunks 0..c whole, so it reads only slots that can be filled by then.
+  At most 8 chunks (each is a compiled copy of the step) of >= 16 steps.
+  """
+  if num_steps <= 0:
+    return []
+  count = min(8, max(1, num_steps // 16))
+  size = -(-num_steps // count)
+  return [(start, min(start + size, num_steps)) for start in range(0, num_steps, size)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generate
+
+
+def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, temperature, top_p, eos_mask,
+                   pad_id, *, num_samples: int, max_new_tokens: int, mode: dict[str, Any]) -> Samples:
+  """The jitted generate. temperature, top_p: float32 []; eos_mask [V] bool; pad_id int32 [] (traced, so
+  changing them does not recompile); mode: _static_mode's decisions (compiled in)."""
+  TRACE_COUNT["generate"] += 1
+  batch, width = prompts.shape
+  rows, steps = batch * num_samples, max_new_tokens
+  sample = lambda logits, uniforms: _choose(logits, uniforms, temperature, top_p, **mode)
+  model = transformer.Transformer(cfg)
+  params = _cast_weights(params, cfg.dtype)
+
+  # prefill: one pass per prompt into a cache of exactly `width` slots
+  hidden, prompt_cache = model.apply({"params": params}, prompts, prompt_mask,
+                                     transformer.init_cache(cfg, batch, width), method="hidden")
+  first_logits = model.apply({"params": params}, hidden[:, -1:], method="logits")[:, 0]
+  prompt_cache = {"k": prompt_cache["k"].swapaxes(2, 3), "v": prompt_cache["v"].swapaxes(2, 3),
+                  "valid": prompt_cache["valid"]}  # [L, B, K, P, Dh]: slots next to head_dim
+  prompt_lengths = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
+  row_prompt_lengths = jnp.repeat(prompt_lengths, num_samples)
+  uniforms = sharding.constrain(row_uniforms(rng, rows, steps), ("act_batch", None))
+
+  def emit(state, step, logits):
+    tokens, sample_lp, model_lp = sample(logits, uniforms[:, step])
+    live = ~state["done"]
+    put = lambda buf, val: jax.lax.dynamic_update_slice(buf, val[:, None], (0, step))
+    state = dict(state,
+                 tokens=put(state["tokens"], jnp.where(live, tokens, pad_id)),
+                 mask=put(state["mask"], live),
+                 sample_lp=put(state["sample_lp"], jnp.where(live, sample_lp, 0.0)),
+                 model_lp=put(state["model_lp"], jnp.where(live, model_lp, 0.0)),
+                 last=tokens,
+                 done=state["done"] | (live & eos_mask[tokens]))
+    return state
+
+  state = {
+      "tokens": jnp.full((rows, steps), pad_id, jnp.int32),
+      "mask": jnp.zeros((rows, steps), bool),
+      "sample_lp": jnp.zeros((rows, steps), jnp.float32),
+      "model_lp": jnp.zeros((rows, steps), jnp.float32),
+      "last": jnp.zeros((rows,), jnp.int32),
+      "done": jnp.zeros((rows,), bool),
+  }
+  state = emit(state, 0, jnp.repeat(first_logits, num_samples, axis=0))  # forks the prompt N ways
+  layers = _layer_params(cfg, params)
+  kv_axes = ("layers", "act_batch", "act_kv_heads", "cache_length", "head_dim")
+
+  # Step s (1 <= s < T) feeds token s-1 (cache slot s-1, position prompt_length + s - 1), samples token s.
+  # The generated-token cache is one block per chunk [L, R, K, stop - start, Dh]: finished blocks are
+  # loop invariants of later chunks, the current one is carried and written in place.
+  finished = []
+  for start, stop in _chunks(steps - 1):
+    shape = (cfg.num_layers, rows, cfg.num_kv_heads, stop - start, cfg.head_dim)
+    block = {"k": sharding.constrain(jnp.zeros(shape, cfg.dtype), kv_axes),
+             "v": sharding.constrain(jnp.zeros(shape, cfg.dtype), kv_axes)}
+    all_valid = jnp.ones((rows, 1), bool)
+    earlier = [(b["k"], b["v"], jnp.broadcast_to(all_valid, (rows, b["k"].shape[3]))) for b in finished]
+
+    def cond(carry, stop=stop):
+      step, _, state = carry
+      return (step <= stop) & ~jnp.all(state["done"])
+
+    def body(carry, start=start, earlier=earlier):
+      step, block, state = carry
+      slot = step - 1 - start  # in this chunk's block
+      valid = jnp.broadcast_to(jnp.arange(block["k"].shape[3]) < slot, (rows, block["k"].shape[3]))
+      logits, new_k, new_v = _decode_logits(
+          cfg, params, layers, state["last"], row_prompt_lengths + step - 1, prompt_cache,
+          earlier + [(block["k"], block["v"], valid)], num_samples)
+      write = lambda buf, new: jax.lax.dynamic_update_slice(buf, new[:, :, :, None].astype(buf.dtype),
+                                                            (0, 0, 0, slot, 0))
+      block = {"k": write(block["k"], new_k), "v": write(block["v"], new_v)}
+      return step + 1, block, emit(state, step, logits)
+
+    _, block, state = jax.lax.while_loop(cond, body, (jnp.int32(start + 1), block, state))
+    finished.append(block)
+
+  shape = (batch, num_samples, steps)
+  return Samples(tokens=state["tokens"].reshape(shape), mask=state["mask"].reshape(shape),
+                 lengths=jnp.sum(state["mask"], axis=-1, dtype=jnp.int32).reshape(shape[:2]),
+                 sample_logprobs=state["sample_lp"].reshape(shape),
+                 model_logprobs=state["model_lp"].reshape(shape))
+
+
+def _mesh_of(params: Any, mesh: Mesh | None) -> Mesh:
+  """The mesh to run on: given, else the params' own (NamedSharding), else the first device alone."""
+  if mesh is not None:
+    return mesh
+  leaf = jax.tree.leaves(params)[0]
+  if isinstance(getattr(leaf, "sharding", None), NamedSharding):
+    return leaf.sharding.mesh
+  device = next(iter(leaf.devices())) if hasattr(leaf, "devices") else jax.devices()[0]
+  return sharding.make_mesh({"data": 1}, [device])
+
+
+def _fitted(mesh: Mesh, shape: Sequence[int], logical: Sequence[str | None]) -> NamedSharding:
+  """NamedSharding by logical names, dropping mesh axes that do not divide a dimension."""
+  spec = sharding.logical_to_spec(logical)
+  sizes = lambda axes: math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  return NamedSharding(mesh, PartitionSpec(*[
+      axes if axes is not None and dim % sizes(axes) == 0 else None for dim, axes in zip(shape, spec)]))
+
+
+@functools.lru_cache(maxsize=None)
+def _param_logical(cfg: ModelConfig, kind: str) -> Any:
+  init = reward.init_boxed if kind == "reward" else transformer.init_boxed
+  return sharding.logical_specs(jax.eval_shape(lambda r: init(cfg, r), jax.random.key(0)))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_generate(cfg: ModelConfig, mesh: Mesh, batch: int, num_samples: int, max_new_tokens: int,
+                     mode: tuple[tuple[str, Any], ...]):
+  """One jax.jit per (config, mesh, static options, batch); jit's own cache keys the prompt bucket."""
+  param_shardings = sharding.tree_shardings(_param_logical(cfg, "lm"), mesh)
+  prompt_sharding = _fitted(mesh, (batch, 1), ("act_batch", None))
+  out_3d = _fitted(mesh, (batch, num_samples, 1), ("act_batch", None, None))
+  out_2d = _fitted(mesh, (batch, num_samples), ("act_batch", None))
+  body = functools.partial(_generate_body, cfg, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                           mode=dict(mode))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(body, in_shardings=(param_shardings, prompt_sharding, prompt_sharding) + (replicated,) * 5,
+                 out_shardings=Samples(out_3d, out_3d, out_2d, out_3d, out_3d))
+
+
+def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
+             num_samples: int, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0,
+             mesh: Mesh | None = None) -> Samples:
+  """Sample N responses per prompt.
+
+  Args:
+    prompts, prompt_mask: [B, P] LEFT-padded prompts; every row needs >= 1 real token. The width is cut
+      or padded to `bucket_length(longest real prompt)` before compiling.
+    rng: a jax.random key; row r = b * N + n samples with fold_in(rng, r) (see module docstring).
+    num_samples: N >= 1 samples per prompt (one prefill per prompt, shared by its N samples).
+    max_new_tokens: T, the response length limit; longest real prompt + T must fit cfg.max_seq_len.
+    temperature: >= 0; 0 = greedy. top_k: >= 0, 0 = off. top_p: in (0, 1], 1 = off.
+    eos_ids: token ids that end a response (kept in it); () = always T tokens.
+    pad_id: token written after EOS.
+    mesh: defaults to the params' mesh; rows run on ('data', 'fsdp'), heads on 'tensor'.
+  Compiles once per (cfg, mesh, B, N, T, prompt bucket, top_k, and whether temperature is 0 or 1 and
+  top_p < 1); the values of temperature, top_p, eos_ids and pad_id are traced and never recompile.
+  Returns:
+    Samples with [B, N, T] arrays (see `Samples`: sample_logprobs is the sampled distribution,
+    model_logprobs the temperature-1, untruncated log pi).
+  """
+  validate_sampling(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p)
+  prompts, prompt_mask = jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_mask, bool)
+  longest = _check_prompts(cfg, prompts, prompt_mask, max_new_tokens)
+  width = bucket_length(longest, limit=cfg.max_seq_len - max_new_tokens)
+  prompts, prompt_mask = _fit_width(prompts, prompt_mask, width)
+  mesh = _mesh_of(params, mesh)
+  bad = [int(i) for i in eos_ids if not 0 <= int(i) < cfg.vocab_size]
+  if bad:
+    raise ValueError(f"eos id {bad[0]} is not allowed: need 0 <= id < vocab_size={cfg.vocab_size}")
+  eos_mask = np.zeros(cfg.vocab_size, bool)
+  eos_mask[list(eos_ids)] = True
+  fn = _jitted_generate(cfg, mesh, prompts.shape[0], int(num_samples), int(max_new_tokens),
+                        tuple(sorted(_static_mode(temperature, top_k, top_p).items())))
+  with jax.set_mesh(mesh):
+    return fn(params, prompts, prompt_mask, rng, np.float32(max(temperature, 1e-30)), np.float32(top_p),
+              eos_mask, np.int32(pad_id))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Teacher-forced log-probs, rewards, Best-of-N selection, quantiles.
+
+
+def _join(prompts, prompt_mask, responses, response_mask):
+  """[B, P] prompts + [B, N, T] responses -> rows [B*N, P+T] tokens and mask.
+
+  The rows are [left pads | prompt | response | right pads]. That is a valid model input as is: positions
+  count real tokens only and pads are never attended to, so no re-packing is needed.
+  """
+  batch, num_samples, length = responses.shape
+  rep = lambda x: jnp.repeat(x, num_samples, axis=0)
+  tokens = jnp.concatenate([rep(prompts), responses.reshape(-1, length)], axis=1)
+  mask = jnp.concatenate([rep(prompt_mask), response_mask.reshape(-1, length)], axis=1)
+  return tokens, mask
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _sequence_logprobs(cfg, params, prompts, prompt_mask, responses, response_mask, temperature):
+  batch, num_samples, length = responses.shape
+  tokens, mask = _join(prompts, prompt_mask, responses, response_mask)
+  logits = transformer.forward(cfg, params, tokens, mask)[:, prompts.shape[1] - 1:-1]  # predict responses
+  logp = jax.nn.log_softmax(logits / temperature, axis=-1)
+  chosen = jnp.take_along_axis(logp, responses.reshape(-1, length)[..., None], axis=-1)[..., 0]
+  per_token = jnp.where(response_mask, chosen.reshape(batch, num_samples, length), 0.0)
+  return per_token, jnp.sum(per_token, axis=-1)
+
+
+def sequence_logprobs(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax.Array,
+                      responses: jax.Array, response_mask: jax.Array, temperature: float = 1.0):
+  """Teacher-forced log-probs of responses under a model (policy, anchor or reference).
+
+  Args:
+    prompts, prompt_mask: [B, P] left-padded. responses, response_mask: [B, N, T] right-padded (as
+      `generate` returns them; EOS included in the mask).
+    temperature: > 0; log-softmax of logits / temperature, no truncation (1 = log pi, what BOND uses).
+  Returns:
+    (per_token [B, N, T] float32, 0 on padding; summed [B, N] float32 sequence log-probs).
+  """
+  if not temperature > 0:
+    raise ValueError(f"temperature={temperature} is not allowed: teacher-forced log-probs need > 0")
+  return _sequence_logprobs(cfg, params, jnp.asarray(prompts), jnp.asarray(prompt_mask, bool),
+                            jnp.asarray(responses), jnp.asarray(response_mask, bool), float(temperature))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_responses(cfg_rm, rm_params, prompts, prompt_mask, responses, response_mask):
+  tokens, mask = _join(prompts, prompt_mask, responses, response_mask)
+  return reward.score(cfg_rm, rm_params, tokens, mask).reshape(responses.shape[:2])
+
+
+def score_responses(cfg_rm: ModelConfig, rm_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
+                    responses: jax.Array, response_mask: jax.Array) -> jax.Array:
+  """Rewards [B, N] float32 of prompt + response (read at the response's last real token, e.g. its EOS).
+
+  prompts [B, P] left-padded; responses [B, N, T] right-padded. The joined rows keep the pads between
+  prompt and response masked, which scores exactly like a left-packed row (positions count real tokens).
+  """
+  return _score_responses(cfg_rm, rm_params, jnp.asarray(prompts), jnp.asarray(prompt_mask, bool),
+                          jnp.asarray(responses), jnp.asarray(response_mask, bool))
+
+
+def best_of_n(rewards: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Best sample per prompt. rewards [B, N] -> (index [B] int32, num_ties [B] int32).
+
+  Ties go to the LOWEST index (deterministic, depends only on positions); num_ties counts the OTHER samples
+  sharing the best reward (0 = a unique best). Uses objectives.select_best.
+  """
+  index, num_at_max = objectives.select_best(jnp.asarray(rewards))
+  return index, num_at_max - 1
+
+
+def quantiles(rewards_of_y: jax.Array, reference_rewards: jax.Array) -> jax.Array:
+  """Reference quantiles p_hat [B, M] of responses (eq. 10), floored as objectives.empirical_quantile
+  documents: (1 + #{r(y_i) <= r(y)}) / (k + 1). rewards_of_y [B, M], reference_rewards [B, k]."""
+  return objectives.empirical_quantile(jnp.asarray(rewards_of_y), jnp.asarray(reference_rewards))

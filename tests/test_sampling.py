@@ -1,0 +1,300 @@
+"""Best-of-N sampler: exact sampling distribution, log-probs, determinism across meshes and batches,
+bounded compilation, EOS semantics, input validation, rewards and Best-of-N selection."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from bond_jax import objectives, sampling, sharding
+from bond_jax.models import reward, transformer
+from bond_jax.models.config import ModelConfig
+
+VOCAB, PAD = 32, 0
+BASE = dict(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+            max_seq_len=64)
+EOS_IDS = (1, 5, 9, 13)  # several ids: most rows stop early, some run to the limit
+FORWARD = jax.jit(transformer.forward, static_argnums=0)
+
+
+def _params(cfg, seed=0):
+  params = nn.unbox(jax.jit(lambda r: transformer.init_boxed(cfg, r))(jax.random.key(seed)))
+  # shrink the embedding (tied: also the output layer) so next-token distributions are far from one-hot
+  return {**params, "embedding": params["embedding"] * 0.5}
+
+
+def _prompts(seed, lengths, width):
+  rng = np.random.default_rng(seed)
+  lengths = np.asarray(lengths)
+  mask = np.arange(width)[None] >= (width - lengths)[:, None]
+  return np.where(mask, rng.integers(2, VOCAB, (len(lengths), width)), PAD).astype(np.int32), mask
+
+
+@pytest.fixture(scope="module")
+def llama():
+  cfg = ModelConfig(**BASE)
+  return cfg, _params(cfg)
+
+
+@pytest.fixture(scope="module")
+def sampled(llama):
+  """One sampled batch (temperature 0.8, several EOS ids) that several tests read."""
+  cfg, params = llama
+  prompts, mask = _prompts(0, lengths=(7, 3, 10), width=10)
+  out = sampling.generate(cfg, params, prompts, mask, jax.random.key(0), num_samples=4, max_new_tokens=12,
+                          temperature=0.8, eos_ids=EOS_IDS, pad_id=PAD)
+  return prompts, mask, jax.device_get(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The distribution actually sampled.
+
+
+def _expected_probs(logits, temperature, top_k, top_p):
+  """float64 reference of temperature -> top-k -> top-p on one row of logits [V]."""
+  scaled = logits.astype(np.float64) / temperature
+  if top_k:
+    scaled = np.where(scaled < np.sort(scaled)[::-1][top_k - 1], -np.inf, scaled)
+  probs = np.exp(scaled - scaled.max())
+  probs /= probs.sum()
+  if top_p < 1:
+    order = np.argsort(-probs, kind="stable")  # the nucleus: shortest prefix reaching top_p
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    assert np.min(np.abs(mass_before - top_p)) > 1e-4  # the float32 cut cannot land elsewhere
+    keep = np.zeros_like(probs, bool)
+    keep[order[mass_before < top_p]] = True
+    probs = np.where(keep, probs, 0.0)
+    probs /= probs.sum()
+  return probs
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 6, 1.0),
+                                                     (0.7, 0, 0.8), (1.0, 0, 0.9), (0.7, 6, 0.7)])
+def test_first_tokens_follow_the_truncated_tempered_softmax(llama, temperature, top_k, top_p):
+  cfg, params = llama
+  prompts, mask = _prompts(1, lengths=(6,), width=6)
+  draws = 20_000
+  out = sampling.generate(cfg, params, prompts, mask, jax.random.key(7), num_samples=draws, max_new_tokens=1,
+                          temperature=temperature, top_k=top_k, top_p=top_p)
+  tokens = np.asarray(out.tokens)[0, :, 0]
+  logits = np.asarray(FORWARD(cfg, params, prompts, mask))[0, -1]
+  expected = _expected_probs(logits, temperature, top_k, top_p)
+  counts = np.bincount(tokens, minlength=VOCAB)
+  assert counts[expected == 0].sum() == 0  # nothing outside the support
+  support = np.flatnonzero(expected)
+  assert len(support) >= 3
+  big = expected[support] * draws >= 5  # chi-square needs expected counts >= 5: pool the small ones
+  observed = np.append(counts[support][big], counts[support][~big].sum())
+  predicted = np.append(expected[support][big], expected[support][~big].sum()) * draws
+  keep = predicted > 0
+  p_value = stats.chisquare(observed[keep], predicted[keep]).pvalue
+  assert p_value > 1e-3, (p_value, observed, predicted)
+  # the returned log-probs are those of the sampled distribution and of the model at temperature 1
+  np.testing.assert_allclose(np.asarray(out.sample_logprobs)[0, :, 0], np.log(expected[tokens]), atol=1e-5)
+  model_logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+  np.testing.assert_allclose(np.asarray(out.model_logprobs)[0, :, 0], model_logp[tokens], atol=1e-5)
+
+
+def test_temperature_zero_is_greedy(llama):
+  cfg, params = llama
+  prompts, mask = _prompts(2, lengths=(4, 9), width=9)
+  out = sampling.generate(cfg, params, prompts, mask, jax.random.key(0), num_samples=2, max_new_tokens=6,
+                          temperature=0.0)
+  tokens = np.asarray(out.tokens)
+  assert (tokens[:, 0] == tokens[:, 1]).all()  # no randomness
+  assert np.asarray(out.sample_logprobs).max() == 0.0
+  for row in range(2):  # each greedy token is the argmax of the full forward pass over what came before
+    seq = np.concatenate([prompts[row][mask[row]], tokens[row, 0]])[None]
+    logits = np.asarray(FORWARD(cfg, params, seq, np.ones_like(seq, bool)))[0]
+    np.testing.assert_array_equal(tokens[row, 0], logits[mask[row].sum() - 1:-1].argmax(-1))
+
+
+def test_inverse_cdf_never_picks_a_zero_probability_token():
+  probs = jnp.asarray([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
+  uniforms = jnp.asarray([0.0, 0.4999, 0.5, np.nextafter(np.float32(1), np.float32(0))])
+  np.testing.assert_array_equal(sampling._inverse_cdf(probs, uniforms), [1, 1, 3, 3])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Log-probs and EOS semantics.
+
+
+def _check_logprobs(cfg, params, prompts, mask, out, temperature):
+  per_token, total = sampling.sequence_logprobs(cfg, params, prompts, mask, out.tokens, out.mask)
+  assert np.abs(np.asarray(per_token) - np.asarray(out.model_logprobs)).max() <= 1e-5
+  np.testing.assert_allclose(np.asarray(total), np.asarray(per_token).sum(-1), atol=1e-5)
+  tempered, _ = sampling.sequence_logprobs(cfg, params, prompts, mask, out.tokens, out.mask,
+                                           temperature=temperature)
+  assert np.abs(np.asarray(tempered) - np.asarray(out.sample_logprobs)).max() <= 1e-5
+  assert np.abs(np.asarray(per_token)).max() > 0.5  # not a comparison of zeros
+
+
+def test_generate_logprobs_equal_teacher_forced_logprobs(llama, sampled):
+  _check_logprobs(*llama, *sampled, temperature=0.8)
+
+
+def test_generate_logprobs_equal_teacher_forced_logprobs_gemma_scanned_long():
+  cfg = ModelConfig(**BASE, family="gemma", scan_layers=True)
+  params = _params(cfg, seed=3)
+  prompts, mask = _prompts(3, lengths=(2, 8), width=8)
+  out = sampling.generate(cfg, params, prompts, mask, jax.random.key(1), num_samples=2, max_new_tokens=40,
+                          temperature=0.8, pad_id=PAD)
+  assert sampling._chunks(39) == [(0, 20), (20, 39)]
+  assert (np.asarray(out.lengths) == 40).all()  # no EOS: every row runs through both cache chunks
+  _check_logprobs(cfg, params, prompts, mask, out, temperature=0.8)
+
+
+def test_eos_ends_a_response_and_pads_after_it(sampled):
+  _, _, out = sampled
+  tokens, mask, lengths = out.tokens, out.mask, out.lengths
+  assert tokens.shape == mask.shape == out.sample_logprobs.shape == (3, 4, 12) and lengths.shape == (3, 4)
+  is_eos = np.isin(tokens, EOS_IDS) & mask
+  first_eos = np.where(is_eos.any(-1), is_eos.argmax(-1), 12)
+  np.testing.assert_array_equal(lengths, np.minimum(first_eos + 1, 12))
+  np.testing.assert_array_equal(mask, np.arange(12) < lengths[..., None])
+  assert (tokens[~mask] == PAD).all() and (tokens[mask] != PAD).any()
+  assert (out.sample_logprobs[~mask] == 0).all() and (out.model_logprobs[~mask] == 0).all()
+  assert (out.sample_logprobs[mask] < 0).all()
+  assert (lengths < 12).sum() >= 3 and (lengths == 12).sum() >= 1  # both kinds of rows occur
+
+
+def test_loop_stops_when_every_row_hit_eos_and_values_do_not_recompile(llama, sampled):
+  cfg, params = llama
+  prompts, mask, _ = sampled
+  traces = sampling.TRACE_COUNT["generate"]
+  out = sampling.generate(cfg, params, prompts, mask, jax.random.key(0), num_samples=4, max_new_tokens=12,
+                          temperature=0.9, eos_ids=tuple(range(VOCAB)), pad_id=31)
+  assert sampling.TRACE_COUNT["generate"] == traces  # temperature, EOS ids and pad id are traced values
+  np.testing.assert_array_equal(np.asarray(out.lengths), 1)
+  assert (np.asarray(out.tokens)[:, :, 1:] == 31).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Determinism: meshes, padding, batch mates, forking; compilation count.
+
+
+def test_same_samples_on_one_device_and_the_8_device_mesh(llama):
+  cfg, params = llama
+  prompts, mask = _prompts(5, lengths=(4, 9, 1, 6), width=9)
+  kwargs = dict(num_samples=2, max_new_tokens=10, temperature=1.0, top_k=12, eos_ids=EOS_IDS, pad_id=PAD)
+  single = sampling.generate(cfg, params, prompts, mask, jax.random.key(3), **kwargs)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  logical = sharding.logical_specs(jax.eval_shape(lambda r: transformer.init_boxed(cfg, r), jax.random.key(0)))
+  placed = sharding.place(params, logical, mesh)
+  multi = sampling.generate(cfg, placed, prompts, mask, jax.random.key(3), **kwargs)
+  assert multi.tokens.sharding.mesh.size == 8
+  np.testing.assert_array_equal(np.asarray(single.tokens), np.asarray(multi.tokens))
+  np.testing.assert_allclose(np.asarray(single.model_logprobs), np.asarray(multi.model_logprobs), atol=1e-5)
+
+
+def test_samples_do_not_depend_on_padding_or_batch_mates(llama, sampled):
+  cfg, params = llama
+  prompts, mask, out = sampled
+  other, other_mask = _prompts(9, lengths=(14, 2, 11), width=16)  # longer mates: row 0 gets more padding
+  other[0, -7:], other_mask[0] = prompts[0, -7:], np.arange(16) >= 9  # same prompt 0 (7 tokens)
+  again = sampling.generate(cfg, params, other, other_mask, jax.random.key(0), num_samples=4,
+                            max_new_tokens=12, temperature=0.8, eos_ids=EOS_IDS, pad_id=PAD)
+  np.testing.assert_array_equal(np.asarray(again.tokens)[0], out.tokens[0])
+  np.testing.assert_allclose(np.asarray(again.model_logprobs)[0], out.model_logprobs[0], atol=1e-5)
+  assert not np.array_equal(np.asarray(again.tokens)[1], out.tokens[1])  # other rows did change
+
+
+def test_forking_the_prompt_cache_equals_repeating_the_prompt(llama, sampled):
+  cfg, params = llama
+  prompts, mask, out = sampled
+  repeated = sampling.generate(cfg, params, np.repeat(prompts, 4, 0), np.repeat(mask, 4, 0),
+                               jax.random.key(0), num_samples=1, max_new_tokens=12, temperature=0.8,
+                               eos_ids=EOS_IDS, pad_id=PAD)
+  np.testing.assert_array_equal(np.asarray(repeated.tokens).reshape(3, 4, 12), out.tokens)
+  np.testing.assert_allclose(np.asarray(repeated.sample_logprobs).reshape(3, 4, 12), out.sample_logprobs,
+                             atol=1e-5)
+
+
+def test_new_prompts_of_a_bucketed_length_do_not_recompile(llama):
+  cfg, params = llama
+  kwargs = dict(num_samples=2, max_new_tokens=5, temperature=1.0, top_p=0.9, eos_ids=EOS_IDS, pad_id=PAD)
+  first, first_mask = _prompts(10, lengths=(3, 12), width=12)
+  sampling.generate(cfg, params, first, first_mask, jax.random.key(0), **kwargs)
+  traces = sampling.TRACE_COUNT["generate"]
+  for seed, lengths, width in [(11, (9, 16), 16), (12, (5, 2), 20), (13, (1, 11), 11)]:  # all bucket to 16
+    prompts, mask = _prompts(seed, lengths, width)
+    out = sampling.generate(cfg, params, prompts, mask, jax.random.key(seed), **kwargs)
+    assert out.tokens.shape == (2, 2, 5)
+  assert sampling.TRACE_COUNT["generate"] == traces
+  assert [sampling.bucket_length(n) for n in (1, 16, 17, 33, 100)] == [16, 16, 32, 64, 128]
+  assert sampling.bucket_length(100, limit=110) == 110 and sampling.bucket_length(120, limit=110) == 120
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation.
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(num_samples=0), r"num_samples=0 is not allowed: need an integer >= 1"),
+    (dict(top_p=0.0), r"top_p=0.0 is not allowed: need 0 < top_p <= 1"),
+    (dict(top_p=1.5), r"top_p=1.5 is not allowed: need 0 < top_p <= 1"),
+    (dict(top_k=-1), r"top_k=-1 is not allowed: need an integer >= 0"),
+    (dict(temperature=-0.5), r"temperature=-0.5 is not allowed: need temperature >= 0"),
+    (dict(max_new_tokens=0), r"max_new_tokens=0 is not allowed: need an integer >= 1"),
+    (dict(max_new_tokens=60), r"prompt length 5 \+ max_new_tokens 60 = 65 exceeds the context max_seq_len=64"),
+    (dict(eos_ids=(32,)), r"eos id 32 is not allowed: need 0 <= id < vocab_size=32"),
+])
+def test_bad_sampling_arguments_raise_one_line_errors(llama, change, message):
+  cfg, params = llama
+  prompts, mask = _prompts(0, lengths=(5, 2), width=5)
+  kwargs = dict(num_samples=2, max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0) | change
+  with pytest.raises(ValueError, match=message):
+    sampling.generate(cfg, params, prompts, mask, jax.random.key(0), **kwargs)
+
+
+def test_bad_prompts_raise_one_line_errors(llama):
+  cfg, params = llama
+  prompts, mask = _prompts(0, lengths=(5, 0, 3), width=5)
+  with pytest.raises(ValueError, match=r"prompt row 1 is empty \(prompt_mask has no True\)"):
+    sampling.generate(cfg, params, prompts, mask, jax.random.key(0), num_samples=1, max_new_tokens=2)
+  with pytest.raises(ValueError, match=r"prompt_mask is not left-padded"):
+    sampling.generate(cfg, params, prompts[2:], mask[2:, ::-1], jax.random.key(0), num_samples=1,
+                      max_new_tokens=2)
+  with pytest.raises(ValueError, match=r"temperature=0.0 is not allowed: teacher-forced log-probs need > 0"):
+    sampling.sequence_logprobs(cfg, params, prompts, mask, np.zeros((3, 1, 2), np.int32),
+                               np.ones((3, 1, 2), bool), temperature=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rewards, Best-of-N, quantiles.
+
+
+def test_score_responses_equals_scoring_left_packed_rows(sampled):
+  prompts, mask, out = sampled
+  cfg = ModelConfig(**BASE)
+  rm_params = nn.unbox(jax.jit(lambda r: reward.init_boxed(cfg, r))(jax.random.key(4)))
+  rm_params = {**rm_params, "head": jax.random.normal(jax.random.key(5), (cfg.d_model,))}
+  rewards = np.asarray(sampling.score_responses(cfg, rm_params, prompts, mask, out.tokens, out.mask))
+  assert rewards.shape == (3, 4) and np.unique(rewards).size == 12
+  width = prompts.shape[1] + out.tokens.shape[2]
+  packed = np.zeros((12, width), np.int32)
+  packed_mask = np.zeros((12, width), bool)
+  for b in range(3):
+    for n in range(4):  # the real tokens pushed right: the classic left-padded layout
+      real = np.concatenate([prompts[b][mask[b]], out.tokens[b, n][out.mask[b, n]]])
+      packed[b * 4 + n, width - len(real):] = real
+      packed_mask[b * 4 + n, width - len(real):] = True
+  expected = np.asarray(jax.jit(reward.score, static_argnums=0)(cfg, rm_params, packed, packed_mask))
+  np.testing.assert_allclose(rewards.reshape(-1), expected, atol=1e-5)
+
+
+def test_best_of_n_breaks_ties_by_lowest_index_and_counts_them():
+  rewards = jnp.asarray([[0.1, 0.7, 0.3, 0.7], [2.0, 1.0, 0.0, -1.0], [0.5, 0.5, 0.5, 0.5]])
+  index, num_ties = sampling.best_of_n(rewards)
+  np.testing.assert_array_equal(index, [1, 0, 0])
+  np.testing.assert_array_equal(num_ties, [1, 0, 3])
+
+
+def test_quantiles_use_the_objectives_floor():
+  rewards_of_y = jnp.asarray([[0.0, 1.0, 5.0]])
+  reference = jnp.asarray([[0.5, 1.0, 2.0, 3.0]])
+  q = np.asarray(sampling.quantiles(rewards_of_y, reference))
+  np.testing.assert_allclose(q, [[1 / 5, 3 / 5, 5 / 5]], rtol=1e-6)  # y counted once, ties count
+  np.testing.assert_allclose(q, np.asarray(objectives.empirical_quantile(rewards_of_y, reference)))
