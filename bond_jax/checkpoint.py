@@ -93,3 +93,13 @@ def restore_arrays(directory: str, step: int | None = None) -> tuple[Any, dict[s
                                                        meta=ocp.args.JsonRestore()))
   mngr.close()
   return restored["state"], dict(restored["meta"]), step
+
+
+def restore_item(directory: str, step: int, key: str, target: Any) -> Any:
+  """Only state[key] of checkpoint `step` (e.g. 'params' without the optimizer state), read straight onto
+  the shardings of `target` (a tree of jax.ShapeDtypeStruct with shardings)."""
+  wrapped = {key: target}
+  args = ocp.args.PyTreeRestore(wrapped, restore_args=ocp.checkpoint_utils.construct_restore_args(wrapped),
+                                partial_restore=True)
+  path = os.path.join(os.path.abspath(directory), str(step), "state")
+  return ocp.PyTreeCheckpointer().restore(path, args=args)[key]

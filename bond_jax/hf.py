@@ -250,7 +250,7 @@ def export(params: Any, cfg: ModelConfig, out_dir: str, *, kind: str = "lm", ove
       json.dump(hf_config, f, indent=2)
     if kind == "lm":
       generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
-                    "max_length": cfg.max_seq_len, "do_sample": True, "temperature": 1.0, "top_k": 0,
+                    "do_sample": True, "temperature": 1.0, "top_k": 0,
                     "top_p": 1.0}
       with open(os.path.join(staging, "generation_config.json"), "w") as f:
         json.dump(generation, f, indent=2)

@@ -8,6 +8,9 @@ from __future__ import annotations
 from bond_jax.models.config import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
+    # Smoke tests of the whole pipeline (configs/dialogue.py:smoke).
+    "micro": ModelConfig(family="llama", vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=16, mlp_dim=128, max_seq_len=256, tie_embeddings=True),
     # CPU tests and the embedded dialogue default (vocab set by the tokenizer trained on the data).
     "tiny": ModelConfig(family="llama", vocab_size=2048, d_model=256, num_layers=4, num_heads=4,
                         num_kv_heads=2, head_dim=64, mlp_dim=768, max_seq_len=512, tie_embeddings=True),

@@ -1,0 +1,99 @@
+"""J-BOND on chitchat dialogues rated by people (the embedded default: tiny models, 2-core CPU).
+
+Presets: `--config=configs/dialogue.py` (tiny, CPU), `...:smoke` (a 1-2 minute check of the whole pipeline),
+`...:small`, `...:gemma_2b`, `...:gemma_7b` (TPU pods:
+start from a Hugging Face checkpoint with --config.reference=... and --config.reward_model=...).
+Override any field: `--config.bond.eta=0.05 --config.train.steps=500`.
+"""
+
+import ml_collections
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.seed = 0
+
+  # Model shape (bond_jax/models/presets.py); vocab_size comes from the tokenizer when it is trained here.
+  c.model = ml_collections.ConfigDict(dict(preset="tiny", overrides=ml_collections.ConfigDict()))
+  # Mesh: ('data', 'fsdp', 'tensor'); -1 takes the devices left over.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+  # Where pi_ref and r come from: '' = train them here (SFT, then a Bradley-Terry reward model, cached in
+  # the workdir), or a Hugging Face directory, or an Orbax workdir of a previous SFT / reward stage.
+  c.reference = ""
+  c.reward_model = ""
+
+  c.data = ml_collections.ConfigDict(dict(
+      task="chitchat",           # chitchat | summarization
+      tokenizer="",              # a SentencePiece .model; '' = train a BPE one on the training split
+      vocab_size=2048,           # for a tokenizer trained here
+      context_turns=3,           # dialogue turns shown in a prompt
+      max_prompt_len=96,         # tokens, prompts are left-truncated to it
+      prompt_buckets=(32, 64, 96),
+      max_conversations=0,       # 0 = all 7,168; smaller for quick runs
+  ))
+
+  # SFT / reward stages (bond_jax/sft.py, bond_jax/reward_training.py). Sized for the 2-core CPU default:
+  # SFT ~6 min, reward model ~3 min (README "Results (embedded dialogue task)").
+  c.sft = ml_collections.ConfigDict(dict(
+      steps=360, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=30, weight_decay=0.0,
+      eval_every=120, eval_batches=20, checkpoint_every=120, log_every=20))
+  c.reward_training = ml_collections.ConfigDict(dict(
+      steps=200, batch_size=16, max_len=128, buckets=(64, 128), learning_rate=2e-3, warmup_steps=20,
+      weight_decay=0.0, rating="interesting", margin=2.0, response_turns=1, max_pairs_per_prompt=200,
+      eval_every=100, checkpoint_every=200, log_every=20))
+
+  # The distribution-matching stage (BOND_MATH.md).
+  c.bond = ml_collections.ConfigDict(dict(
+      algorithm="jbond",   # jbond | bond | iterative_bond | reinforce
+      n=2,                 # Best-of-n per anchor (J-BOND uses 2); BOND: N
+      beta=0.5,            # Jeffreys mix: (1 - beta) forward KL + beta backward KL
+      eta=0.05,            # EMA anchor rate (J-BOND)
+      gamma=0.0,           # extra KL-to-anchor weight (J-BOND), >= 0
+      k=16,                # reference samples per prompt for Monte-Carlo quantiles (BOND)
+      anchor_period=100,   # hard anchor update every this many steps (iterative BOND)
+      beta_rl=0.05,        # KL weight of the REINFORCE baseline
+  ))
+  c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=24))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", learning_rate=2e-4, warmup_steps=20, schedule="constant", b1=0.9, b2=0.99,
+      weight_decay=0.0, clip_norm=1.0, grad_accum_steps=1))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=300, batch_size=16, log_every=10, eval_every=100, checkpoint_every=100, keep_checkpoints=3,
+      max_bad_steps=5))
+  c.eval = ml_collections.ConfigDict(dict(num_prompts=64, best_of=(1, 2, 4, 8, 16), quantile_samples=32))
+
+  if preset in ("gemma_2b", "gemma_7b"):
+    c.model.preset = preset
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.data.max_prompt_len = 512
+    c.data.prompt_buckets = (128, 256, 512)
+    c.sampling.max_new_tokens = 256
+    c.train.batch_size = 128
+    c.train.steps = 5000
+    c.train.checkpoint_every = 500
+    c.train.eval_every = 500
+    c.optimizer.learning_rate = 3e-6
+    c.optimizer.warmup_steps = 100
+    c.bond.eta = 0.02 if preset == "gemma_7b" else 0.05
+  elif preset == "small":
+    c.model.preset = "small"
+    c.data.vocab_size = 8192
+  elif preset == "smoke":  # the whole pipeline in a minute or two: tests and installation checks
+    c.model.preset = "micro"
+    c.data.vocab_size = 512
+    c.data.max_conversations = 300
+    c.data.prompt_buckets = (32, 64)
+    c.data.max_prompt_len = 64
+    c.sft.update(steps=12, batch_size=8, seq_len=64, eval_every=12, eval_batches=2, checkpoint_every=12,
+                 log_every=4)
+    c.reward_training.update(steps=8, batch_size=8, max_len=64, buckets=(64,), eval_every=8,
+                             checkpoint_every=8, log_every=4)
+    c.sampling.max_new_tokens = 12
+    c.train.update(steps=6, batch_size=8, log_every=2, eval_every=3, checkpoint_every=2)
+    c.eval.update(num_prompts=8, quantile_samples=16)
+  elif preset != "tiny":
+    raise ValueError(f"unknown preset {preset!r} for configs/dialogue.py; allowed: tiny, small, smoke, "
+                     "gemma_2b, gemma_7b")
+  return c

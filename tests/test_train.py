@@ -1,0 +1,186 @@
+"""The trainer end to end on the smoke preset: bitwise resume after SIGTERM and SIGKILL, the NaN guard,
+config validation before compute, and a trained run exported to transformers."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from bond_jax import checkpoint, export, hf, reward_training, sft, sharding, trainer
+from bond_jax import workdir as workdir_lib
+from configs import dialogue
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12
+
+
+def _config(**train):
+  config = dialogue.get_config("smoke")
+  config.eval.num_prompts = 0  # the resume test compares training only
+  config.train.update(steps=STEPS, checkpoint_every=2, **train)
+  return config
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+  """A workdir whose SFT and reward stages are done (shared by every test here)."""
+  workdir = str(tmp_path_factory.mktemp("stages"))
+  config = _config()
+  sft.run(config, workdir)
+  reward_training.run(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _copy(stages, tmp_path, name):
+  target = str(tmp_path / name)
+  shutil.copytree(stages, target)
+  return target
+
+
+def _start(workdir, compile_cache):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=REPO)
+  cmd = [sys.executable, "-m", "bond_jax.train", "--config=configs/dialogue.py:smoke", f"--workdir={workdir}",
+         "--config.eval.num_prompts=0", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=2",
+         "--config.train.log_every=1"]
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _steps(workdir):
+  directory = workdir_lib.checkpoint_dir(workdir, trainer.STAGE)
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+
+
+def _wait_for_checkpoint(proc, workdir, at_least, timeout=400):
+  start = time.time()
+  while time.time() - start < timeout:
+    if any(s >= at_least for s in _steps(workdir)):
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"trainer exited early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+    time.sleep(0.02)
+  proc.kill()
+  raise AssertionError(f"no checkpoint >= {at_least} within {timeout}s")
+
+
+def _final_state(workdir):
+  state, meta, step = checkpoint.restore_arrays(workdir_lib.checkpoint_dir(workdir, trainer.STAGE))
+  assert step == STEPS
+  return state, meta
+
+
+def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(stages, compile_cache, tmp_path):
+  straight = _copy(stages, tmp_path, "straight")
+  proc = _start(straight, compile_cache)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  assert f"step {STEPS}/{STEPS}" in out and "ETA" in out
+
+  interrupted = _copy(stages, tmp_path, "interrupted")
+  proc = _start(interrupted, compile_cache)
+  _wait_for_checkpoint(proc, interrupted, 2)
+  proc.send_signal(signal.SIGTERM)  # preemption: save at the end of the current step, exit 143
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 143, out[-3000:]
+  saved = int(out.split("SIGTERM: checkpoint saved at step ")[1].split(";")[0])
+  assert saved in _steps(interrupted) and saved < STEPS
+
+  proc = _start(interrupted, compile_cache)
+  for line in proc.stdout:  # kill mid-run, two steps after the resume point
+    if line.startswith(f"step {saved + 2}/"):
+      proc.send_signal(signal.SIGKILL)  # no chance to save anything
+      break
+  proc.communicate(timeout=60)
+  assert max(_steps(interrupted)) < STEPS, "the run finished before it could be killed"
+
+  proc = _start(interrupted, compile_cache)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  assert "resumed from" in out
+
+  (a, meta_a), (b, meta_b) = _final_state(straight), _final_state(interrupted)
+  assert meta_a["data_state"] == meta_b["data_state"]
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 10
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert int(a["step"]) == STEPS and int(a["skipped_steps"]) == 0
+
+
+def test_nan_rewards_are_skipped_and_stop_the_run_without_saving(stages, tmp_path):
+  params, cfg = workdir_lib.load_stage_params(stages, "reward", sharding.make_mesh({}, jax.devices()[:1]))
+  params = dict(params, head=params["head"] * np.nan)
+  broken = str(tmp_path / "broken_rm")
+  hf.export(params, cfg, broken, kind="reward", pad_id=0)
+  workdir = str(tmp_path / "nan")  # a new run from given models (the guarded workdir config differs)
+  config = _config(max_bad_steps=2)
+  config.reference, config.reward_model = stages, broken
+  config.data.tokenizer = workdir_lib.tokenizer_path(stages)
+  with pytest.raises(FloatingPointError, match=r"2 steps in a row had a non-finite loss or gradient \(last at "
+                                               r"step 2\); stopping without saving them"):
+    trainer.run(config, workdir)
+  assert _steps(workdir) == []
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("bond.algorithm", "ppo", r"bond.algorithm='ppo'; allowed: jbond, bond, iterative_bond, reinforce"),
+    ("bond.eta", 1.5, r"eta=1.5"),
+    ("bond.beta", -0.1, r"beta=-0.1"),
+    ("sampling.temperature", 0.7, r"BOND's losses need samples from pi itself"),
+    ("train.batch_size", 12, r"train.batch_size=12 must be divisible by data \* fsdp = 8"),
+    ("mesh.data", 3, r"does not fit 8 devices: 8 is not divisible by 3"),
+])
+def test_bad_config_fails_before_any_compute(field, value, message, tmp_path):
+  config = _config()
+  section, key = field.split(".")
+  config[section][key] = value
+  start = time.time()
+  with pytest.raises(ValueError, match=message):
+    trainer.run(config, str(tmp_path / "never"))
+  assert time.time() - start < 5 and not os.path.exists(tmp_path / "never" / "bond")
+
+
+def test_unknown_config_key_is_a_one_line_cli_error():
+  proc = subprocess.run([sys.executable, "-m", "bond_jax.train", "--config=configs/dialogue.py:smoke",
+                         "--config.bond.etaa=0.1", "--workdir=/nonexistent"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+  assert proc.returncode != 0
+  assert "etaa" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_trained_run_exports_and_generates_in_transformers(stages, tmp_path):
+  workdir = _copy(stages, tmp_path, "export")
+  config = _config()
+  config.train.steps = 2
+  trainer.run(config, workdir)
+  out = str(tmp_path / "hf_policy")
+  export.export_run(workdir, out)
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  ids = tok("Topic: What is your favorite food?\nA:", return_tensors="pt")["input_ids"]
+  ours_tok = workdir_lib.prepare_tokenizer(config, workdir)
+  assert ids[0].tolist() == [ours_tok.bos_id] + ours_tok.encode("Topic: What is your favorite food?\nA:")
+  with torch.no_grad():
+    generated = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    theirs = model(ids).logits[0].numpy()
+  assert generated.shape == (1, ids.shape[1] + 8) and isinstance(tok.decode(generated[0]), str)
+  params, cfg = export.load_run_params(workdir, "policy")
+  from bond_jax.models import transformer
+  ours = np.asarray(transformer.forward(cfg, params, ids.numpy(), np.ones(ids.shape, bool)))[0]
+  assert np.abs(ours - theirs).max() <= 1e-4
+  with pytest.raises(ValueError, match="not empty; pass --overwrite"):
+    export.export_run(workdir, out)
