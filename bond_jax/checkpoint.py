@@ -79,8 +79,14 @@ def read_meta(directory: str, step: int | None = None) -> tuple[dict[str, Any], 
 
 
 def restore_arrays(directory: str, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
-  """Restore the state as host numpy arrays with no target (export, inspection): (state, meta, step)."""
-  mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"),
+  """Restore the state as host numpy arrays with no target (export, inspection): (state, meta, step).
+
+  Works whatever mesh or number of processes saved it: every array is read whole onto one local device.
+  """
+  # The handlers must be named: with item_names alone item_metadata is None and Orbax would restore onto
+  # the saved shardings, which fails for a checkpoint written on another topology (e.g. 2 processes).
+  handlers = dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
+  mngr = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=handlers,
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   step = mngr.latest_step() if step is None else step
   if step is None:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bond_jax import sampling
+from bond_jax import sampling, sharding
 from bond_jax.models.config import ModelConfig
 
 
@@ -81,7 +81,7 @@ def evaluate(cfg: ModelConfig, rm_cfg: ModelConfig, policy_params: Any, ref_para
                                          reference.mask)
   _, ref_logprobs = sampling.sequence_logprobs(cfg, ref_params, prompts, prompt_mask, policy.tokens, policy.mask)
   policy_logprobs = jnp.sum(policy.model_logprobs, axis=-1)
-  host = lambda x: np.asarray(jax.device_get(x), np.float64)
+  host = lambda x: np.asarray(sharding.to_host(x), np.float64)  # rows may live on other processes' devices
   out = summarize(host(policy_rewards)[:, 0], host(ref_rewards), host(policy_logprobs)[:, 0],
                   host(ref_logprobs)[:, 0], best_of=best_of)
   out["policy_response_length"] = float(jnp.mean(policy.lengths))

@@ -1,5 +1,9 @@
 """The prompts J-BOND trains and evaluates on, in the reward model's own format.
 
+summarization: documents of a TFDS dataset with XSum's features (TL;DR-style prompts, see
+data/formats.py); its reference and reward model come from Hugging Face directories.
+
+
 chitchat: the preference data's prompts (a conversation's starter topic, "Topic: ...\nA:"), split by starter
 prompt like the reward model's pairs, so evaluation is on topics neither the reward model nor the policy
 trained on. The policy's response is the conversation's opening, which is what the reward model scores.
@@ -7,14 +11,14 @@ trained on. The policy's response is the conversation's opening, which is what t
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import grain
-import jax
 import numpy as np
 
 from bond_jax import workdir as workdir_lib
-from bond_jax.data import pipeline
+from bond_jax.data import pipeline, summarization
 from bond_jax.data.tokenizer import Tokenizer
 
 
@@ -30,11 +34,16 @@ def unique_prompts(source: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def prompt_dataset(config, records: Sequence[dict[str, str]], tok: Tokenizer) -> grain.IterDataset:
-  """Endless, shuffled, left-padded prompt batches {'tokens', 'mask': [B, P]} for this process."""
-  local_batch = config.train.batch_size // jax.process_count()
-  return pipeline.prompt_batches(records, tok, batch_size=local_batch, buckets=tuple(config.data.prompt_buckets),
-                                 seed=config.seed, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), record_fn=lambda r: r)
+  """Endless, shuffled, left-padded GLOBAL prompt batches {'tokens', 'mask': [B, P]}, B = train.batch_size.
+
+  Every process reads the whole global batch (a few hundred prompts at most: cheap) and puts it on the mesh
+  with sharding.global_batch. Reading only a 1/P share would give a different padded width P per process
+  (the bucket follows the longest prompt of the share) and a row order that differs from a single-process
+  run, so the same config would train differently on a different number of hosts.
+  """
+  return pipeline.prompt_batches(records, tok, batch_size=config.train.batch_size,
+                                 buckets=tuple(config.data.prompt_buckets), seed=config.seed,
+                                 record_fn=lambda r: r)
 
 
 def eval_batch(config, records: Sequence[dict[str, str]], tok: Tokenizer) -> dict[str, np.ndarray]:
@@ -46,8 +55,40 @@ def eval_batch(config, records: Sequence[dict[str, str]], tok: Tokenizer) -> dic
   return {"tokens": tokens, "mask": mask}
 
 
-def prompt_sources(config, workdir: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-  """(train prompts, held-out prompts) of the task, as {'prompt': text} records."""
-  builder = workdir_lib.preference_builder(config, workdir)
-  return (unique_prompts(builder.as_data_source("train")),
-          unique_prompts(builder.as_data_source("validation")))
+def prompt_sources(config, workdir: str):
+  """(train prompts, held-out prompts) of config.data.task, as sequences of {'prompt': text} records.
+
+  chitchat: the preference data's distinct starter prompts (built in the workdir).
+  summarization: a TFDS dataset with XSum's features (config.data.dataset, e.g. 'xsum:1.1.0', already
+  prepared in config.data.data_dir; nothing is downloaded), read lazily: it has 200k documents.
+  """
+  if config.data.task == "chitchat":
+    builder = workdir_lib.preference_builder(config, workdir)
+    return (unique_prompts(builder.as_data_source("train")),
+            unique_prompts(builder.as_data_source("validation")))
+  if config.data.task == "summarization":
+    return tuple(_SummarizationPrompts(config, split) for split in ("train", "validation"))
+  raise ValueError(f"data.task={config.data.task!r}; allowed: chitchat, summarization")
+
+
+class _SummarizationPrompts:
+  """Random access {'prompt': text} view of a TFDS summarization split (no copy in memory)."""
+
+  def __init__(self, config, split: str):
+    import tensorflow_datasets as tfds
+    if not config.data.get("dataset"):
+      raise ValueError("data.dataset is empty; give a prepared TFDS summarization dataset, e.g. "
+                       "--config.data.dataset=xsum:1.1.0 --config.data.data_dir=~/tensorflow_datasets")
+    data_dir = os.path.expanduser(config.data.data_dir)
+    try:
+      self._source = tfds.data_source(config.data.dataset, split=split, data_dir=data_dir, download=False)
+    except Exception as error:  # TFDS raises several types for a dataset that is not there
+      raise ValueError(f"data.dataset={config.data.dataset!r} split {split!r} is not prepared in "
+                       f"data.data_dir={data_dir!r} (nothing is downloaded here): {error}") from None
+    self._max_chars = config.data.get("max_document_chars", summarization.DEFAULT_MAX_DOCUMENT_CHARS)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, str]:
+    return {"prompt": summarization.summarization_texts(self._source[index], self._max_chars)["prompt"]}

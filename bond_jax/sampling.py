@@ -514,6 +514,9 @@ def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax
   eos_mask[list(eos_ids)] = True
   fn = _jitted_generate(cfg, mesh, prompts.shape[0], int(num_samples), int(max_new_tokens),
                         tuple(sorted(_static_mode(temperature, top_k, top_p).items())))
+  # jit refuses committed arguments on another layout (e.g. prompts replicated over a multi-process mesh)
+  prompts, prompt_mask = jax.device_put((prompts, prompt_mask),
+                                        _fitted(mesh, (prompts.shape[0], 1), ("act_batch", None)))
   with jax.set_mesh(mesh):
     return fn(params, prompts, prompt_mask, rng, np.float32(max(temperature, 1e-30)), np.float32(top_p),
               eos_mask, np.int32(pad_id))

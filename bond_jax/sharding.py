@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -149,6 +150,25 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
       return jax.device_put(x, sharding)
     return jax.make_array_from_process_local_data(sharding, x)
   return jax.tree.map(put, tree)
+
+
+def global_batch(tree: Any, mesh: Mesh) -> Any:
+  """Place host arrays [B, ...] that are the SAME on every process (the whole global batch) on the mesh,
+  batch over ('data', 'fsdp'): jax.device_put of a value identical on every process keeps, on each, the rows
+  of its own devices (no cross-process transfer)."""
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(x), batch_sharding(mesh, np.ndim(x))), tree)
+
+
+def to_host(tree: Any) -> Any:
+  """numpy copies of (possibly multi-process) jax arrays on every process.
+
+  jax.device_get fails on an array sharded over other processes' devices; those are all-gathered.
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(get, tree)
 
 
 def init_sharded(boxed_init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh) -> tuple[Any, Any]:

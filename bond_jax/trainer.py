@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from bond_jax import checkpoint, evaluate, metrics as metrics_lib, objectives, prompts, reward_training, rollout
 from bond_jax import sft, sharding, update
@@ -109,8 +110,46 @@ class _Preemption:
     del signum, frame
     self.requested = True
 
+  def stop_now(self) -> bool:
+    """Whether to checkpoint and stop after this step. With several processes they decide together: one
+    that got SIGTERM a moment before the others must not stop alone, leaving them waiting in the next
+    step's collectives (a tiny all-gather per step; each stops if any process was signalled)."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
+
+
+def _process_zero_first(name: str, fn):
+  """fn() on process 0, then (after a barrier) on the others: files it writes into the shared workdir
+  (config.json, the tokenizer, TFDS datasets) are made once and only read by the other processes.
+
+  An error on process 0 still reaches the barrier; the others then meet it again in their own fn().
+  """
+  if jax.process_count() == 1:
+    return fn()
+  error = out = None
+  if jax.process_index() == 0:
+    try:
+      out = fn()
+    except Exception as e:  # re-raised below, after the barrier the others wait at
+      error = e
+  multihost_utils.sync_global_devices(f"bond_jax.trainer: {name}")
+  if error is not None:
+    raise error
+  return out if jax.process_index() == 0 else fn()
+
+
+def _prepare_workdir(config, workdir: str):
+  """The guarded config, tokenizer and datasets of the workdir (built when absent): (tokenizer, (train
+  prompts, held-out prompts))."""
+  workdir_lib.check_config(config, workdir)
+  tok = workdir_lib.prepare_tokenizer(config, workdir)
+  if not config.reference:  # the SFT stage's data (the reward stage's is the prompts' preference data)
+    workdir_lib.dialogue_builder(config, workdir)
+  return tok, prompts.prompt_sources(config, workdir)
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -121,8 +160,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   if config.train.batch_size % rows:
     raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by data * fsdp = {rows} "
                      "(prompts are split over those mesh axes)")
-  workdir_lib.check_config(config, workdir)
-  tok = workdir_lib.prepare_tokenizer(config, workdir)
+  tok, (train_prompts, eval_prompts) = _process_zero_first("prepare workdir",
+                                                          lambda: _prepare_workdir(config, workdir))
   if not config.reference:  # make pi_ref here (skipped when the workdir already holds a finished one)
     sft.run(config, workdir)
   if not config.reward_model:
@@ -138,7 +177,6 @@ def run(config, workdir: str) -> dict[str, Any]:
     state = _on_mesh(update.init_train_state(policy, optimizer, ref_params if uses_anchor else None), mesh)
   step_fn = None  # built at the first batch, whose shapes give the batch shardings
 
-  train_prompts, eval_prompts = prompts.prompt_sources(config, workdir)
   dataset = prompts.prompt_dataset(config, train_prompts, tok)
   ckpt_dir = workdir_lib.checkpoint_dir(workdir, STAGE)
   mngr = checkpoint.manager(ckpt_dir, max_to_keep=config.train.keep_checkpoints)
@@ -149,8 +187,12 @@ def run(config, workdir: str) -> dict[str, Any]:
     iterator = pipeline.restore_iterator(dataset, meta["data_state"])
     print(f"resumed from {ckpt_dir} at step {start}", flush=True)
 
-  eval_batch = prompts.eval_batch(config, eval_prompts, tok) if config.eval.num_prompts else None
+  eval_batch = None
+  if config.eval.num_prompts:  # the same host batch on every process -> one replicated global array
+    eval_batch = jax.device_put(prompts.eval_batch(config, eval_prompts, tok), sharding.replicated(mesh))
   run_dir = workdir_lib.stage_dir(workdir, STAGE)
+  # Steps after the checkpoint (a run killed without saving) are logged again: drop their old lines.
+  workdir_lib.truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), start if start else -1)
   writer = metrics_lib.MetricsWriter(run_dir, config.train.steps, start)
   history = _read_history(run_dir)
   base_rng = jax.random.key(config.seed)
@@ -169,7 +211,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         last_eval = _evaluate(config, cfg, rm_cfg, ref_params, ref_params, rm_params, eval_batch, tok, mesh,
                               run_dir, 0, history, writer)
       for step in range(start, config.train.steps):
-        prompt_batch = sharding.shard_batch(next(iterator), mesh)
+        prompt_batch = sharding.global_batch(next(iterator), mesh)  # the global batch, on every process
         batch = _rollout(config, cfg, rm_cfg, state, ref_params, rm_params, prompt_batch["tokens"],
                          prompt_batch["mask"], jax.random.fold_in(base_rng, step), tok, mesh)
         lengths = batch.pop("response_lengths")
@@ -193,7 +235,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         if eval_batch is not None and (done % config.train.eval_every == 0 or done == config.train.steps):
           last_eval = _evaluate(config, cfg, rm_cfg, state.params, ref_params, rm_params, eval_batch, tok, mesh,
                                 run_dir, done, history, writer)
-        if preemption.requested:
+        if preemption.stop_now():
           save(done, force=True)
           mngr.wait_until_finished()
           print(f"SIGTERM: checkpoint saved at step {done}; stopping", flush=True)

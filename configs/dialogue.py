@@ -37,12 +37,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # SFT / reward stages (bond_jax/sft.py, bond_jax/reward_training.py). Sized for the 2-core CPU default:
   # SFT ~6 min, reward model ~3 min (README "Results (embedded dialogue task)").
   c.sft = ml_collections.ConfigDict(dict(
-      steps=360, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=30, weight_decay=0.0,
-      eval_every=120, eval_batches=20, checkpoint_every=120, log_every=20))
+      steps=300, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=30, weight_decay=0.0,
+      eval_every=100, eval_batches=20, checkpoint_every=100, log_every=20))
   c.reward_training = ml_collections.ConfigDict(dict(
-      steps=200, batch_size=16, max_len=128, buckets=(64, 128), learning_rate=2e-3, warmup_steps=20,
+      steps=150, batch_size=16, max_len=64, buckets=(64,), learning_rate=2e-3, warmup_steps=20,
       weight_decay=0.0, rating="interesting", margin=2.0, response_turns=1, max_pairs_per_prompt=200,
-      eval_every=100, checkpoint_every=200, log_every=20))
+      eval_every=150, checkpoint_every=150, log_every=25))
 
   # The distribution-matching stage (BOND_MATH.md).
   c.bond = ml_collections.ConfigDict(dict(
@@ -60,7 +60,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       name="adam", learning_rate=2e-4, warmup_steps=20, schedule="constant", b1=0.9, b2=0.99,
       weight_decay=0.0, clip_norm=1.0, grad_accum_steps=1))
   c.train = ml_collections.ConfigDict(dict(
-      steps=300, batch_size=16, log_every=10, eval_every=100, checkpoint_every=100, keep_checkpoints=3,
+      steps=150, batch_size=16, log_every=10, eval_every=50, checkpoint_every=50, keep_checkpoints=3,
       max_bad_steps=5))
   c.eval = ml_collections.ConfigDict(dict(num_prompts=64, best_of=(1, 2, 4, 8, 16), quantile_samples=32))
 

@@ -8,17 +8,7 @@ from bond_jax import checkpoint, reward_training as rt, sharding, workdir as wd
 from configs import dialogue
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Several runs in this module compile the same programs: a persistent cache compiles each once."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  saved = [getattr(jax.config, n) for n in names]
-  for name, value in zip(names, (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)):
-    jax.config.update(name, value)
-  yield
-  for name, value in zip(names, saved):
-    jax.config.update(name, value)
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def test_wilson_interval_known_values():

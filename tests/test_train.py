@@ -184,3 +184,43 @@ def test_trained_run_exports_and_generates_in_transformers(stages, tmp_path):
   assert np.abs(ours - theirs).max() <= 1e-4
   with pytest.raises(ValueError, match="not empty; pass --overwrite"):
     export.export_run(workdir, out)
+
+
+def test_summarization_config_trains_from_hugging_face_models(stages, tmp_path):
+  """configs/summarization.py: prompts from a TFDS dataset with XSum's features (here built offline from
+  local JSON lines), reference and reward model given as Hugging Face directories."""
+  import json
+
+  from bond_jax.data import chitchat, summarization
+  from configs import summarization as summarization_config
+
+  conversations, _ = chitchat.load_conversations(max_conversations=60)
+  paths = {}
+  for split, part in (("train", conversations[:40]), ("validation", conversations[40:])):
+    paths[split] = str(tmp_path / f"{split}.jsonl")
+    with open(paths[split], "w") as f:
+      for c in part:
+        f.write(json.dumps({"document": " ".join(c.turns[:6]), "summary": c.topic or "chat",
+                            "id": c.conversation_id}) + "\n")
+  chitchat.prepare(summarization.JsonlSummarization, str(tmp_path / "tfds"),
+                   summarization.JsonlSummarizationConfig(name="fake", split_paths=paths))
+  mesh = sharding.make_mesh({}, jax.devices()[:1])
+  tok_path = workdir_lib.tokenizer_path(stages)
+  for kind, name in (("lm", "ref_hf"), ("reward", "rm_hf")):
+    params, cfg = workdir_lib.load_stage_params(stages, kind, mesh)
+    hf.export(params, cfg, str(tmp_path / name), kind=kind, pad_id=0)
+
+  config = summarization_config.get_config("tiny")
+  config.reference, config.reward_model = str(tmp_path / "ref_hf"), str(tmp_path / "rm_hf")
+  config.data.update(dataset="jsonl_summarization/fake:1.0.0", data_dir=str(tmp_path / "tfds"), tokenizer=tok_path,
+                     max_document_chars=300, max_prompt_len=128, prompt_buckets=(128,))
+  config.sampling.max_new_tokens = 8
+  config.train.update(steps=2, batch_size=8, eval_every=2, checkpoint_every=2)
+  config.eval.update(num_prompts=8, quantile_samples=4, best_of=(1, 2, 4))
+  result = trainer.run(config, str(tmp_path / "xsum_run"))
+  assert 0.0 <= result["policy_quantile_mean"] <= 1.0 and np.isfinite(result["kl_policy_ref"])
+  assert _steps(str(tmp_path / "xsum_run")) == [2]
+
+  config.data.dataset = "no_such_dataset:1.0.0"
+  with pytest.raises(ValueError, match=r"data.dataset='no_such_dataset:1.0.0' split 'train' is not prepared"):
+    trainer.run(config, str(tmp_path / "missing"))
