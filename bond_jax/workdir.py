@@ -25,7 +25,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from bond_jax import checkpoint, hf, sharding
@@ -277,18 +276,9 @@ def load_stage_params(source: str, kind: str, mesh: Mesh) -> tuple[Any, ModelCon
   abstract = jax.eval_shape(lambda r: init_fn(cfg, r), jax.random.key(0))
   logical = sharding.logical_specs(abstract)
   shardings = sharding.tree_shardings(logical, mesh)
-  return _restore_params(directory, step, nn.unbox(abstract), shardings), cfg
-
-
-def _restore_params(directory: str, step: int, abstract: Any, shardings: Any) -> Any:
-  """state['params'] of checkpoint `step`, read straight onto `shardings` (partial restore: the
-  optimizer state is never read). The state item is a PyTree checkpoint written by StandardSave."""
-  target = {"params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   abstract, shardings)}
-  args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                partial_restore=True)
-  path = os.path.join(os.path.abspath(directory), str(step), "state")
-  return ocp.PyTreeCheckpointer().restore(path, args=args)["params"]
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract),
+                        shardings)
+  return checkpoint.restore_item(directory, step, "params", target), cfg  # the optimizer state is never read
 
 
 def save_json(path: str, obj: Any) -> None:
