@@ -226,78 +226,132 @@ def _layer_params(cfg: ModelConfig, params: Any) -> list[Any] | Any:
   return [params[f"layer_{i}"] for i in range(cfg.num_layers)]
 
 
+def _per_layer(cfg: ModelConfig, stacked: jax.Array) -> list[jax.Array] | jax.Array:
+  """[L, ...] -> a list of L arrays (unrolled layers), or unchanged (scanned layers).
+
+  Done once, outside the decode loop: XLA CPU copies every slice x[i] it feeds to a matmul, so a loop body
+  that indexes stacked caches pays a copy per layer per step.
+  """
+  return stacked if cfg.scan_layers else [stacked[i] for i in range(cfg.num_layers)]
+
+
 def _cast_weights(params: Any, dtype) -> Any:
   """Matrices in the compute dtype once, outside the loop (norm scales keep their dtype and math)."""
   return jax.tree.map(lambda w: w.astype(dtype) if w.ndim >= 2 else w, params)
+
+
+def _decode_weights(p: Any, fuse: bool) -> Any:
+  """A layer's params (or the stacked [L, ...] ones) for the decode step, built once per call.
+
+  fuse: q, k, v as ONE [D, (H + 2K) * Dh] matrix and gate, up as ONE [D, 2M] matrix, so each step runs
+  two matmuls where it would run five: at decode sizes the per-op overhead, not the FLOPs, sets the pace.
+  Not done when heads are sharded over 'tensor' (a fused matrix would mix the head shards).
+  """
+  if not fuse:
+    return p
+  attn, mlp = p["attn"], p["mlp"]
+  flat = lambda w: w.reshape(*w.shape[:-2], -1)  # [..., D, heads, Dh] -> [..., D, heads * Dh]
+  qkv = jnp.concatenate([flat(attn["q"]), flat(attn["k"]), flat(attn["v"])], axis=-1)
+  return dict(p, attn={"qkv": qkv, "o": attn["o"]},
+              mlp={"gate_up": jnp.concatenate([mlp["gate"], mlp["up"]], axis=-1), "down": mlp["down"]})
 
 
 def _norm(cfg: ModelConfig, scale: jax.Array, x: jax.Array) -> jax.Array:
   return transformer.RMSNorm(cfg).apply({"params": {"scale": scale}}, x)
 
 
-def _attention(cfg: ModelConfig, p: Any, x, positions, prompt_kv, prompt_valid, gen_blocks, num_samples: int):
-  """One decode token per row, softmax over prompt slots + generated slots + the token itself (float32).
+def _project_qkv(cfg: ModelConfig, p: Any, x: jax.Array):
+  """x [R, D] -> q [R, H, Dh], k, v [R, K, Dh] (one fused matmul when _decode_weights fused them)."""
+  h, kv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  if "qkv" not in p:
+    return tuple(jnp.einsum("rd,dhk->rhk", x, p[name]) for name in ("q", "k", "v"))
+  qkv = x @ p["qkv"]
+  return (qkv[:, :h * dh].reshape(-1, h, dh), qkv[:, h * dh:(h + kv) * dh].reshape(-1, kv, dh),
+          qkv[:, (h + kv) * dh:].reshape(-1, kv, dh))
 
-  x [R, D]; positions [R]; prompt_kv: k, v [B, K, P, Dh] and prompt_valid [B, P]; gen_blocks: a list of
-  (k, v [R, K, S_c, Dh], valid [R, S_c]) holding earlier generated tokens. Returns (out [R, D], (k, v)
-  [R, K, Dh] of this token). Heads-before-slots layouts keep every contraction a plain batched matmul,
-  which XLA CPU runs far faster than reductions over a non-minor axis; each block is read whole (a
-  slice of a bigger buffer would be copied first).
+
+def _rope_table(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin) [R, 1, Dh / 2] in the compute dtype for positions [R]: once per step, for every layer."""
+  angles = positions[:, None].astype(jnp.float32) * transformer.rope_inverse_frequencies(cfg)
+  return jnp.cos(angles)[:, None].astype(cfg.dtype), jnp.sin(angles)[:, None].astype(cfg.dtype)
+
+
+def _rotate(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """transformer.apply_rope (the same arithmetic) of x [R, heads, Dh] with a _rope_table."""
+  cos, sin = rope
+  first, second = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
+def _attention(cfg: ModelConfig, p: Any, x, rope, prompt_kv, prompt_valid, earlier, current, slot,
+               num_samples: int):
+  """One decode token per row, softmax over prompt slots + generated slots (float32).
+
+  x [R, D]; rope: _rope_table of the rows' positions; prompt_kv: k, v [B, K, P, Dh] and prompt_valid [B, P]; earlier: a list of
+  (k, v [R, K, S_c, Dh], valid [R, S_c]) holding the tokens of finished chunks; current: (k, v
+  [R, K, S, Dh]) of this chunk, whose slots < `slot` are filled. This token's k, v go to slot `slot`
+  FIRST and are then read back with the rest: written after the read, the carried buffers would be
+  copied twice per step by the while loop. Returns (out [R, D], updated current (k, v)).
+  Heads-before-slots layouts keep every contraction a plain batched matmul, which XLA CPU runs far
+  faster than reductions over a non-minor axis; each block is read whole (a slice of a bigger buffer
+  would be copied first).
   """
   dt, f32 = cfg.dtype, jnp.float32
   rows = x.shape[0]
   batch = rows // num_samples
   k_heads, groups, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-  inv_freq = transformer.rope_inverse_frequencies(cfg)
-  rope = lambda t: transformer.apply_rope(t[:, None], positions[:, None], inv_freq)[:, 0]
-  q = rope(jnp.einsum("rd,dhk->rhk", x, p["q"])) * jnp.asarray(dh ** -0.5, dt)
-  k = rope(jnp.einsum("rd,dhk->rhk", x, p["k"]))
-  v = jnp.einsum("rd,dhk->rhk", x, p["v"])
+  q, k, v = _project_qkv(cfg, p, x)
+  q = _rotate(q, rope) * jnp.asarray(dh ** -0.5, dt)
+  k = _rotate(k, rope)
+  current = (jax.lax.dynamic_update_slice(current[0], k[..., None].astype(dt), (0, 0, 0, slot)),
+             jax.lax.dynamic_update_slice(current[1], v[:, :, None].astype(dt), (0, 0, slot, 0)))
+  span = current[1].shape[2]
+  blocks = earlier + [(current[0], current[1], jnp.broadcast_to(jnp.arange(span) <= slot, (rows, span)))]
   q = sharding.constrain(q.reshape(rows, k_heads, groups, dh), ("act_batch", "act_kv_heads", None, None))
   # prompt: the N samples of prompt b share its cache -> one [N*g, Dh] x [Dh, P] product per (b, kv head)
   q_by_prompt = q.reshape(batch, num_samples, k_heads, groups, dh).transpose(0, 2, 1, 3, 4).reshape(
       batch, k_heads, num_samples * groups, dh)
-  s_prompt = jnp.einsum("bkmd,bkpd->bkmp", q_by_prompt, prompt_kv[0], preferred_element_type=f32)
+  s_prompt = jnp.einsum("bkmd,bkdp->bkmp", q_by_prompt, prompt_kv[0], preferred_element_type=f32)
   s_prompt = jnp.where(prompt_valid[:, None, None, :], s_prompt, _NEG_INF)
   s_gen = [jnp.where(valid[:, None, None, :],
-                     jnp.einsum("rkgd,rksd->rkgs", q, gk, preferred_element_type=f32), _NEG_INF)
-           for gk, _, valid in gen_blocks]
-  s_self = jnp.sum(q.astype(f32) * k[:, :, None, :].astype(f32), axis=-1)  # [R, K, g]
+                     jnp.einsum("rkgd,rkds->rkgs", q, gk, preferred_element_type=f32), _NEG_INF)
+           for gk, _, valid in blocks]
 
   by_row = lambda t: t.reshape(batch, k_heads, num_samples, groups, *t.shape[3:]).swapaxes(1, 2).reshape(
       rows, k_heads, groups, *t.shape[3:])  # [B, K, N*g, ...] -> [R, K, g, ...]
-  top = jnp.maximum(by_row(jnp.max(s_prompt, axis=-1)), s_self)
+  top = by_row(jnp.max(s_prompt, axis=-1))
   for scores in s_gen:
     top = jnp.maximum(top, jnp.max(scores, axis=-1))
   top_by_prompt = top.reshape(batch, num_samples, k_heads, groups).transpose(0, 2, 1, 3).reshape(
       batch, k_heads, num_samples * groups, 1)
   e_prompt = jnp.exp(s_prompt - top_by_prompt)
-  e_self = jnp.exp(s_self - top)
-  denom = by_row(jnp.sum(e_prompt, axis=-1)) + e_self
-  total = by_row(jnp.einsum("bkmp,bkpd->bkmd", e_prompt.astype(dt), prompt_kv[1],
-                            preferred_element_type=f32)) + e_self[..., None] * v[:, :, None, :].astype(f32)
-  for scores, (_, gv, _) in zip(s_gen, gen_blocks):
+  denom = by_row(jnp.sum(e_prompt, axis=-1))
+  total = by_row(jnp.einsum("bkmp,bkpd->bkmd", e_prompt.astype(dt), prompt_kv[1], preferred_element_type=f32))
+  for scores, (_, gv, _) in zip(s_gen, blocks):
     e_gen = jnp.exp(scores - top[..., None])
     denom = denom + jnp.sum(e_gen, axis=-1)
     total = total + jnp.einsum("rkgs,rksd->rkgd", e_gen.astype(dt), gv, preferred_element_type=f32)
   out = (total / denom[..., None]).astype(dt).reshape(rows, cfg.num_heads, dh)
   out = jnp.einsum("rhk,hkd->rd", out, p["o"])
-  return sharding.constrain(out, ("act_batch", "act_embed")), (k, v)
+  return sharding.constrain(out, ("act_batch", "act_embed")), current
 
 
 def _mlp(cfg: ModelConfig, p: Any, x: jax.Array) -> jax.Array:
-  g = x @ p["gate"]
+  if "gate_up" in p:
+    g, up = jnp.split(x @ p["gate_up"], 2, axis=-1)
+  else:
+    g, up = x @ p["gate"], x @ p["up"]
   act = jax.nn.gelu(g, approximate=True) if cfg.family == "gemma" else jax.nn.silu(g)
-  h = sharding.constrain(act * (x @ p["up"]), ("act_batch", "act_mlp"))
+  h = sharding.constrain(act * up, ("act_batch", "act_mlp"))
   return h @ p["down"]
 
 
-def _block(cfg, p, x, positions, prompt_kv, prompt_valid, gen_blocks, num_samples):
-  h, kv = _attention(cfg, p["attn"], _norm(cfg, p["attn_norm"]["scale"], x), positions, prompt_kv,
-                     prompt_valid, gen_blocks, num_samples)
+def _block(cfg, p, x, rope, prompt_kv, prompt_valid, earlier, current, slot, num_samples):
+  h, current = _attention(cfg, p["attn"], _norm(cfg, p["attn_norm"]["scale"], x), rope, prompt_kv,
+                          prompt_valid, earlier, current, slot, num_samples)
   x = x + h
   x = x + _mlp(cfg, p["mlp"], _norm(cfg, p["mlp_norm"]["scale"], x))
-  return sharding.constrain(x, ("act_batch", "act_embed")), kv
+  return sharding.constrain(x, ("act_batch", "act_embed")), current
 
 
 def _embed(cfg: ModelConfig, params: Any, tokens: jax.Array) -> jax.Array:
@@ -313,29 +367,34 @@ def _lm_logits(cfg: ModelConfig, params: Any, hidden: jax.Array) -> jax.Array:
   return sharding.constrain(logits, ("act_batch", "act_vocab"))
 
 
-def _decode_logits(cfg, params, layers, tokens, positions, prompt_cache, gen_blocks, num_samples):
-  """tokens, positions [R] -> (logits [R, V] float32, new k, v [L, R, K, Dh] of these tokens).
+def _decode_logits(cfg, params, layers, tokens, positions, prompt_cache, earlier, current, slot, num_samples):
+  """tokens, positions [R] -> (logits [R, V] float32, current block with these tokens' k, v at `slot`).
 
-  gen_blocks: list of (k, v [L, R, K, S_c, Dh], valid [R, S_c]) with the earlier generated tokens.
+  Per-layer arrays come as lists of L arrays (unrolled layers) or stacked [L, ...] (scanned layers), see
+  _per_layer: prompt_cache k, v [B, K, P, Dh] per layer; earlier: a list of (k, v [R, K, S_c, Dh] per
+  layer, valid [R, S_c]) with the tokens of finished chunks; current: {'k', 'v': [R, K, S, Dh] per layer}.
   """
   x = _embed(cfg, params, tokens)
-  pk, pv, p_valid = prompt_cache["k"], prompt_cache["v"], prompt_cache["valid"]  # [L, B, K, P, Dh]
-  kv_blocks = [(k, v) for k, v, _ in gen_blocks]
-  with_valid = lambda layer_kv: [(k, v, valid) for (k, v), (_, _, valid) in zip(layer_kv, gen_blocks)]
+  rope = _rope_table(cfg, positions)
+  pk, pv, p_valid = prompt_cache["k"], prompt_cache["v"], prompt_cache["valid"]
+  earlier_kv = [(k, v) for k, v, _ in earlier]
+  with_valid = lambda layer_kv: [(k, v, valid) for (k, v), (_, _, valid) in zip(layer_kv, earlier)]
   if cfg.scan_layers:
     def body(x, xs):
-      p, lpk, lpv, layer_kv = xs
-      return _block(cfg, p, x, positions, (lpk, lpv), p_valid, with_valid(layer_kv), num_samples)
-    x, (new_k, new_v) = jax.lax.scan(body, x, (layers, pk, pv, kv_blocks))
+      p, lpk, lpv, layer_kv, ck, cv = xs
+      return _block(cfg, p, x, rope, (lpk, lpv), p_valid, with_valid(layer_kv), (ck, cv), slot,
+                    num_samples)
+    x, (new_k, new_v) = jax.lax.scan(body, x, (layers, pk, pv, earlier_kv, current["k"], current["v"]))
   else:
-    new = []
+    new_k, new_v = [], []
     for i, p in enumerate(layers):
-      layer_kv = [(k[i], v[i]) for k, v in kv_blocks]
-      x, kv = _block(cfg, p, x, positions, (pk[i], pv[i]), p_valid, with_valid(layer_kv), num_samples)
-      new.append(kv)
-    new_k, new_v = jnp.stack([k for k, _ in new]), jnp.stack([v for _, v in new])
+      layer_kv = [(k[i], v[i]) for k, v in earlier_kv]
+      x, (k, v) = _block(cfg, p, x, rope, (pk[i], pv[i]), p_valid, with_valid(layer_kv),
+                         (current["k"][i], current["v"][i]), slot, num_samples)
+      new_k.append(k)
+      new_v.append(v)
   x = _norm(cfg, params["final_norm"]["scale"], x)
-  return _lm_logits(cfg, params, x), new_k, new_v
+  return _lm_logits(cfg, params, x), {"k": new_k, "v": new_v}
 
 
 def _chunks(num_steps: int) -> list[tuple[int, int]]:
@@ -356,9 +415,11 @@ def _chunks(num_steps: int) -> list[tuple[int, int]]:
 
 
 def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, temperature, top_p, eos_mask,
-                   pad_id, *, num_samples: int, max_new_tokens: int, mode: dict[str, Any]) -> Samples:
+                   pad_id, *, num_samples: int, max_new_tokens: int, mode: dict[str, Any],
+                   fuse: bool) -> Samples:
   """The jitted generate. temperature, top_p: float32 []; eos_mask [V] bool; pad_id int32 [] (traced, so
-  changing them does not recompile); mode: _static_mode's decisions (compiled in)."""
+  changing them does not recompile); mode: _static_mode's decisions (compiled in); fuse: see
+  _decode_weights."""
   TRACE_COUNT["generate"] += 1
   batch, width = prompts.shape
   rows, steps = batch * num_samples, max_new_tokens
@@ -370,8 +431,11 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
   hidden, prompt_cache = model.apply({"params": params}, prompts, prompt_mask,
                                      transformer.init_cache(cfg, batch, width), method="hidden")
   first_logits = model.apply({"params": params}, hidden[:, -1:], method="logits")[:, 0]
-  prompt_cache = {"k": prompt_cache["k"].swapaxes(2, 3), "v": prompt_cache["v"].swapaxes(2, 3),
-                  "valid": prompt_cache["valid"]}  # [L, B, K, P, Dh]: slots next to head_dim
+  # Per layer: keys [B, K, Dh, P], values [B, K, P, Dh], so that both attention products are plain
+  # [rows, contraction] x [contraction, cols] matmuls (see _attention).
+  prompt_cache = {"k": _per_layer(cfg, prompt_cache["k"].transpose(0, 1, 3, 4, 2)),
+                  "v": _per_layer(cfg, prompt_cache["v"].swapaxes(2, 3)),
+                  "valid": prompt_cache["valid"]}
   prompt_lengths = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
   row_prompt_lengths = jnp.repeat(prompt_lengths, num_samples)
   uniforms = sharding.constrain(row_uniforms(rng, rows, steps), ("act_batch", None))
@@ -399,18 +463,27 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
   }
   state = emit(state, 0, jnp.repeat(first_logits, num_samples, axis=0))  # forks the prompt N ways
   layers = _layer_params(cfg, params)
-  kv_axes = ("layers", "act_batch", "act_kv_heads", "cache_length", "head_dim")
+  layers = (_decode_weights(layers, fuse) if cfg.scan_layers else [_decode_weights(p, fuse) for p in layers])
+  k_axes = ("act_batch", "act_kv_heads", "head_dim", "cache_length")
+  v_axes = ("act_batch", "act_kv_heads", "cache_length", "head_dim")
+  if cfg.scan_layers:
+    k_axes, v_axes = ("layers",) + k_axes, ("layers",) + v_axes
 
   # Step s (1 <= s < T) feeds token s-1 (cache slot s-1, position prompt_length + s - 1), samples token s.
-  # The generated-token cache is one block per chunk [L, R, K, stop - start, Dh]: finished blocks are
-  # loop invariants of later chunks, the current one is carried and written in place.
+  # The generated-token cache is one block per chunk of S = stop - start slots, keys [R, K, Dh, S] and
+  # values [R, K, S, Dh] per layer: finished blocks are loop invariants of later chunks, the current one
+  # is carried and written in place.
   finished = []
   for start, stop in _chunks(steps - 1):
-    shape = (cfg.num_layers, rows, cfg.num_kv_heads, stop - start, cfg.head_dim)
-    block = {"k": sharding.constrain(jnp.zeros(shape, cfg.dtype), kv_axes),
-             "v": sharding.constrain(jnp.zeros(shape, cfg.dtype), kv_axes)}
+    layer_axis = (cfg.num_layers,) if cfg.scan_layers else ()
+    k_shape = layer_axis + (rows, cfg.num_kv_heads, cfg.head_dim, stop - start)
+    v_shape = layer_axis + (rows, cfg.num_kv_heads, stop - start, cfg.head_dim)
+    zeros = lambda shape, axes: sharding.constrain(jnp.zeros(shape, cfg.dtype), axes)
+    per_layer = (lambda make: make()) if cfg.scan_layers else (lambda make: [make() for _ in layers])
+    block = {"k": per_layer(lambda: zeros(k_shape, k_axes)), "v": per_layer(lambda: zeros(v_shape, v_axes))}
     all_valid = jnp.ones((rows, 1), bool)
-    earlier = [(b["k"], b["v"], jnp.broadcast_to(all_valid, (rows, b["k"].shape[3]))) for b in finished]
+    earlier = [(b["k"], b["v"], jnp.broadcast_to(all_valid, (rows, stop_b - start_b)))
+               for b, (start_b, stop_b) in finished]
 
     def cond(carry, stop=stop):
       step, _, state = carry
@@ -418,18 +491,12 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
 
     def body(carry, start=start, earlier=earlier):
       step, block, state = carry
-      slot = step - 1 - start  # in this chunk's block
-      valid = jnp.broadcast_to(jnp.arange(block["k"].shape[3]) < slot, (rows, block["k"].shape[3]))
-      logits, new_k, new_v = _decode_logits(
-          cfg, params, layers, state["last"], row_prompt_lengths + step - 1, prompt_cache,
-          earlier + [(block["k"], block["v"], valid)], num_samples)
-      write = lambda buf, new: jax.lax.dynamic_update_slice(buf, new[:, :, :, None].astype(buf.dtype),
-                                                            (0, 0, 0, slot, 0))
-      block = {"k": write(block["k"], new_k), "v": write(block["v"], new_v)}
+      logits, block = _decode_logits(cfg, params, layers, state["last"], row_prompt_lengths + step - 1,
+                                     prompt_cache, earlier, block, step - 1 - start, num_samples)
       return step + 1, block, emit(state, step, logits)
 
     _, block, state = jax.lax.while_loop(cond, body, (jnp.int32(start + 1), block, state))
-    finished.append(block)
+    finished.append((block, (start, stop)))
 
   shape = (batch, num_samples, steps)
   return Samples(tokens=state["tokens"].reshape(shape), mask=state["mask"].reshape(shape),
@@ -472,7 +539,7 @@ def _jitted_generate(cfg: ModelConfig, mesh: Mesh, batch: int, num_samples: int,
   out_3d = _fitted(mesh, (batch, num_samples, 1), ("act_batch", None, None))
   out_2d = _fitted(mesh, (batch, num_samples), ("act_batch", None))
   body = functools.partial(_generate_body, cfg, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                           mode=dict(mode))
+                           mode=dict(mode), fuse=mesh.shape.get("tensor", 1) == 1)
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(body, in_shardings=(param_shardings, prompt_sharding, prompt_sharding) + (replicated,) * 5,
                  out_shardings=Samples(out_3d, out_3d, out_2d, out_3d, out_3d))
