@@ -50,18 +50,18 @@ timeout 360 "$py" -m bond_jax.train --config=configs/dialogue.py:small --workdir
   --config.reward_training.steps=50 --config.reward_training.eval_every=1000 2>&1 | tee "$log"
 
 GPU_NAME="$gpu_name" "$py" - "$log" "$workdir/bond/metrics.jsonl" <<'EOF'
-"""Steady step time from the progress lines (steps 5..20), then tokens/s and MFU."""
-import json, os, re, sys
+"""Steady step time from the metrics wall times (steps 5..20), then tokens/s and MFU."""
+import json, os, sys
 from configs import dialogue
 from bond_jax.models import presets
 
 log, metrics_path = sys.argv[1:3]
-rates = {int(m.group(1)): float(m.group(2))
-         for m in re.finditer(r"step (\d+)/20 \| ([\d.]+) step/s", open(log).read())}
-if 5 not in rates or 20 not in rates:
-  sys.exit(f"error: progress lines for steps 5 and 20 not found in {log}")
-# the progress rate is steps / seconds since the stage started: t_k = k / rate_k
-step_time = (20 / rates[20] - 5 / rates[5]) / 15
+records = [json.loads(line) for line in open(metrics_path)]
+times = {r["step"]: r["wall_time"] for r in records if r.get("kind") == "train" and "wall_time" in r}
+if 5 not in times or 20 not in times:
+  sys.exit(f"error: train metrics for steps 5 and 20 not found in {metrics_path}")
+# steps 6..20 (compilation happens in steps 1-2); metrics lines are written once per step (log_every=1)
+step_time = (times[20] - times[5]) / 15
 c = dialogue.get_config("small")
 cfg = presets.get(c.model.preset)
 B, P, T = c.train.batch_size, c.data.max_prompt_len, c.sampling.max_new_tokens

@@ -29,7 +29,8 @@ class MetricsWriter:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in metrics.items() if _is_scalar(v)}
-    self._jsonl.write(json.dumps({"step": step, "kind": prefix, **scalars}) + "\n")
+    # wall_time: seconds since the epoch when the line was written (step timing without log parsing)
+    self._jsonl.write(json.dumps({"step": step, "kind": prefix, "wall_time": time.time(), **scalars}) + "\n")
     self._jsonl.flush()
     for name, value in scalars.items():
       self._tb.add_scalar(f"{prefix}/{name}", value, step)
