@@ -1,7 +1,9 @@
 """Policy vs Best-of-N of the reference: the evaluation that says whether BOND worked.
 
-On held-out prompts x [B, P]: one policy sample y per prompt, K reference samples y_1..y_K per prompt, all
-scored by the reward model. From these:
+On held-out prompts x [B, P]: M policy samples y per prompt, K reference samples y_1..y_K per prompt, all
+scored by the reward model. pi_ref is frozen, so its K samples and their rewards are drawn once per run
+(`reference_pool`, a fixed seed: a resumed run draws the same ones) and every evaluation reuses them. From
+these:
 - the policy's reference quantile u = (#{r(y_i) < r(y)} + #{r(y_i) = r(y)} / 2) / K (a BoN-of-N sample has u ~ Beta(N, 1):
   density N u^(N-1), mean N/(N+1)); the policy's "effective N" solves N/(N+1) = mean u;
 - the mean reward of Best-of-N of the reference for each N, by the unbiased order-statistics estimator
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,20 +43,24 @@ def bon_kl_bound(n: int) -> float:
 
 def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_logprobs: np.ndarray,
               ref_logprobs: np.ndarray, best_of: Sequence[int]) -> dict[str, Any]:
-  """Metrics from policy_rewards [B], reference_rewards [B, K], sequence log-probs [B] (see module doc)."""
-  below = np.mean(reference_rewards < policy_rewards[:, None], axis=1)
-  ties = np.mean(reference_rewards == policy_rewards[:, None], axis=1)
+  """Metrics from policy_rewards [B] or [B, M], reference_rewards [B, K] and the policy samples' sequence
+  log-probs under pi and pi_ref ([B] or [B, M]); see the module doc. Each policy sample is ranked among
+  the K reference samples of its own prompt."""
+  policy_rewards = np.asarray(policy_rewards).reshape(len(reference_rewards), -1)  # [B, M]
+  below = np.mean(reference_rewards[:, None, :] < policy_rewards[:, :, None], axis=-1)
+  ties = np.mean(reference_rewards[:, None, :] == policy_rewards[:, :, None], axis=-1)
   # Mid-rank: a tie counts half, so one more sample of pi_ref scores exactly 1/2 on average even when
   # identical responses tie (as N/(N+1) says for N = 1); without ties it is p_<= of BOND_MATH.md.
-  quantile = below + 0.5 * ties
+  quantile = (below + 0.5 * ties).ravel()
   mean_u = float(np.mean(quantile))
   out = {
       "policy_reward": float(np.mean(policy_rewards)),
       "policy_quantile_mean": mean_u,
+      "policy_quantile_stderr": float(np.std(quantile) / np.sqrt(len(quantile))),
       "policy_log_quantile_mean": float(np.mean(np.log(np.maximum(quantile, 1.0 / reference_rewards.shape[1])))),
       "policy_win_rate_vs_ref": mean_u,
       "policy_effective_n": mean_u / max(1.0 - mean_u, 1e-6),
-      "kl_policy_ref": float(np.mean(policy_logprobs - ref_logprobs)),
+      "kl_policy_ref": float(np.mean(np.asarray(policy_logprobs) - np.asarray(ref_logprobs))),
       "reward_ties_fraction": float(np.mean(ties)),
       "reference_reward": float(np.mean(reference_rewards)),
       "best_of_n": {str(n): {"reward": float(np.mean(best_of_n_mean(reference_rewards, n))),
@@ -65,27 +71,49 @@ def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_
   return out
 
 
+def _host(x) -> np.ndarray:
+  return np.asarray(sharding.to_host(x), np.float64)  # rows may live on other processes' devices
+
+
+class ReferencePool(NamedTuple):
+  """K samples of pi_ref per evaluation prompt, scored once per run. rewards [B, K] float64 (host)."""
+  rewards: np.ndarray
+  response_length: float
+
+
+def reference_pool(cfg: ModelConfig, rm_cfg: ModelConfig, ref_params: Any, rm_params: Any, prompts: jax.Array,
+                   prompt_mask: jax.Array, rng: jax.Array, *, num_samples: int, max_new_tokens: int,
+                   eos_ids: Sequence[int], pad_id: int, mesh=None) -> ReferencePool:
+  """Sample num_samples = K responses of pi_ref per prompt [B, P] and score them."""
+  reference = sampling.generate(cfg, ref_params, prompts, prompt_mask, rng, num_samples=num_samples,
+                                max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                                eos_ids=eos_ids, pad_id=pad_id, mesh=mesh,
+                                prompt_width=prompts.shape[1])
+  rewards = sampling.score_responses(rm_cfg, rm_params, prompts, prompt_mask, reference.tokens,
+                                     reference.mask)
+  return ReferencePool(_host(rewards), float(jnp.mean(reference.lengths)))
+
+
 def evaluate(cfg: ModelConfig, rm_cfg: ModelConfig, policy_params: Any, ref_params: Any, rm_params: Any,
-             prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *, best_of: Sequence[int],
-             quantile_samples: int, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
-             mesh=None) -> dict[str, Any]:
-  """Sample and score, then `summarize`. prompts [B, P] left-padded held-out prompts."""
-  k = max(quantile_samples, max(best_of))
-  policy_rng, ref_rng = jax.random.split(rng)
-  opts = dict(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_ids=eos_ids,
-              pad_id=pad_id, mesh=mesh)
-  policy = sampling.generate(cfg, policy_params, prompts, prompt_mask, policy_rng, num_samples=1, **opts)
-  reference = sampling.generate(cfg, ref_params, prompts, prompt_mask, ref_rng, num_samples=k, **opts)
+             prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, reference: ReferencePool, *,
+             best_of: Sequence[int], policy_samples: int, max_new_tokens: int, eos_ids: Sequence[int],
+             pad_id: int, mesh=None) -> dict[str, Any]:
+  """Sample M = policy_samples responses of the policy per prompt [B, P], score them, rank them against
+  the `reference` pool of the same prompts, then `summarize`."""
+  if max(best_of) > reference.rewards.shape[1]:
+    raise ValueError(f"best_of={tuple(best_of)} needs at least {max(best_of)} reference samples per prompt; "
+                     f"the pool has {reference.rewards.shape[1]}")
+  policy = sampling.generate(cfg, policy_params, prompts, prompt_mask, rng, num_samples=policy_samples,
+                             max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                             eos_ids=eos_ids, pad_id=pad_id, mesh=mesh,
+                                prompt_width=prompts.shape[1])
   policy_rewards = sampling.score_responses(rm_cfg, rm_params, prompts, prompt_mask, policy.tokens, policy.mask)
-  ref_rewards = sampling.score_responses(rm_cfg, rm_params, prompts, prompt_mask, reference.tokens,
-                                         reference.mask)
   _, ref_logprobs = sampling.sequence_logprobs(cfg, ref_params, prompts, prompt_mask, policy.tokens, policy.mask)
   policy_logprobs = jnp.sum(policy.model_logprobs, axis=-1)
-  host = lambda x: np.asarray(sharding.to_host(x), np.float64)  # rows may live on other processes' devices
-  out = summarize(host(policy_rewards)[:, 0], host(ref_rewards), host(policy_logprobs)[:, 0],
-                  host(ref_logprobs)[:, 0], best_of=best_of)
+  out = summarize(_host(policy_rewards), reference.rewards, _host(policy_logprobs), _host(ref_logprobs),
+                  best_of=best_of)
   out["policy_response_length"] = float(jnp.mean(policy.lengths))
-  out["reference_response_length"] = float(jnp.mean(reference.lengths))
+  out["reference_response_length"] = reference.response_length
   return out
 
 

@@ -47,8 +47,9 @@ def prompt_dataset(config, records: Sequence[dict[str, str]], tok: Tokenizer) ->
 
 
 def eval_batch(config, records: Sequence[dict[str, str]], tok: Tokenizer) -> dict[str, np.ndarray]:
-  """A fixed batch of config.eval.num_prompts held-out prompts (cycled when there are fewer topics)."""
-  rows = [records[i % len(records)]["prompt"] for i in range(config.eval.num_prompts)]
+  """A fixed batch of the first config.eval.num_prompts held-out prompts (fewer when there are fewer: the
+  chitchat test topics are 3). Each is sampled eval.policy_samples / eval.quantile_samples times."""
+  rows = [records[i]["prompt"] for i in range(min(config.eval.num_prompts, len(records)))]
   max_len = max(config.data.prompt_buckets)
   seqs = [pipeline.encode_prompt(tok, text, max_len) for text in rows]
   tokens, mask = pipeline.pad_batch(seqs, tuple(config.data.prompt_buckets), tok.pad_id, side="left")

@@ -63,7 +63,7 @@ def join(prompts: jax.Array, responses: jax.Array, response_mask: jax.Array) -> 
 def _sample(cfg, params, prompts, prompt_mask, rng, n, sampling_config, eos_ids, pad_id, mesh):
   return sampling.generate(cfg, params, prompts, prompt_mask, rng, num_samples=n,
                            max_new_tokens=sampling_config.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                           eos_ids=eos_ids, pad_id=pad_id, mesh=mesh)
+                           eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, prompt_width=prompts.shape[1])
 
 
 def jbond_batch(cfg: ModelConfig, rm_cfg: ModelConfig, policy_params: Any, anchor_params: Any,

@@ -9,10 +9,12 @@ everything after it is `pad_id` with mask False (EOS itself is in the response, 
 
 How `generate` spends its FLOPs (see DESIGN.md, "Sampling speed"):
 - ONE prefill per prompt. Its KV cache is never copied: the N samples of a prompt attend to the shared
-  prompt cache [L, B, P, K, Dh] plus their own cache of generated tokens [L, R, S, K, Dh].
+  prompt cache (per layer: keys [B, K, Dh, P], values [B, K, P, Dh]) plus their own cache of generated
+  tokens (per layer: keys [R, K, Dh, S], values [R, K, S, Dh]).
 - The decode loop is a lax.while_loop per chunk of steps that stops as soon as every row has emitted EOS;
-  chunk c reads only the generated-cache slots that can be filled by then (static slices), not the whole
-  preallocated buffer.
+  chunk c reads only the generated-cache slots that can be filled by then (one block per chunk), not the
+  whole preallocated buffer. Each step writes its token's k, v into the carried block before reading it,
+  and q, k, v (and gate, up) come from one fused matmul: BENCHMARKS.md says why each of these matters.
 - Sampling is by inverse CDF (one uniform per token, cumulative sum, count): exact and as cheap as argmax.
 - Prompt widths are bucketed (`bucket_length`), so a run compiles once per bucket, not once per batch.
 
@@ -287,14 +289,15 @@ def _attention(cfg: ModelConfig, p: Any, x, rope, prompt_kv, prompt_valid, earli
                num_samples: int):
   """One decode token per row, softmax over prompt slots + generated slots (float32).
 
-  x [R, D]; rope: _rope_table of the rows' positions; prompt_kv: k, v [B, K, P, Dh] and prompt_valid [B, P]; earlier: a list of
-  (k, v [R, K, S_c, Dh], valid [R, S_c]) holding the tokens of finished chunks; current: (k, v
-  [R, K, S, Dh]) of this chunk, whose slots < `slot` are filled. This token's k, v go to slot `slot`
-  FIRST and are then read back with the rest: written after the read, the carried buffers would be
-  copied twice per step by the while loop. Returns (out [R, D], updated current (k, v)).
-  Heads-before-slots layouts keep every contraction a plain batched matmul, which XLA CPU runs far
-  faster than reductions over a non-minor axis; each block is read whole (a slice of a bigger buffer
-  would be copied first).
+  x [R, D]; rope: _rope_table of the rows' positions; prompt_kv: keys [B, K, Dh, P], values [B, K, P, Dh]
+  and prompt_valid [B, P]; earlier: a list of (keys [R, K, Dh, S_c], values [R, K, S_c, Dh], valid
+  [R, S_c]) holding the tokens of finished chunks; current: (keys [R, K, Dh, S], values [R, K, S, Dh]) of
+  this chunk, whose slots < `slot` are filled. This token's k, v go to slot `slot` FIRST and are then
+  read back with the rest: written after the read, the carried buffers would be copied twice per step by
+  the while loop. Returns (out [R, D], updated current (keys, values)).
+  Heads-before-slots layouts, with keys transposed, make both products plain [rows, contraction] x
+  [contraction, cols] matmuls, which XLA CPU runs far faster than reductions over a non-minor axis or
+  transposed operands; each block is read whole (a slice of a bigger buffer would be copied first).
   """
   dt, f32 = cfg.dtype, jnp.float32
   rows = x.shape[0]
@@ -371,8 +374,8 @@ def _decode_logits(cfg, params, layers, tokens, positions, prompt_cache, earlier
   """tokens, positions [R] -> (logits [R, V] float32, current block with these tokens' k, v at `slot`).
 
   Per-layer arrays come as lists of L arrays (unrolled layers) or stacked [L, ...] (scanned layers), see
-  _per_layer: prompt_cache k, v [B, K, P, Dh] per layer; earlier: a list of (k, v [R, K, S_c, Dh] per
-  layer, valid [R, S_c]) with the tokens of finished chunks; current: {'k', 'v': [R, K, S, Dh] per layer}.
+  _per_layer: prompt_cache k, v per layer; earlier: a list of (k, v per layer, valid [R, S_c]) with the
+  tokens of finished chunks; current: {'k', 'v'} per layer (shapes and layouts: see _attention).
   """
   x = _embed(cfg, params, tokens)
   rope = _rope_table(cfg, positions)
@@ -548,7 +551,7 @@ def _jitted_generate(cfg: ModelConfig, mesh: Mesh, batch: int, num_samples: int,
 def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
              num_samples: int, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0,
-             mesh: Mesh | None = None) -> Samples:
+             mesh: Mesh | None = None, prompt_width: int | None = None) -> Samples:
   """Sample N responses per prompt.
 
   Args:
@@ -561,6 +564,8 @@ def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax
     eos_ids: token ids that end a response (kept in it); () = always T tokens.
     pad_id: token written after EOS.
     mesh: defaults to the params' mesh; rows run on ('data', 'fsdp'), heads on 'tensor'.
+    prompt_width: compile for exactly this prompt width instead of bucket_length(longest real prompt),
+      e.g. the caller's own padding bucket (the trainer's prompts come in a few fixed widths already).
   Compiles once per (cfg, mesh, B, N, T, prompt bucket, top_k, and whether temperature is 0 or 1 and
   top_p < 1); the values of temperature, top_p, eos_ids and pad_id are traced and never recompile.
   Returns:
@@ -572,6 +577,11 @@ def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax
   prompts, prompt_mask = jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_mask, bool)
   longest = _check_prompts(cfg, prompts, prompt_mask, max_new_tokens)
   width = bucket_length(longest, limit=cfg.max_seq_len - max_new_tokens)
+  if prompt_width is not None:
+    if not longest <= prompt_width <= cfg.max_seq_len - max_new_tokens:
+      raise ValueError(f"prompt_width={prompt_width} is not allowed: need the longest prompt ({longest}) <= "
+                       f"prompt_width <= max_seq_len - max_new_tokens = {cfg.max_seq_len - max_new_tokens}")
+    width = int(prompt_width)
   prompts, prompt_mask = _fit_width(prompts, prompt_mask, width)
   mesh = _mesh_of(params, mesh)
   bad = [int(i) for i in eos_ids if not 0 <= int(i) < cfg.vocab_size]

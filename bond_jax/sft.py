@@ -86,7 +86,8 @@ def train_responses(config: ml_collections.ConfigDict) -> list[str]:
   conversations, _ = chitchat.load_conversations(max_conversations=config.data.max_conversations or None)
   return [e["response"] for c in conversations
           if chitchat.split_by_hash(c.conversation_id, fractions) == "train"
-          for e in chitchat.dialogue_examples(c, config.data.context_turns, 1)]
+          for e in chitchat.dialogue_examples(c, config.data.context_turns,
+                                            config.data.response_turns)]
 
 
 def unigram_log_probs(responses: Sequence[str], tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:

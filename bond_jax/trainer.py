@@ -46,6 +46,11 @@ def validate(config) -> None:
                "max_bad_steps"):
     if int(config.train[name]) < 1:
       raise ValueError(f"train.{name}={config.train[name]} must be >= 1")
+  turns = config.data.get("response_turns", 1)
+  if int(turns) != turns or turns < 1:
+    raise ValueError(f"data.response_turns={turns} must be an integer >= 1 (dialogue turns per response)")
+  if config.eval.get("policy_samples", 1) < 1:
+    raise ValueError(f"eval.policy_samples={config.eval.policy_samples} must be >= 1")
   if config.eval.num_prompts < 0:
     raise ValueError(f"eval.num_prompts={config.eval.num_prompts} must be >= 0 (0 turns evaluation off)")
   if any(n < 1 or n > config.eval.quantile_samples for n in config.eval.best_of):
@@ -199,6 +204,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   preemption = _Preemption()
   bad_in_a_row = 0
   last_eval: dict[str, Any] = {}
+  reference_cache: dict[str, evaluate.ReferencePool] = {}
 
   def save(step, force=False):
     meta = {"data_state": pipeline.iterator_state_json(iterator), "kind": "bond",
@@ -209,7 +215,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     with jax.set_mesh(mesh):
       if start == 0 and eval_batch is not None:
         last_eval = _evaluate(config, cfg, rm_cfg, ref_params, ref_params, rm_params, eval_batch, tok, mesh,
-                              run_dir, 0, history, writer)
+                              run_dir, 0, history, writer, reference_cache)
       for step in range(start, config.train.steps):
         prompt_batch = sharding.global_batch(next(iterator), mesh)  # the global batch, on every process
         batch = _rollout(config, cfg, rm_cfg, state, ref_params, rm_params, prompt_batch["tokens"],
@@ -234,7 +240,7 @@ def run(config, workdir: str) -> dict[str, Any]:
           writer.progress(done, m, PROGRESS_KEYS)
         if eval_batch is not None and (done % config.train.eval_every == 0 or done == config.train.steps):
           last_eval = _evaluate(config, cfg, rm_cfg, state.params, ref_params, rm_params, eval_batch, tok, mesh,
-                                run_dir, done, history, writer)
+                                run_dir, done, history, writer, reference_cache)
         if preemption.stop_now():
           save(done, force=True)
           mngr.wait_until_finished()
@@ -259,12 +265,19 @@ def _read_history(run_dir: str) -> list[dict[str, Any]]:
 
 
 def _evaluate(config, cfg, rm_cfg, policy_params, ref_params, rm_params, eval_batch, tok, mesh, run_dir, step,
-              history, writer):
+              history, writer, reference_cache):
+  """One evaluation; reference_cache (a dict) keeps the reference pool, drawn once per run."""
+  opts = dict(max_new_tokens=config.sampling.max_new_tokens, eos_ids=(tok.eos_id,), pad_id=tok.pad_id,
+              mesh=mesh)
+  eval_rng = jax.random.key(config.seed + 1)
+  if "pool" not in reference_cache:
+    reference_cache["pool"] = evaluate.reference_pool(
+        cfg, rm_cfg, ref_params, rm_params, eval_batch["tokens"], eval_batch["mask"],
+        jax.random.fold_in(eval_rng, 2**31 - 1), num_samples=config.eval.quantile_samples, **opts)
   result = evaluate.evaluate(cfg, rm_cfg, policy_params, ref_params, rm_params, eval_batch["tokens"],
-                             eval_batch["mask"], jax.random.fold_in(jax.random.key(config.seed + 1), step),
-                             best_of=tuple(config.eval.best_of), quantile_samples=config.eval.quantile_samples,
-                             max_new_tokens=config.sampling.max_new_tokens, eos_ids=(tok.eos_id,),
-                             pad_id=tok.pad_id, mesh=mesh)
+                             eval_batch["mask"], jax.random.fold_in(eval_rng, step), reference_cache["pool"],
+                             best_of=tuple(config.eval.best_of),
+                             policy_samples=config.eval.get("policy_samples", 1), **opts)
   if jax.process_index() != 0:
     return result
   scalars = {k: v for k, v in result.items() if isinstance(v, float)}
@@ -278,6 +291,7 @@ def _evaluate(config, cfg, rm_cfg, policy_params, ref_params, rm_params, eval_ba
   bon = result["best_of_n"]
   print(f"eval step {step}: policy reward {result['policy_reward']:.3f} (ref {bon['1']['reward']:.3f}, "
         f"BoN-2 {bon['2']['reward']:.3f}, BoN-4 {bon['4']['reward']:.3f}) | quantile "
-        f"{result['policy_quantile_mean']:.3f} (N_eff {result['policy_effective_n']:.2f}) | "
+        f"{result['policy_quantile_mean']:.3f} +- {result['policy_quantile_stderr']:.3f} "
+        f"(N_eff {result['policy_effective_n']:.2f}) | "
         f"KL(pi||ref) {result['kl_policy_ref']:.3f}", flush=True)
   return result

@@ -41,7 +41,7 @@ GUARDED_FIELDS = (
     "seed", "data", "model", "reference", "reward_model",
     "sft.batch_size", "sft.seq_len",
     "reward_training.batch_size", "reward_training.max_len", "reward_training.buckets",
-    "reward_training.rating", "reward_training.margin", "reward_training.response_turns",
+    "reward_training.rating", "reward_training.margin",
     "reward_training.max_pairs_per_prompt",
 )
 
@@ -181,8 +181,9 @@ def dialogue_builder(config: ml_collections.ConfigDict, workdir: str):
   _check_task(config)
   max_conv = _max_conversations(config)
   builder_config = chitchat.ChitchatDialogueConfig(
-      name=f"ctx{config.data.context_turns}_n{max_conv or 'all'}", max_conversations=max_conv,
-      context_turns=config.data.context_turns, response_turns=1)
+      name=f"ctx{config.data.context_turns}_r{config.data.response_turns}_n{max_conv or 'all'}",
+      max_conversations=max_conv, context_turns=config.data.context_turns,
+      response_turns=config.data.response_turns)
   return chitchat.prepare(chitchat.ChitchatDialogue, data_dir(workdir), builder_config)
 
 
@@ -193,10 +194,11 @@ def preference_builder(config: ml_collections.ConfigDict, workdir: str):
   max_conv = _max_conversations(config)
   per_prompt = rt.get("max_pairs_per_prompt", 200) or None
   builder_config = chitchat.ChitchatPreferencesConfig(
-      name=f"{rt.rating}_m{rt.margin:g}_r{rt.response_turns}_p{per_prompt or 'all'}_n{max_conv or 'all'}"
+      name=f"{rt.rating}_m{rt.margin:g}_r{config.data.response_turns}_p{per_prompt or 'all'}"
+           f"_n{max_conv or 'all'}"
            f"_s{config.seed}",
       max_conversations=max_conv, rating=rt.rating, margin=float(rt.margin),
-      response_turns=rt.response_turns, max_pairs_per_prompt=per_prompt, seed=config.seed)
+      response_turns=config.data.response_turns, max_pairs_per_prompt=per_prompt, seed=config.seed)
   return chitchat.prepare(chitchat.ChitchatPreferences, data_dir(workdir), builder_config)
 
 

@@ -61,3 +61,14 @@ def test_plots_are_written(tmp_path):
   assert all((tmp_path / p.rsplit("/", 1)[1]).stat().st_size > 10_000 for p in paths)
   assert (tmp_path / "eval_000010.json").exists()
   assert math.isfinite(out["policy_log_quantile_mean"])
+
+
+def test_each_policy_sample_is_ranked_among_its_own_prompts_reference_samples():
+  reference = np.array([np.arange(10.0), 100 + np.arange(10.0)])  # prompt 1's samples all beat prompt 0's
+  policy = np.array([[5.5, 9.5], [100.5, 200.0]])  # [B=2, M=2]
+  out = evaluate.summarize(policy, reference, np.ones((2, 2)), np.zeros((2, 2)), best_of=(1, 2))
+  np.testing.assert_allclose(out["policy_quantiles"], [0.6, 1.0, 0.1, 1.0])
+  assert out["policy_quantile_mean"] == pytest.approx(0.675)
+  assert out["policy_quantile_stderr"] == pytest.approx(np.std([0.6, 1.0, 0.1, 1.0]) / 2)
+  assert out["kl_policy_ref"] == pytest.approx(1.0)
+  assert out["best_of_n"]["1"]["reward"] == pytest.approx(np.mean(reference))

@@ -227,6 +227,24 @@ def test_new_prompts_of_a_bucketed_length_do_not_recompile(llama):
   assert sampling.bucket_length(100, limit=110) == 110 and sampling.bucket_length(120, limit=110) == 120
 
 
+def test_a_fixed_prompt_width_compiles_once_and_gives_the_same_samples(llama, sampled):
+  """The trainer passes its own padding bucket: prompts whose longest row buckets to 16 or to 32 share
+  one compilation at prompt_width=40, and the samples are the bucketed ones (padding never matters)."""
+  cfg, params = llama
+  prompts, mask, out = sampled
+  kwargs = dict(num_samples=4, max_new_tokens=12, temperature=0.8, eos_ids=EOS_IDS, pad_id=PAD,
+                prompt_width=40)
+  wide = sampling.generate(cfg, params, prompts, mask, jax.random.key(0), **kwargs)
+  np.testing.assert_array_equal(np.asarray(wide.tokens), out.tokens)
+  traces = sampling.TRACE_COUNT["generate"]
+  longer, longer_mask = _prompts(5, lengths=(20, 30, 4), width=30)  # would bucket to 32
+  sampling.generate(cfg, params, longer, longer_mask, jax.random.key(0), **kwargs)
+  assert sampling.TRACE_COUNT["generate"] == traces
+  with pytest.raises(ValueError, match=r"prompt_width=8 is not allowed: need the longest prompt \(10\) <= "
+                                       r"prompt_width <= max_seq_len - max_new_tokens = 52"):
+    sampling.generate(cfg, params, prompts, mask, jax.random.key(0), **(kwargs | dict(prompt_width=8)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Validation.
 

@@ -216,7 +216,7 @@ def test_summarization_config_trains_from_hugging_face_models(stages, tmp_path):
                      max_document_chars=300, max_prompt_len=128, prompt_buckets=(128,))
   config.sampling.max_new_tokens = 8
   config.train.update(steps=2, batch_size=8, eval_every=2, checkpoint_every=2)
-  config.eval.update(num_prompts=8, quantile_samples=4, best_of=(1, 2, 4))
+  config.eval.update(num_prompts=8, quantile_samples=4, policy_samples=2, best_of=(1, 2, 4))
   result = trainer.run(config, str(tmp_path / "xsum_run"))
   assert 0.0 <= result["policy_quantile_mean"] <= 1.0 and np.isfinite(result["kl_policy_ref"])
   assert _steps(str(tmp_path / "xsum_run")) == [2]
