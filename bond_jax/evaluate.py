@@ -87,8 +87,7 @@ def reference_pool(cfg: ModelConfig, rm_cfg: ModelConfig, ref_params: Any, rm_pa
   """Sample num_samples = K responses of pi_ref per prompt [B, P] and score them."""
   reference = sampling.generate(cfg, ref_params, prompts, prompt_mask, rng, num_samples=num_samples,
                                 max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                                eos_ids=eos_ids, pad_id=pad_id, mesh=mesh,
-                                prompt_width=prompts.shape[1])
+                                eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, prompt_width=prompts.shape[1])
   rewards = sampling.score_responses(rm_cfg, rm_params, prompts, prompt_mask, reference.tokens,
                                      reference.mask)
   return ReferencePool(_host(rewards), float(jnp.mean(reference.lengths)))
@@ -105,8 +104,7 @@ def evaluate(cfg: ModelConfig, rm_cfg: ModelConfig, policy_params: Any, ref_para
                      f"the pool has {reference.rewards.shape[1]}")
   policy = sampling.generate(cfg, policy_params, prompts, prompt_mask, rng, num_samples=policy_samples,
                              max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                             eos_ids=eos_ids, pad_id=pad_id, mesh=mesh,
-                                prompt_width=prompts.shape[1])
+                             eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, prompt_width=prompts.shape[1])
   policy_rewards = sampling.score_responses(rm_cfg, rm_params, prompts, prompt_mask, policy.tokens, policy.mask)
   _, ref_logprobs = sampling.sequence_logprobs(cfg, ref_params, prompts, prompt_mask, policy.tokens, policy.mask)
   policy_logprobs = jnp.sum(policy.model_logprobs, axis=-1)

@@ -272,27 +272,14 @@ def _project_qkv(cfg: ModelConfig, p: Any, x: jax.Array):
           qkv[:, (h + kv) * dh:].reshape(-1, kv, dh))
 
 
-def _rope_table(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(cos, sin) [R, 1, Dh / 2] in the compute dtype for positions [R]: once per step, for every layer."""
-  angles = positions[:, None].astype(jnp.float32) * transformer.rope_inverse_frequencies(cfg)
-  return jnp.cos(angles)[:, None].astype(cfg.dtype), jnp.sin(angles)[:, None].astype(cfg.dtype)
-
-
-def _rotate(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
-  """transformer.apply_rope (the same arithmetic) of x [R, heads, Dh] with a _rope_table."""
-  cos, sin = rope
-  first, second = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-
-
 def _attention(cfg: ModelConfig, p: Any, x, rope, prompt_kv, prompt_valid, earlier, current, slot,
                num_samples: int):
   """One decode token per row, softmax over prompt slots + generated slots (float32).
 
-  x [R, D]; rope: _rope_table of the rows' positions; prompt_kv: keys [B, K, Dh, P], values [B, K, P, Dh]
-  and prompt_valid [B, P]; earlier: a list of (keys [R, K, Dh, S_c], values [R, K, S_c, Dh], valid
-  [R, S_c]) holding the tokens of finished chunks; current: (keys [R, K, Dh, S], values [R, K, S, Dh]) of
-  this chunk, whose slots < `slot` are filled. This token's k, v go to slot `slot` FIRST and are then
+  x [R, D]; rope: transformer.rope_table of the rows' positions; prompt_kv: keys [B, K, Dh, P], values
+  [B, K, P, Dh] and prompt_valid [B, P]; earlier: a list of (keys [R, K, Dh, S_c], values [R, K, S_c,
+  Dh], valid [R, S_c]) holding the tokens of finished chunks; current: (keys [R, K, Dh, S], values
+  [R, K, S, Dh]) of this chunk, whose slots < `slot` are filled. This token's k, v go to slot `slot` FIRST and are then
   read back with the rest: written after the read, the carried buffers would be copied twice per step by
   the while loop. Returns (out [R, D], updated current (keys, values)).
   Heads-before-slots layouts, with keys transposed, make both products plain [rows, contraction] x
@@ -304,8 +291,8 @@ def _attention(cfg: ModelConfig, p: Any, x, rope, prompt_kv, prompt_valid, earli
   batch = rows // num_samples
   k_heads, groups, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
   q, k, v = _project_qkv(cfg, p, x)
-  q = _rotate(q, rope) * jnp.asarray(dh ** -0.5, dt)
-  k = _rotate(k, rope)
+  q = transformer.rotate(q, *rope) * jnp.asarray(dh ** -0.5, dt)
+  k = transformer.rotate(k, *rope)
   current = (jax.lax.dynamic_update_slice(current[0], k[..., None].astype(dt), (0, 0, 0, slot)),
              jax.lax.dynamic_update_slice(current[1], v[:, :, None].astype(dt), (0, 0, slot, 0)))
   span = current[1].shape[2]
@@ -378,7 +365,7 @@ def _decode_logits(cfg, params, layers, tokens, positions, prompt_cache, earlier
   tokens of finished chunks; current: {'k', 'v'} per layer (shapes and layouts: see _attention).
   """
   x = _embed(cfg, params, tokens)
-  rope = _rope_table(cfg, positions)
+  rope = transformer.rope_table(positions, transformer.rope_inverse_frequencies(cfg), cfg.dtype)
   pk, pv, p_valid = prompt_cache["k"], prompt_cache["v"], prompt_cache["valid"]
   earlier_kv = [(k, v) for k, v, _ in earlier]
   with_valid = lambda layer_kv: [(k, v, valid) for (k, v), (_, _, valid) in zip(layer_kv, earlier)]

@@ -46,10 +46,10 @@ def validate(config) -> None:
                "max_bad_steps"):
     if int(config.train[name]) < 1:
       raise ValueError(f"train.{name}={config.train[name]} must be >= 1")
-  turns = config.data.get("response_turns", 1)
-  if int(turns) != turns or turns < 1:
-    raise ValueError(f"data.response_turns={turns} must be an integer >= 1 (dialogue turns per response)")
-  if config.eval.get("policy_samples", 1) < 1:
+  if config.data.response_turns < 1:
+    raise ValueError(f"data.response_turns={config.data.response_turns} must be >= 1 (dialogue turns per "
+                     "response)")
+  if config.eval.policy_samples < 1:
     raise ValueError(f"eval.policy_samples={config.eval.policy_samples} must be >= 1")
   if config.eval.num_prompts < 0:
     raise ValueError(f"eval.num_prompts={config.eval.num_prompts} must be >= 0 (0 turns evaluation off)")
@@ -277,7 +277,7 @@ def _evaluate(config, cfg, rm_cfg, policy_params, ref_params, rm_params, eval_ba
   result = evaluate.evaluate(cfg, rm_cfg, policy_params, ref_params, rm_params, eval_batch["tokens"],
                              eval_batch["mask"], jax.random.fold_in(eval_rng, step), reference_cache["pool"],
                              best_of=tuple(config.eval.best_of),
-                             policy_samples=config.eval.get("policy_samples", 1), **opts)
+                             policy_samples=config.eval.policy_samples, **opts)
   if jax.process_index() != 0:
     return result
   scalars = {k: v for k, v in result.items() if isinstance(v, float)}

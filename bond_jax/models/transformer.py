@@ -54,13 +54,22 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
   return jnp.where(in_between, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Split-half rotary embedding (the Hugging Face layout). x [B, T, heads, Dh], positions [B, T]."""
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
-  cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
-  sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+def rope_table(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin) [*positions.shape, 1, Dh/2] in `dtype`: computed once, shared by every head (and, in the
+  sampler's decode step, by every layer)."""
+  angles = positions[..., None, None].astype(jnp.float32) * inv_freq
+  return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Split-half rotary embedding (the Hugging Face layout) of x [..., heads, Dh] with a rope_table."""
   first, second = jnp.split(x, 2, axis=-1)
   return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding of x [B, T, heads, Dh] at positions [B, T]."""
+  return rotate(x, *rope_table(positions, inv_freq, x.dtype))
 
 
 class RMSNorm(nn.Module):
