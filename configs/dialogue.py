@@ -63,7 +63,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # 48 tokens hold 75% of two-turn responses whole (median 26); a longer one is cut and scored as cut.
   c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=48))
   c.optimizer = ml_collections.ConfigDict(dict(
-      # 5e-5: at 2e-4 the policy spent ~4x more KL for the same quantile (README, "Results")
+      # 5e-5: at 2e-4 the policy spent ~2x more KL for the same quantile (README, "Results")
       name="adam", learning_rate=5e-5, warmup_steps=20, schedule="constant", b1=0.9, b2=0.99,
       weight_decay=0.0, clip_norm=1.0, grad_accum_steps=1))
   # 100 steps: the quantile plateaus after ~100 (0.665 at 100, 0.670 at 150) while KL keeps growing.
