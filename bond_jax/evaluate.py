@@ -8,7 +8,12 @@ these:
   density N u^(N-1), mean N/(N+1)); the policy's "effective N" solves N/(N+1) = mean u;
 - the mean reward of Best-of-N of the reference for each N, by the unbiased order-statistics estimator
   over the K samples (no resampling noise): E[max of N] = sum_i r_(i) C(i-1, N-1) / C(K, N);
-- KL(pi || pi_ref) = mean(log pi(y) - log pi_ref(y)) against BoN's log N - (N - 1)/N.
+- KL(pi || pi_ref) = mean(log pi(y) - log pi_ref(y)) against BoN's log N - (N - 1)/N. At the policy's
+  effective N this is also a floor: no policy whose sample has BoN-of-N's quantile law can be closer to
+  pi_ref (the quantile is a function of y, and KL cannot grow under a function), so KL above it is spent on
+  changes the reward model does not see;
+- the response length of Best-of-N of the reference (same estimator as its reward), to tell a policy that
+  matches BoN from one that found a cheaper route to the same rewards (e.g. longer responses).
 """
 
 from __future__ import annotations
@@ -36,16 +41,19 @@ def best_of_n_mean(rewards: np.ndarray, n: int) -> np.ndarray:
   return ordered @ weights
 
 
-def bon_kl_bound(n: int) -> float:
-  """KL(pi_BoN || pi_ref) without ties: log N - (N - 1) / N (Beirami et al. 2024)."""
+def bon_kl_bound(n: float) -> float:
+  """KL(pi_BoN || pi_ref) without ties: log N - (N - 1) / N (Beirami et al. 2024); N >= 1, real N allowed
+  (the KL of the quantile law Beta(N, 1) against the uniform)."""
   return math.log(n) - (n - 1) / n
 
 
 def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_logprobs: np.ndarray,
-              ref_logprobs: np.ndarray, best_of: Sequence[int]) -> dict[str, Any]:
+              ref_logprobs: np.ndarray, best_of: Sequence[int],
+              reference_lengths: np.ndarray | None = None) -> dict[str, Any]:
   """Metrics from policy_rewards [B] or [B, M], reference_rewards [B, K] and the policy samples' sequence
   log-probs under pi and pi_ref ([B] or [B, M]); see the module doc. Each policy sample is ranked among
-  the K reference samples of its own prompt."""
+  the K reference samples of its own prompt. reference_lengths [B, K] (optional) adds Best-of-N's
+  response length."""
   policy_rewards = np.asarray(policy_rewards).reshape(len(reference_rewards), -1)  # [B, M]
   below = np.mean(reference_rewards[:, None, :] < policy_rewards[:, :, None], axis=-1)
   ties = np.mean(reference_rewards[:, None, :] == policy_rewards[:, :, None], axis=-1)
@@ -53,14 +61,18 @@ def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_
   # identical responses tie (as N/(N+1) says for N = 1); without ties it is p_<= of BOND_MATH.md.
   quantile = (below + 0.5 * ties).ravel()
   mean_u = float(np.mean(quantile))
+  effective_n = mean_u / max(1.0 - mean_u, 1e-6)
+  log_ratio = (np.asarray(policy_logprobs) - np.asarray(ref_logprobs)).ravel()
   out = {
       "policy_reward": float(np.mean(policy_rewards)),
       "policy_quantile_mean": mean_u,
       "policy_quantile_stderr": float(np.std(quantile) / np.sqrt(len(quantile))),
       "policy_log_quantile_mean": float(np.mean(np.log(np.maximum(quantile, 1.0 / reference_rewards.shape[1])))),
       "policy_win_rate_vs_ref": mean_u,
-      "policy_effective_n": mean_u / max(1.0 - mean_u, 1e-6),
-      "kl_policy_ref": float(np.mean(np.asarray(policy_logprobs) - np.asarray(ref_logprobs))),
+      "policy_effective_n": effective_n,
+      "kl_policy_ref": float(np.mean(log_ratio)),
+      "kl_policy_ref_stderr": float(np.std(log_ratio) / np.sqrt(len(log_ratio))),
+      "kl_bon_at_effective_n": bon_kl_bound(max(effective_n, 1.0)),
       "reward_ties_fraction": float(np.mean(ties)),
       "reference_reward": float(np.mean(reference_rewards)),
       "best_of_n": {str(n): {"reward": float(np.mean(best_of_n_mean(reference_rewards, n))),
@@ -68,6 +80,14 @@ def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_
                              "kl_bound": bon_kl_bound(n)} for n in best_of},
       "policy_quantiles": quantile.tolist(),
   }
+  if reference_lengths is not None:
+    # Best-of-N's length: the same order-statistics weights, applied to the lengths in reward order.
+    by_reward = np.take_along_axis(np.asarray(reference_lengths, np.float64),
+                                   np.argsort(reference_rewards, axis=1, kind="stable"), axis=1)
+    k = reference_rewards.shape[1]
+    for n in best_of:
+      weights = np.array([math.comb(i, n - 1) for i in range(k)], dtype=np.float64) / math.comb(k, n)
+      out["best_of_n"][str(n)]["response_length"] = float(np.mean(by_reward @ weights))
   return out
 
 
@@ -76,9 +96,10 @@ def _host(x) -> np.ndarray:
 
 
 class ReferencePool(NamedTuple):
-  """K samples of pi_ref per evaluation prompt, scored once per run. rewards [B, K] float64 (host)."""
+  """K samples of pi_ref per evaluation prompt, scored once per run: rewards and response lengths [B, K]
+  float64 (host)."""
   rewards: np.ndarray
-  response_length: float
+  lengths: np.ndarray
 
 
 def reference_pool(cfg: ModelConfig, rm_cfg: ModelConfig, ref_params: Any, rm_params: Any, prompts: jax.Array,
@@ -90,7 +111,7 @@ def reference_pool(cfg: ModelConfig, rm_cfg: ModelConfig, ref_params: Any, rm_pa
                                 eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, prompt_width=prompts.shape[1])
   rewards = sampling.score_responses(rm_cfg, rm_params, prompts, prompt_mask, reference.tokens,
                                      reference.mask)
-  return ReferencePool(_host(rewards), float(jnp.mean(reference.lengths)))
+  return ReferencePool(_host(rewards), _host(reference.lengths))
 
 
 def evaluate(cfg: ModelConfig, rm_cfg: ModelConfig, policy_params: Any, ref_params: Any, rm_params: Any,
@@ -109,9 +130,9 @@ def evaluate(cfg: ModelConfig, rm_cfg: ModelConfig, policy_params: Any, ref_para
   _, ref_logprobs = sampling.sequence_logprobs(cfg, ref_params, prompts, prompt_mask, policy.tokens, policy.mask)
   policy_logprobs = jnp.sum(policy.model_logprobs, axis=-1)
   out = summarize(_host(policy_rewards), reference.rewards, _host(policy_logprobs), _host(ref_logprobs),
-                  best_of=best_of)
+                  best_of=best_of, reference_lengths=reference.lengths)
   out["policy_response_length"] = float(jnp.mean(policy.lengths))
-  out["reference_response_length"] = reference.response_length
+  out["reference_response_length"] = float(np.mean(reference.lengths))
   return out
 
 
@@ -146,9 +167,12 @@ def plot(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict
   ax.set(xlabel="reference quantile u", ylabel="density", title="quantile of the policy's sample")
   ax.legend(fontsize=8)
   ax = axes[2]
-  ax.plot(ns, [b["kl_bound"] for b in bon], "o-", label="BoN: log N - (N-1)/N")
-  ax.scatter([max(result["policy_effective_n"], 1.0)], [result["kl_policy_ref"]], color="C3", zorder=3,
-             label="policy at its N_eff")
+  grid_n = np.geomspace(1, max(ns), 100)
+  ax.plot(grid_n, [bon_kl_bound(n) for n in grid_n], "-", color="C0", label="BoN: log N - (N-1)/N")
+  ax.plot(ns, [b["kl_bound"] for b in bon], "o", color="C0")
+  ax.errorbar([max(result["policy_effective_n"], 1.0)], [result["kl_policy_ref"]],
+              yerr=[2 * result.get("kl_policy_ref_stderr", 0.0)], fmt="o", color="C3", zorder=3,
+              label="policy at its N_eff (+-2 SE)")
   ax.set(xscale="log", xlabel="N", ylabel="KL(. || pi_ref) nats", title="KL")
   _integer_ticks(ax, ns)
   ax.legend(fontsize=8)
@@ -164,7 +188,13 @@ def plot(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict
       axes[0].axhline(n / (n + 1), ls="--", color="gray")
       axes[0].text(steps[0], n / (n + 1), f" BoN-{n}", va="bottom", fontsize=8)
     axes[0].set(xlabel="step", ylabel="mean reference quantile", title="policy vs Best-of-N")
-    axes[1].plot(steps, [h["kl_policy_ref"] for h in history], "o-", color="C3")
+    axes[1].errorbar(steps, [h["kl_policy_ref"] for h in history],
+                     yerr=[2 * h.get("kl_policy_ref_stderr", 0.0) for h in history], fmt="o-", color="C3",
+                     label="policy (+-2 SE)")
+    if all("kl_bon_at_effective_n" in h for h in history):
+      axes[1].plot(steps, [h["kl_bon_at_effective_n"] for h in history], "s--", color="C0",
+                   label="BoN at the policy's N_eff")
+    axes[1].legend(fontsize=8)
     for n in (2, 4):
       axes[1].axhline(bon_kl_bound(n), ls="--", color="gray")
       axes[1].text(steps[0], bon_kl_bound(n), f" BoN-{n} KL", va="bottom", fontsize=8)

@@ -289,9 +289,13 @@ def _evaluate(config, cfg, rm_cfg, policy_params, ref_params, rm_params, eval_ba
   evaluate.write(result, os.path.join(run_dir, "eval"), step, history)
   writer.write(step, scalars, prefix="eval")
   bon = result["best_of_n"]
-  print(f"eval step {step}: policy reward {result['policy_reward']:.3f} (ref {bon['1']['reward']:.3f}, "
-        f"BoN-2 {bon['2']['reward']:.3f}, BoN-4 {bon['4']['reward']:.3f}) | quantile "
-        f"{result['policy_quantile_mean']:.3f} +- {result['policy_quantile_stderr']:.3f} "
-        f"(N_eff {result['policy_effective_n']:.2f}) | "
-        f"KL(pi||ref) {result['kl_policy_ref']:.3f}", flush=True)
+  shown = [n for n in sorted(bon, key=int) if n in ("2", "4")] or sorted(bon, key=int)[:2]
+  bon_rewards = ", ".join(f"BoN-{n} {bon[n]['reward']:.3f}" for n in shown)
+  bon_lengths = ", ".join(f"BoN-{n} {bon[n]['response_length']:.1f}" for n in shown if "response_length" in bon[n])
+  print(f"eval step {step}: policy reward {result['policy_reward']:.3f} (ref {result['reference_reward']:.3f}, "
+        f"{bon_rewards}) | quantile {result['policy_quantile_mean']:.3f} +- "
+        f"{result['policy_quantile_stderr']:.3f} (N_eff {result['policy_effective_n']:.2f}) | KL(pi||ref) "
+        f"{result['kl_policy_ref']:.3f} +- {result['kl_policy_ref_stderr']:.3f} (BoN at N_eff "
+        f"{result['kl_bon_at_effective_n']:.3f}) | length {result['policy_response_length']:.1f} (ref "
+        f"{result['reference_response_length']:.1f}, {bon_lengths})", flush=True)
   return result

@@ -72,3 +72,23 @@ def test_each_policy_sample_is_ranked_among_its_own_prompts_reference_samples():
   assert out["policy_quantile_stderr"] == pytest.approx(np.std([0.6, 1.0, 0.1, 1.0]) / 2)
   assert out["kl_policy_ref"] == pytest.approx(1.0)
   assert out["best_of_n"]["1"]["reward"] == pytest.approx(np.mean(reference))
+
+
+def test_kl_error_bar_bon_floor_at_effective_n_and_best_of_n_length():
+  reference = np.array([[0.0, 1.0, 2.0, 3.0]])  # rewards of 4 reference samples of one prompt
+  lengths = np.array([[10.0, 40.0, 20.0, 30.0]])  # their lengths: 10, 40, 20, 30 in reward order
+  policy = np.array([[2.5, 0.5]])  # quantiles 3/4 and 1/4 -> mean 1/2, N_eff 1
+  out = evaluate.summarize(policy, reference, np.array([[1.0, 3.0]]), np.zeros((1, 2)), best_of=(1, 2, 4),
+                           reference_lengths=lengths)
+  assert out["kl_policy_ref"] == pytest.approx(2.0)
+  assert out["kl_policy_ref_stderr"] == pytest.approx(1.0 / np.sqrt(2))  # std of (1, 3) over sqrt(2)
+  assert out["kl_bon_at_effective_n"] == pytest.approx(0.0)
+  # Best-of-2 of 4 without replacement: the i-th lowest reward is the max of a pair with prob (i-1)/C(4,2)
+  assert out["best_of_n"]["1"]["response_length"] == pytest.approx(25.0)
+  assert out["best_of_n"]["2"]["response_length"] == pytest.approx((40 * 1 + 20 * 2 + 30 * 3) / 6)
+  assert out["best_of_n"]["4"]["response_length"] == pytest.approx(30.0)
+  # the floor at a real-valued N: the KL of Beta(N, 1) against the uniform, log N - (N - 1) / N
+  out = evaluate.summarize(np.array([[3.5, 3.5, 3.5, 0.5]]), reference, np.zeros((1, 4)), np.zeros((1, 4)),
+                           best_of=(1,))
+  n = 0.8125 / 0.1875  # mean quantile (1 + 1 + 1 + 1/4) / 4
+  assert out["kl_bon_at_effective_n"] == pytest.approx(math.log(n) - (n - 1) / n)
