@@ -183,7 +183,14 @@ def plot(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict
   if history:
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    axes[0].plot(steps, [h["policy_quantile_mean"] for h in history], "o-", color="C3", label="policy")
+    axes[0].errorbar(steps, [h["policy_quantile_mean"] for h in history],
+                     yerr=[2 * h.get("policy_quantile_stderr", 0.0) for h in history], fmt="o-", color="C3",
+                     label="policy (+-2 SE)")
+    has_target = all("target_best_of" in h for h in history)
+    if has_target:
+      axes[0].plot(steps, [h["target_best_of"] / (h["target_best_of"] + 1) for h in history], ":",
+                   color="C2", label="the Best-of-N the algorithm aims at")
+    axes[0].legend(fontsize=8)
     for n in (1, 2, 4):
       axes[0].axhline(n / (n + 1), ls="--", color="gray")
       axes[0].text(steps[0], n / (n + 1), f" BoN-{n}", va="bottom", fontsize=8)
@@ -191,6 +198,9 @@ def plot(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict
     axes[1].errorbar(steps, [h["kl_policy_ref"] for h in history],
                      yerr=[2 * h.get("kl_policy_ref_stderr", 0.0) for h in history], fmt="o-", color="C3",
                      label="policy (+-2 SE)")
+    if has_target:
+      axes[1].plot(steps, [bon_kl_bound(h["target_best_of"]) for h in history], ":", color="C2",
+                   label="the Best-of-N the algorithm aims at")
     if all("kl_bon_at_effective_n" in h for h in history):
       axes[1].plot(steps, [h["kl_bon_at_effective_n"] for h in history], "s--", color="C0",
                    label="BoN at the policy's N_eff")

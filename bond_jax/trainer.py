@@ -278,6 +278,10 @@ def _evaluate(config, cfg, rm_cfg, policy_params, ref_params, rm_params, eval_ba
                              eval_batch["mask"], jax.random.fold_in(eval_rng, step), reference_cache["pool"],
                              best_of=tuple(config.eval.best_of),
                              policy_samples=config.eval.policy_samples, **opts)
+  target = target_best_of(config, step)
+  if target is not None:
+    result["target_best_of"] = target
+    result["kl_target_best_of"] = evaluate.bon_kl_bound(target)
   if jax.process_index() != 0:
     return result
   scalars = {k: v for k, v in result.items() if isinstance(v, float)}
@@ -297,5 +301,21 @@ def _evaluate(config, cfg, rm_cfg, policy_params, ref_params, rm_params, eval_ba
         f"{result['policy_quantile_stderr']:.3f} (N_eff {result['policy_effective_n']:.2f}) | KL(pi||ref) "
         f"{result['kl_policy_ref']:.3f} +- {result['kl_policy_ref_stderr']:.3f} (BoN at N_eff "
         f"{result['kl_bon_at_effective_n']:.3f}) | length {result['policy_response_length']:.1f} (ref "
-        f"{result['reference_response_length']:.1f}, {bon_lengths})", flush=True)
+        f"{result['reference_response_length']:.1f}, {bon_lengths})"
+        + (f" | aims at BoN-{target:.2f} (KL {result['kl_target_best_of']:.3f})" if target is not None else ""),
+        flush=True)
   return result
+
+
+def target_best_of(config, step: int) -> float | None:
+  """The Best-of-N of pi_ref the algorithm aims at after `step` steps (None for REINFORCE, which has none):
+  BOND: N; iterative BOND: n^(M + 1) after M hard anchor updates; J-BOND: ~2^(eta * step) (BOND_MATH.md
+  section 6: the EMA anchor makes each step distil Best-of-2 of an anchor that is itself ahead of pi_ref)."""
+  b = config.bond
+  if b.algorithm == "bond":
+    return float(b.n)
+  if b.algorithm == "iterative_bond":
+    return float(objectives.iterative_best_of(b.n, step // b.anchor_period + 1))
+  if b.algorithm == "jbond":
+    return float(2.0 ** (b.eta * step))
+  return None

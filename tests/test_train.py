@@ -224,3 +224,15 @@ def test_summarization_config_trains_from_hugging_face_models(stages, tmp_path):
   config.data.dataset = "no_such_dataset:1.0.0"
   with pytest.raises(ValueError, match=r"data.dataset='no_such_dataset:1.0.0' split 'train' is not prepared"):
     trainer.run(config, str(tmp_path / "missing"))
+
+
+def test_the_best_of_n_each_algorithm_aims_at():
+  config = dialogue.get_config()
+  config.bond.update(algorithm="jbond", eta=0.01)
+  assert [trainer.target_best_of(config, s) for s in (0, 100, 300)] == [1.0, 2.0, 8.0]
+  config.bond.update(algorithm="iterative_bond", n=2, anchor_period=100)
+  assert [trainer.target_best_of(config, s) for s in (0, 99, 100, 250)] == [2.0, 2.0, 4.0, 8.0]
+  config.bond.update(algorithm="bond", n=4)
+  assert trainer.target_best_of(config, 50) == 4.0
+  config.bond.algorithm = "reinforce"
+  assert trainer.target_best_of(config, 50) is None
