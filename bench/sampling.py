@@ -5,7 +5,10 @@
 Per preset: random weights, exported with hf.export and loaded by transformers (torch, float32). Both
 sample B prompts x N samples (transformers: num_return_sequences=N) of exactly T new tokens (no EOS) at
 temperature 1 without truncation. Tokens/s counts new tokens (B * N * T) over the whole call, prefill
-included; each number is the best of --repeats runs after one warm-up (compilation excluded).
+included; each number is the best of --repeats runs after one warm-up (compilation excluded). The two
+are timed in alternation (theirs, ours, theirs, ours, ...): this VM's speed changes by ~1.5x over
+minutes (BENCHMARKS.md), so timing one after the other would compare different machines. The table's
+ratio is best over best; "paired" lists each round's ratio of adjacent runs.
 Also reported: forking (one prefill per prompt, shared prompt cache) vs repeating each prompt N times,
 and our decode FLOP/s as a fraction of a jnp matmul peak measured here in the same dtype.
 """
@@ -33,6 +36,19 @@ def _best_time(fn, repeats: int) -> float:
     fn()
     best = min(best, time.perf_counter() - start)
   return best
+
+
+def _alternating_times(fns, repeats: int) -> list[list[float]]:
+  """Seconds of each fn in fns, called in turn `repeats` rounds after one warm-up call each."""
+  for fn in fns:
+    fn()
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for fn, out in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      out.append(time.perf_counter() - start)
+  return times
 
 
 def matmul_peak(dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -78,25 +94,32 @@ def run_preset(name: str, dtypes, batch: int, num_samples: int, prompt_len: int,
       assert out.shape == (batch * num_samples, prompt_len + new_tokens)
 
     torch.manual_seed(0)
-    t_theirs = _best_time(theirs, repeats)
-  tokens = batch * num_samples * new_tokens
-  for dtype in dtypes:
-    cfg_d = cfg.replace(compute_dtype=dtype)
-    peak = matmul_peak(jnp.float32 if dtype == "float32" else jnp.bfloat16)
-
-    def ours(p=prompts, m=mask, n=num_samples):
-      out = sampling.generate(cfg_d, params, p, m, jax.random.key(1), num_samples=n,
-                              max_new_tokens=new_tokens, temperature=1.0)
-      out.tokens.block_until_ready()
-
-    t_ours = _best_time(ours, repeats)
-    rep_p, rep_m = np.repeat(prompts, num_samples, 0), np.repeat(mask, num_samples, 0)
-    t_repeat = _best_time(lambda: ours(rep_p, rep_m, 1), repeats)
-    flops = decode_flops(cfg, batch, num_samples, prompt_len, new_tokens)
-    rows.append(dict(preset=name, dtype=dtype, theirs=tokens / t_theirs, ours=tokens / t_ours,
-                     ratio=t_theirs / t_ours, fork_gain=t_repeat / t_ours,
-                     flops=flops / t_ours, peak=peak))
+    tokens = batch * num_samples * new_tokens
+    for dtype in dtypes:
+      rows.append(_time_dtype(cfg, params, prompts, mask, dtype, theirs, name, batch, num_samples, prompt_len,
+                              new_tokens, repeats, tokens))
   return rows
+
+
+def _time_dtype(cfg, params, prompts, mask, dtype, theirs, name, batch, num_samples, prompt_len, new_tokens,
+                repeats, tokens):
+  """One table row: ours in `dtype` (forked and with repeated prompts) timed in alternation with theirs."""
+  cfg_d = cfg.replace(compute_dtype=dtype)
+  peak = matmul_peak(jnp.float32 if dtype == "float32" else jnp.bfloat16)
+
+  def ours(p=prompts, m=mask, n=num_samples):
+    out = sampling.generate(cfg_d, params, p, m, jax.random.key(1), num_samples=n,
+                            max_new_tokens=new_tokens, temperature=1.0)
+    out.tokens.block_until_ready()
+
+  rep_p, rep_m = np.repeat(prompts, num_samples, 0), np.repeat(mask, num_samples, 0)
+  times_theirs, times_ours, times_repeat = _alternating_times(
+      [theirs, ours, lambda: ours(rep_p, rep_m, 1)], repeats)
+  t_theirs, t_ours, t_repeat = min(times_theirs), min(times_ours), min(times_repeat)
+  flops = decode_flops(cfg, batch, num_samples, prompt_len, new_tokens)
+  return dict(preset=name, dtype=dtype, theirs=tokens / t_theirs, ours=tokens / t_ours,
+              ratio=t_theirs / t_ours, paired=[a / b for a, b in zip(times_theirs, times_ours)],
+              fork_gain=t_repeat / t_ours, flops=flops / t_ours, peak=peak)
 
 
 def main():
@@ -113,7 +136,7 @@ def main():
   print(f"B={args.batch} prompts x N={args.num_samples}, {args.prompt_len}-token prompts, "
         f"{args.new_tokens} new tokens, temperature 1, devices: {jax.devices()[0].device_kind}")
   header = ("| preset | compute | transformers tok/s | bond_jax tok/s | ratio | fork vs repeat | "
-            "decode GFLOP/s | of matmul peak |")
+            "decode GFLOP/s | of matmul peak | paired ratios |")
   print(header)
   print("|---" * (header.count("|") - 1) + "|")
   for name in args.presets.split(","):
@@ -121,7 +144,8 @@ def main():
                           args.new_tokens, args.repeats, args.threads):
       print(f"| {row['preset']} | {row['dtype']} | {row['theirs']:,.0f} | {row['ours']:,.0f} | "
             f"{row['ratio']:.2f}x | {row['fork_gain']:.2f}x | {row['flops'] / 1e9:.1f} | "
-            f"{row['flops'] / row['peak']:.0%} of {row['peak'] / 1e9:.0f} |", flush=True)
+            f"{row['flops'] / row['peak']:.0%} of {row['peak'] / 1e9:.0f} | "
+            f"{' '.join(f'{r:.2f}' for r in row['paired'])} |", flush=True)
 
 
 if __name__ == "__main__":
