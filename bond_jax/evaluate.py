@@ -31,12 +31,15 @@ from bond_jax import sampling, sharding
 from bond_jax.models.config import ModelConfig
 
 
-def best_of_n_mean(rewards: np.ndarray, n: int) -> np.ndarray:
-  """[B] expected max of n draws without replacement from each row of rewards [B, K] (needs n <= K)."""
+def best_of_n_mean(rewards: np.ndarray, n: int, values: np.ndarray | None = None) -> np.ndarray:
+  """[B] expectation over n draws without replacement from each row of rewards [B, K] (needs n <= K) of
+  the best draw's reward, or of its entry in `values` [B, K] (e.g. its length) when given."""
   k = rewards.shape[1]
   if not 1 <= n <= k:
     raise ValueError(f"best-of-{n} needs 1 <= n <= K={k} reference samples")
-  ordered = np.sort(rewards, axis=1)
+  order = np.argsort(rewards, axis=1, kind="stable")
+  ordered = np.take_along_axis(np.asarray(rewards if values is None else values, np.float64), order, axis=1)
+  # the i-th lowest of K is the best of an n-subset with probability C(i - 1, n - 1) / C(K, n)
   weights = np.array([math.comb(i, n - 1) for i in range(k)], dtype=np.float64) / math.comb(k, n)
   return ordered @ weights
 
@@ -81,13 +84,9 @@ def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_
       "policy_quantiles": quantile.tolist(),
   }
   if reference_lengths is not None:
-    # Best-of-N's length: the same order-statistics weights, applied to the lengths in reward order.
-    by_reward = np.take_along_axis(np.asarray(reference_lengths, np.float64),
-                                   np.argsort(reference_rewards, axis=1, kind="stable"), axis=1)
-    k = reference_rewards.shape[1]
     for n in best_of:
-      weights = np.array([math.comb(i, n - 1) for i in range(k)], dtype=np.float64) / math.comb(k, n)
-      out["best_of_n"][str(n)]["response_length"] = float(np.mean(by_reward @ weights))
+      out["best_of_n"][str(n)]["response_length"] = float(np.mean(
+          best_of_n_mean(reference_rewards, n, values=reference_lengths)))
   return out
 
 

@@ -250,17 +250,18 @@ def _cast_weights(params: Any, dtype) -> Any:
 def _decode_weights(p: Any, fuse: bool) -> Any:
   """A layer's params (or the stacked [L, ...] ones) for the decode step, built once per call.
 
+  Always: q's weights carry the 1/sqrt(Dh) score scale (RoPE is linear, so scaling the weights once equals
+  scaling q every step).
   fuse: q, k, v as ONE [D, (H + 2K) * Dh] matrix and gate, up as ONE [D, 2M] matrix, so each step runs
   two matmuls where it would run five: at decode sizes the per-op overhead, not the FLOPs, sets the pace.
   Not done when heads are sharded over 'tensor' (a fused matrix would mix the head shards).
   """
-  if not fuse:
-    return p
   attn, mlp = p["attn"], p["mlp"]
+  q = attn["q"] * jnp.asarray(attn["q"].shape[-1] ** -0.5, attn["q"].dtype)
+  if not fuse:
+    return dict(p, attn=dict(attn, q=q))
   flat = lambda w: w.reshape(*w.shape[:-2], -1)  # [..., D, heads, Dh] -> [..., D, heads * Dh]
-  # RoPE is linear, so q's 1/sqrt(Dh) can be applied to its weights once instead of per step.
-  q_scaled = attn["q"] * jnp.asarray(attn["q"].shape[-1] ** -0.5, attn["q"].dtype)
-  qkv = jnp.concatenate([flat(q_scaled), flat(attn["k"]), flat(attn["v"])], axis=-1)
+  qkv = jnp.concatenate([flat(q), flat(attn["k"]), flat(attn["v"])], axis=-1)
   return dict(p, attn={"qkv": qkv, "o": attn["o"]},
               mlp={"gate_up": jnp.concatenate([mlp["gate"], mlp["up"]], axis=-1), "down": mlp["down"]})
 
@@ -270,15 +271,14 @@ def _norm(cfg: ModelConfig, scale: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def _project_qkv(cfg: ModelConfig, p: Any, x: jax.Array, rope):
-  """x [R, D] -> q [R, H, Dh] (rotated and scaled by Dh^-1/2), k [R, K, Dh] (rotated), v [R, K, Dh].
-
-  Fused weights (_decode_weights): one matmul, q's scale already in its columns, and q, k rotated as one
-  [R, H + K, Dh] array (one RoPE op per layer, not two).
+  """x [R, D] -> q [R, H, Dh], k [R, K, Dh] (both rotated), v [R, K, Dh], from _decode_weights' params
+  (q's scale is in its weights). Fused weights: one matmul, and q, k rotated as one [R, H + K, Dh] array
+  (one RoPE op per layer, not two).
   """
   h, kv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   if "qkv" not in p:
     q, k, v = (jnp.einsum("rd,dhk->rhk", x, p[name]) for name in ("q", "k", "v"))
-    return transformer.rotate(q, *rope) * jnp.asarray(dh ** -0.5, cfg.dtype), transformer.rotate(k, *rope), v
+    return transformer.rotate(q, *rope), transformer.rotate(k, *rope), v
   qkv = x @ p["qkv"]
   qk = transformer.rotate(qkv[:, :(h + kv) * dh].reshape(-1, h + kv, dh), *rope)
   return qk[:, :h], qk[:, h:], qkv[:, (h + kv) * dh:].reshape(-1, kv, dh)
@@ -291,9 +291,9 @@ def _attention(cfg: ModelConfig, p: Any, x, rope, prompt_kv, prompt_valid, earli
   x [R, D]; rope: transformer.rope_table of the rows' positions; prompt_kv: keys [B, K, Dh, P], values
   [B, K, P, Dh] and prompt_valid [B, P]; earlier: a list of (keys [R, K, Dh, S_c], values [R, K, S_c,
   Dh], valid [R, S_c]) holding the tokens of finished chunks; current: (keys [R, K, Dh, S], values
-  [R, K, S, Dh]) of this chunk, whose slots < `slot` are filled. This token's k, v go to slot `slot` FIRST and are then
-  read back with the rest: written after the read, the carried buffers would be copied twice per step by
-  the while loop. Returns (out [R, D], updated current (keys, values)).
+  [R, K, S, Dh]) of this chunk, whose slots < `slot` are filled. This token's k, v go to slot `slot`
+  FIRST and are then read back with the rest: written after the read, the carried buffers would be copied
+  twice per step by the while loop. Returns (out [R, D], updated current (keys, values)).
   Heads-before-slots layouts, with keys transposed, make both products plain [rows, contraction] x
   [contraction, cols] matmuls, which XLA CPU runs far faster than reductions over a non-minor axis or
   transposed operands; each block is read whole (a slice of a bigger buffer would be copied first).
@@ -365,7 +365,7 @@ def _decode_head(cfg: ModelConfig, params: Any) -> jax.Array:
   """The LM head as a contiguous [D, V] matrix, built once per call: a tied head used as embedding.T inside
   the loop is a transposed-operand matmul, ~20% slower on XLA CPU than the plain [R, D] x [D, V] one."""
   head = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
-  return jnp.asarray(head, cfg.dtype).copy() if cfg.tie_embeddings else head.astype(cfg.dtype)
+  return head.astype(cfg.dtype)
 
 
 def _lm_logits(cfg: ModelConfig, head: jax.Array, hidden: jax.Array) -> jax.Array:
@@ -373,8 +373,11 @@ def _lm_logits(cfg: ModelConfig, head: jax.Array, hidden: jax.Array) -> jax.Arra
   return sharding.constrain(logits, ("act_batch", "act_vocab"))
 
 
-def _decode_logits(cfg, params, layers, tokens, positions, prompt_cache, earlier, current, slot, num_samples):
+def _decode_logits(cfg, params, layers, head, tokens, positions, prompt_cache, earlier, current, slot,
+                   num_samples):
   """tokens, positions [R] -> (logits [R, V] float32, current block with these tokens' k, v at `slot`).
+
+  head: _decode_head's [D, V] matrix (built outside the loop).
 
   Per-layer arrays come as lists of L arrays (unrolled layers) or stacked [L, ...] (scanned layers), see
   _per_layer: prompt_cache k, v per layer; earlier: a list of (k, v per layer, valid [R, S_c]) with the
@@ -400,7 +403,7 @@ def _decode_logits(cfg, params, layers, tokens, positions, prompt_cache, earlier
       new_k.append(k)
       new_v.append(v)
   x = _norm(cfg, params["final_norm"]["scale"], x)
-  return _lm_logits(cfg, params["decode_head"], x), {"k": new_k, "v": new_v}
+  return _lm_logits(cfg, head, x), {"k": new_k, "v": new_v}
 
 
 def _chunks(num_steps: int) -> list[tuple[int, int]]:
@@ -468,7 +471,7 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
       "done": jnp.zeros((rows,), bool),
   }
   state = emit(state, 0, jnp.repeat(first_logits, num_samples, axis=0))  # forks the prompt N ways
-  params = dict(params, decode_head=_decode_head(cfg, params))
+  head = _decode_head(cfg, params)
   layers = _layer_params(cfg, params)
   layers = (_decode_weights(layers, fuse) if cfg.scan_layers else [_decode_weights(p, fuse) for p in layers])
   k_axes = ("act_batch", "act_kv_heads", "head_dim", "cache_length")
@@ -498,8 +501,9 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
 
     def body(carry, start=start, earlier=earlier):
       step, block, state = carry
-      logits, block = _decode_logits(cfg, params, layers, state["last"], row_prompt_lengths + step - 1,
-                                     prompt_cache, earlier, block, step - 1 - start, num_samples)
+      logits, block = _decode_logits(cfg, params, layers, head, state["last"],
+                                     row_prompt_lengths + step - 1, prompt_cache, earlier, block,
+                                     step - 1 - start, num_samples)
       return step + 1, block, emit(state, step, logits)
 
     _, block, state = jax.lax.while_loop(cond, body, (jnp.int32(start + 1), block, state))
