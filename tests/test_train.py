@@ -143,6 +143,8 @@ def test_nan_rewards_are_skipped_and_stop_the_run_without_saving(stages, tmp_pat
     ("sampling.temperature", 0.7, r"BOND's losses need samples from pi itself"),
     ("train.batch_size", 12, r"train.batch_size=12 must be divisible by data \* fsdp = 8"),
     ("mesh.data", 3, r"does not fit 8 devices: 8 is not divisible by 3"),
+    ("data.response_turns", 0, r"data.response_turns=0 must be >= 1"),
+    ("eval.policy_samples", 0, r"eval.policy_samples=0 must be >= 1"),
 ])
 def test_bad_config_fails_before_any_compute(field, value, message, tmp_path):
   config = _config()
