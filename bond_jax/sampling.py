@@ -373,18 +373,18 @@ def _lm_logits(cfg: ModelConfig, head: jax.Array, hidden: jax.Array) -> jax.Arra
   return sharding.constrain(logits, ("act_batch", "act_vocab"))
 
 
-def _decode_logits(cfg, params, layers, head, tokens, positions, prompt_cache, earlier, current, slot,
+def _decode_logits(cfg, params, layers, head, tokens, rope, prompt_cache, earlier, current, slot,
                    num_samples):
-  """tokens, positions [R] -> (logits [R, V] float32, current block with these tokens' k, v at `slot`).
+  """tokens [R] -> (logits [R, V] float32, current block with these tokens' k, v at `slot`).
 
-  head: _decode_head's [D, V] matrix (built outside the loop).
+  head: _decode_head's [D, V] matrix (built outside the loop). rope: (cos, sin) [R, 1, Dh/2] of the rows'
+  positions, sliced from a table built before the loop (see _generate_body).
 
   Per-layer arrays come as lists of L arrays (unrolled layers) or stacked [L, ...] (scanned layers), see
   _per_layer: prompt_cache k, v per layer; earlier: a list of (k, v per layer, valid [R, S_c]) with the
   tokens of finished chunks; current: {'k', 'v'} per layer (shapes and layouts: see _attention).
   """
   x = _embed(cfg, params, tokens)
-  rope = transformer.rope_table(positions, transformer.rope_inverse_frequencies(cfg), cfg.dtype)
   pk, pv, p_valid = prompt_cache["k"], prompt_cache["v"], prompt_cache["valid"]
   earlier_kv = [(k, v) for k, v, _ in earlier]
   with_valid = lambda layer_kv: [(k, v, valid) for (k, v), (_, _, valid) in zip(layer_kv, earlier)]
@@ -448,6 +448,10 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
   prompt_lengths = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
   row_prompt_lengths = jnp.repeat(prompt_lengths, num_samples)
   uniforms = sharding.constrain(row_uniforms(rng, rows, steps), ("act_batch", None))
+  # RoPE (cos, sin) of every decode step, [T, R, 1, Dh/2], built once: computed inside the step, XLA fuses
+  # the cos/sin into each layer's rotation and evaluates them per head and element (~25% of a tiny step).
+  step_positions = row_prompt_lengths[None, :] + jnp.arange(steps, dtype=jnp.int32)[:, None] - 1
+  rope_steps = transformer.rope_table(step_positions, transformer.rope_inverse_frequencies(cfg), cfg.dtype)
 
   def emit(state, step, logits):
     tokens, sample_lp, model_lp = sample(logits, uniforms[:, step])
@@ -501,9 +505,9 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
 
     def body(carry, start=start, earlier=earlier):
       step, block, state = carry
-      logits, block = _decode_logits(cfg, params, layers, head, state["last"],
-                                     row_prompt_lengths + step - 1, prompt_cache, earlier, block,
-                                     step - 1 - start, num_samples)
+      rope = tuple(table[step] for table in rope_steps)  # position prompt_length + step - 1
+      logits, block = _decode_logits(cfg, params, layers, head, state["last"], rope, prompt_cache, earlier,
+                                     block, step - 1 - start, num_samples)
       return step + 1, block, emit(state, step, logits)
 
     _, block, state = jax.lax.while_loop(cond, body, (jnp.int32(start + 1), block, state))
