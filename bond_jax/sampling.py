@@ -133,16 +133,37 @@ def _fit_width(prompts, prompt_mask, width: int):
 # Token choice.
 
 
+def _cdf_block(vocab: int) -> int:
+  """Block width of the two-level inverse CDF: the power of two >= sqrt(V) (>= 16), so that both levels'
+  cumulative sums are short."""
+  return max(16, 1 << math.isqrt(max(vocab - 1, 0)).bit_length())
+
+
 def _inverse_cdf(probs: jax.Array, uniforms: jax.Array) -> jax.Array:
   """Index i with cdf[i-1] <= u * total < cdf[i]: exact sampling from unnormalised probs [R, V].
 
-  A zero-probability token is never chosen (its cdf step is empty); the threshold is kept strictly below
-  the total so that float rounding of u * total can never run past the last token with mass.
+  Two levels, because a cumulative sum over the whole vocabulary is a slow scan on CPU (~0.5 ms per decode
+  step at [64, 2048]): the vocabulary is cut into blocks of `_cdf_block(V)` tokens, the block is chosen
+  by inverse CDF over the block sums, then the token by inverse CDF inside that block.
+  A zero-probability token is never chosen: at each level the pick is the first entry whose cumulative
+  sum exceeds a threshold held strictly below that level's total (so float rounding of u * total, or of
+  the residual inside the block, can never run past the last entry with mass), and a zero entry does not
+  raise the cumulative sum.
   """
-  cdf = jnp.cumsum(probs, axis=-1)
-  total = cdf[:, -1:]
-  threshold = jnp.minimum(uniforms[:, None] * total, jnp.nextafter(total, 0.0))
-  return jnp.sum(cdf <= threshold, axis=-1).astype(jnp.int32)
+  rows, vocab = probs.shape
+  width = _cdf_block(vocab)
+  blocks = -(-vocab // width)
+  padded = jnp.pad(probs, ((0, 0), (0, blocks * width - vocab))).reshape(rows, blocks, width)
+  first = lambda cdf, threshold: jnp.sum(cdf <= threshold[:, None], axis=-1).astype(jnp.int32)
+  below = lambda total: jnp.nextafter(total, jnp.zeros_like(total))
+  block_cdf = jnp.cumsum(jnp.sum(padded, axis=-1), axis=-1)  # [R, blocks]
+  threshold = jnp.minimum(uniforms * block_cdf[:, -1], below(block_cdf[:, -1]))
+  block = first(block_cdf, threshold)
+  mass_before = jnp.where(block > 0, jnp.take_along_axis(block_cdf, jnp.maximum(block - 1, 0)[:, None],
+                                                         axis=-1)[:, 0], 0.0)
+  inner_cdf = jnp.cumsum(jnp.take_along_axis(padded, block[:, None, None], axis=1)[:, 0], axis=-1)
+  residual = jnp.minimum(jnp.maximum(threshold - mass_before, 0.0), below(inner_cdf[:, -1]))
+  return block * width + first(inner_cdf, residual)
 
 
 def _top_k(scaled: jax.Array, top_k: int) -> jax.Array:

@@ -117,6 +117,20 @@ def test_inverse_cdf_never_picks_a_zero_probability_token():
   np.testing.assert_array_equal(sampling._inverse_cdf(probs, uniforms), [1, 1, 3, 3])
 
 
+@pytest.mark.parametrize("vocab", [100, 3000])  # several blocks of the two-level search, a ragged last one
+def test_inverse_cdf_matches_a_float64_search_across_blocks(vocab):
+  rng = np.random.default_rng(vocab)
+  probs = np.zeros(vocab, np.float32)
+  support = rng.choice(vocab, 6, replace=False)
+  probs[support] = rng.random(6).astype(np.float32)
+  uniforms = np.append(np.linspace(0, 1, 4095, endpoint=False), np.nextafter(np.float32(1), np.float32(0)))
+  tokens = np.asarray(sampling._inverse_cdf(jnp.asarray(np.tile(probs, (4096, 1))),
+                                            jnp.asarray(uniforms, jnp.float32)))
+  cdf = np.cumsum(probs.astype(np.float64))
+  np.testing.assert_array_equal(tokens, np.searchsorted(cdf / cdf[-1], uniforms, side="right"))
+  assert set(tokens) == set(support)  # every token with mass is reached, none without
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Log-probs and EOS semantics.
 
