@@ -15,7 +15,9 @@ How `generate` spends its FLOPs (see DESIGN.md, "Sampling speed"):
   chunk c reads only the generated-cache slots that can be filled by then (one block per chunk), not the
   whole preallocated buffer. Each step writes its token's k, v into the carried block before reading it,
   and q, k, v (and gate, up) come from one fused matmul: BENCHMARKS.md says why each of these matters.
-- Sampling is by inverse CDF (one uniform per token, cumulative sum, count): exact and as cheap as argmax.
+- Sampling is by inverse CDF (one uniform per token; a block of the vocabulary, then a token in it): exact,
+  and cheaper than a full-vocabulary cumulative sum, which XLA CPU runs as a slow scan.
+- RoPE angles of all decode steps are computed once before the loop (see _generate_body).
 - Prompt widths are bucketed (`bucket_length`), so a run compiles once per bucket, not once per batch.
 
 Randomness: row r's uniforms come from fold_in(rng, r) alone, so a prompt's samples depend only on
