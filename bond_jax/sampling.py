@@ -401,7 +401,7 @@ def _decode_logits(cfg, params, layers, head, tokens, rope, prompt_cache, earlie
   """tokens [R] -> (logits [R, V] float32, current block with these tokens' k, v at `slot`).
 
   head: _decode_head's [D, V] matrix (built outside the loop). rope: (cos, sin) [R, 1, Dh/2] of the rows'
-  positions, sliced from a table built before the loop (see _generate_body).
+  positions, gathered from a table built before the loop (see _generate_body).
 
   Per-layer arrays come as lists of L arrays (unrolled layers) or stacked [L, ...] (scanned layers), see
   _per_layer: prompt_cache k, v per layer; earlier: a list of (k, v per layer, valid [R, S_c]) with the
