@@ -161,8 +161,8 @@ def _inverse_cdf(probs: jax.Array, uniforms: jax.Array) -> jax.Array:
   block_cdf = jnp.cumsum(jnp.sum(padded, axis=-1), axis=-1)  # [R, blocks]
   threshold = jnp.minimum(uniforms * block_cdf[:, -1], below(block_cdf[:, -1]))
   block = first(block_cdf, threshold)
-  mass_before = jnp.where(block > 0, jnp.take_along_axis(block_cdf, jnp.maximum(block - 1, 0)[:, None],
-                                                         axis=-1)[:, 0], 0.0)
+  block_starts = jnp.pad(block_cdf[:, :-1], ((0, 0), (1, 0)))  # mass of the blocks before each block
+  mass_before = jnp.take_along_axis(block_starts, block[:, None], axis=-1)[:, 0]
   inner_cdf = jnp.cumsum(jnp.take_along_axis(padded, block[:, None, None], axis=1)[:, 0], axis=-1)
   residual = jnp.minimum(jnp.maximum(threshold - mass_before, 0.0), below(inner_cdf[:, -1]))
   return block * width + first(inner_cdf, residual)
