@@ -8,7 +8,8 @@ temperature 1 without truncation. Tokens/s counts new tokens (B * N * T) over th
 included; each number is the best of --repeats runs after one warm-up (compilation excluded). The two
 are timed in alternation (theirs, ours, theirs, ours, ...): this VM's speed changes by ~1.5x over
 minutes (BENCHMARKS.md), so timing one after the other would compare different machines. The table's
-ratio is best over best; "paired" lists each round's ratio of adjacent runs.
+ratio is best over best; "paired" lists each round's ratio of adjacent runs, and their median is the
+figure that a phase switch moves least.
 Also reported: forking (one prefill per prompt, shared prompt cache) vs repeating each prompt N times,
 and our decode FLOP/s as a fraction of a jnp matmul peak measured here in the same dtype.
 """
@@ -119,6 +120,7 @@ def _time_dtype(cfg, params, prompts, mask, dtype, theirs, name, batch, num_samp
   flops = decode_flops(cfg, batch, num_samples, prompt_len, new_tokens)
   return dict(preset=name, dtype=dtype, theirs=tokens / t_theirs, ours=tokens / t_ours,
               ratio=t_theirs / t_ours, paired=[a / b for a, b in zip(times_theirs, times_ours)],
+              paired_median=float(np.median([a / b for a, b in zip(times_theirs, times_ours)])),
               fork_gain=t_repeat / t_ours, flops=flops / t_ours, peak=peak)
 
 
@@ -135,7 +137,7 @@ def main():
   args = parser.parse_args()
   print(f"B={args.batch} prompts x N={args.num_samples}, {args.prompt_len}-token prompts, "
         f"{args.new_tokens} new tokens, temperature 1, devices: {jax.devices()[0].device_kind}")
-  header = ("| preset | compute | transformers tok/s | bond_jax tok/s | ratio | fork vs repeat | "
+  header = ("| preset | compute | transformers tok/s | bond_jax tok/s | ratio | paired median | fork vs repeat | "
             "decode GFLOP/s | of matmul peak | paired ratios |")
   print(header)
   print("|---" * (header.count("|") - 1) + "|")
@@ -143,7 +145,7 @@ def main():
     for row in run_preset(name, args.dtypes.split(","), args.batch, args.num_samples, args.prompt_len,
                           args.new_tokens, args.repeats, args.threads):
       print(f"| {row['preset']} | {row['dtype']} | {row['theirs']:,.0f} | {row['ours']:,.0f} | "
-            f"{row['ratio']:.2f}x | {row['fork_gain']:.2f}x | {row['flops'] / 1e9:.1f} | "
+            f"{row['ratio']:.2f}x | {row['paired_median']:.2f}x | {row['fork_gain']:.2f}x | {row['flops'] / 1e9:.1f} | "
             f"{row['flops'] / row['peak']:.0%} of {row['peak'] / 1e9:.0f} | "
             f"{' '.join(f'{r:.2f}' for r in row['paired'])} |", flush=True)
 
