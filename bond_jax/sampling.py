@@ -429,17 +429,20 @@ def _decode_logits(cfg, params, layers, head, tokens, rope, prompt_cache, earlie
   return _lm_logits(cfg, head, x), {"k": new_k, "v": new_v}
 
 
-def _chunks(num_steps: int) -> list[tuple[int, int]]:
-  """[start, stop) ranges of decode steps; chunk c has its own cache block of stop - start slots.
+def _chunks(num_steps: int) -> tuple[int, list[tuple[int, int]]]:
+  """(slots, [start, stop) ranges of decode steps): chunk c writes its own cache block of `slots` slots.
 
   Chunk c attends to the blocks of chunks 0..c whole, so it reads only slots that can be filled by then.
-  At most 8 chunks (each is a compiled copy of the step) of >= 16 steps.
+  slots is the smallest multiple of 16 that needs at most 8 chunks (each chunk is a compiled copy of the
+  step); only the last chunk can stop short of its block. Why multiples of 16: YNNPACK's batched
+  [g, Dh] x [Dh, S] score products run ~2x faster per slot at S = 16 or 32 than at S = 21 (isolated), and a
+  tiny / small generate of 64 tokens with 16-slot blocks took 0.93x / 0.92x the time of three 21-slot blocks
+  (median paired ratios over 20 / 12 alternating rounds, BENCHMARKS.md).
   """
   if num_steps <= 0:
-    return []
-  count = min(8, max(1, num_steps // 16))
-  size = -(-num_steps // count)
-  return [(start, min(start + size, num_steps)) for start in range(0, num_steps, size)]
+    return 0, []
+  slots = 16 * -(-num_steps // (16 * 8))
+  return slots, [(start, min(start + slots, num_steps)) for start in range(0, num_steps, slots)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -508,20 +511,20 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
     k_axes, v_axes = ("layers",) + k_axes, ("layers",) + v_axes
 
   # Step s (1 <= s < T) feeds token s-1 (cache slot s-1, position prompt_length + s - 1), samples token s.
-  # The generated-token cache is one block per chunk of S = stop - start slots, keys [R, K, Dh, S] and
-  # values [R, K, S, Dh] per layer: finished blocks are loop invariants of later chunks, the current one
-  # is carried and written in place.
+  # The generated-token cache is one block of S slots per chunk (see _chunks), keys [R, K, Dh, S] and
+  # values [R, K, S, Dh] per layer: finished blocks are full loop invariants of later chunks, the current
+  # one is carried and written in place (its slots past the step are masked in _attention).
+  slots, chunks = _chunks(steps - 1)
   finished = []
-  for start, stop in _chunks(steps - 1):
+  for start, stop in chunks:
     layer_axis = (cfg.num_layers,) if cfg.scan_layers else ()
-    k_shape = layer_axis + (rows, cfg.num_kv_heads, cfg.head_dim, stop - start)
-    v_shape = layer_axis + (rows, cfg.num_kv_heads, stop - start, cfg.head_dim)
+    k_shape = layer_axis + (rows, cfg.num_kv_heads, cfg.head_dim, slots)
+    v_shape = layer_axis + (rows, cfg.num_kv_heads, slots, cfg.head_dim)
     zeros = lambda shape, axes: sharding.constrain(jnp.zeros(shape, cfg.dtype), axes)
     per_layer = (lambda make: make()) if cfg.scan_layers else (lambda make: [make() for _ in layers])
     block = {"k": per_layer(lambda: zeros(k_shape, k_axes)), "v": per_layer(lambda: zeros(v_shape, v_axes))}
-    all_valid = jnp.ones((rows, 1), bool)
-    earlier = [(b["k"], b["v"], jnp.broadcast_to(all_valid, (rows, stop_b - start_b)))
-               for b, (start_b, stop_b) in finished]
+    all_valid = jnp.ones((rows, slots), bool)
+    earlier = [(b["k"], b["v"], all_valid) for b in finished]
 
     def cond(carry, stop=stop):
       step, _, state = carry
@@ -536,7 +539,7 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
       return step + 1, block, emit(state, step, logits)
 
     _, block, state = jax.lax.while_loop(cond, body, (jnp.int32(start + 1), block, state))
-    finished.append((block, (start, stop)))
+    finished.append(block)
 
   shape = (batch, num_samples, steps)
   return Samples(tokens=state["tokens"].reshape(shape), mask=state["mask"].reshape(shape),

@@ -155,9 +155,17 @@ def test_generate_logprobs_equal_teacher_forced_logprobs_gemma_scanned_long():
   prompts, mask = _prompts(3, lengths=(2, 8), width=8)
   out = sampling.generate(cfg, params, prompts, mask, jax.random.key(1), num_samples=2, max_new_tokens=40,
                           temperature=0.8, pad_id=PAD)
-  assert sampling._chunks(39) == [(0, 20), (20, 39)]
-  assert (np.asarray(out.lengths) == 40).all()  # no EOS: every row runs through both cache chunks
+  assert sampling._chunks(39) == (16, [(0, 16), (16, 32), (32, 39)])
+  assert (np.asarray(out.lengths) == 40).all()  # no EOS: every row runs through all 3 chunks, the last partly
   _check_logprobs(cfg, params, prompts, mask, out, temperature=0.8)
+
+
+@pytest.mark.parametrize("num_steps", [1, 15, 16, 17, 63, 128, 129, 1000])
+def test_cache_chunks_cover_the_steps_with_16_aligned_blocks(num_steps):
+  slots, chunks = sampling._chunks(num_steps)
+  assert slots % 16 == 0 and 1 <= len(chunks) <= 8 and slots - 16 < -(-num_steps // 8)  # smallest such
+  assert [start for start, _ in chunks] == list(range(0, num_steps, slots))
+  assert chunks[-1][1] == num_steps and all(stop - start == slots for start, stop in chunks[:-1])
 
 
 def test_eos_ends_a_response_and_pads_after_it(sampled):
