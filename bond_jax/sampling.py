@@ -515,6 +515,7 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
   # values [R, K, S, Dh] per layer: finished blocks are full loop invariants of later chunks, the current
   # one is carried and written in place (its slots past the step are masked in _attention).
   slots, chunks = _chunks(steps - 1)
+  all_valid = jnp.ones((rows, slots), bool)
   finished = []
   for start, stop in chunks:
     layer_axis = (cfg.num_layers,) if cfg.scan_layers else ()
@@ -523,7 +524,6 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
     zeros = lambda shape, axes: sharding.constrain(jnp.zeros(shape, cfg.dtype), axes)
     per_layer = (lambda make: make()) if cfg.scan_layers else (lambda make: [make() for _ in layers])
     block = {"k": per_layer(lambda: zeros(k_shape, k_axes)), "v": per_layer(lambda: zeros(v_shape, v_axes))}
-    all_valid = jnp.ones((rows, slots), bool)
     earlier = [(b["k"], b["v"], all_valid) for b in finished]
 
     def cond(carry, stop=stop):
