@@ -11,7 +11,11 @@ minutes (BENCHMARKS.md), so timing one after the other would compare different m
 ratio is best over best; "paired" lists each round's ratio of adjacent runs, and their median is the
 figure that a phase switch moves least.
 Also reported: forking (one prefill per prompt, shared prompt cache) vs repeating each prompt N times,
-and our decode FLOP/s as a fraction of a jnp matmul peak measured here in the same dtype.
+our decode FLOP/s as a fraction of a jnp matmul peak measured here in the same dtype, and a floor: the
+decode steps' weight products alone (q/k/v, o, gate/up, down per layer and the LM head, on B * N rows,
+chained over T - 1 steps in one jitted loop, timed in the same alternation). "products share" is the floor
+over our time, and "ceiling" is transformers' time over the floor: the ratio that would be reached if
+attention, sampling and everything else in a step were free, at this backend's product speed.
 """
 
 from __future__ import annotations
@@ -72,6 +76,39 @@ def decode_flops(cfg, batch: int, num_samples: int, prompt_len: int, new_tokens:
   return total * batch * num_samples
 
 
+def weight_products_floor(cfg, params, rows: int, steps: int, dtype):
+  """A jitted fn running the decode steps' weight products alone: `steps` chained steps on [rows, D].
+
+  Built from the raw params (fused q/k/v and gate/up, as any decoder can), so it measures what this backend
+  makes of the products, not how the sampler arranges them.
+  """
+  d = cfg.d_model
+  layers = ([jax.tree.map(lambda w, i=i: w[i], params["layers"]["block"]) for i in range(cfg.num_layers)]
+            if cfg.scan_layers else [params[f"layer_{i}"] for i in range(cfg.num_layers)])
+  flat = lambda w: w.reshape(w.shape[0], -1).astype(dtype)
+  weights = [dict(qkv=jnp.concatenate([flat(p["attn"][n]) for n in ("q", "k", "v")], axis=-1),
+                  o=p["attn"]["o"].reshape(-1, d).astype(dtype),
+                  gate_up=jnp.concatenate([p["mlp"]["gate"], p["mlp"]["up"]], axis=-1).astype(dtype),
+                  down=p["mlp"]["down"].astype(dtype)) for p in layers]
+  head = (params["embedding"].T if cfg.tie_embeddings else params["lm_head"]).astype(dtype)
+  attn_width = cfg.num_heads * cfg.head_dim
+
+  @jax.jit
+  def run(weights, head, x):
+    def step(_, x):
+      for w in weights:
+        x = x + (x @ w["qkv"])[:, :attn_width] @ w["o"]
+        gate, up = jnp.split(x @ w["gate_up"], 2, axis=-1)
+        act = jax.nn.gelu(gate, approximate=True) if cfg.family == "gemma" else jax.nn.silu(gate)
+        x = x + (act * up) @ w["down"]
+      logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+      return x + (1e-3 * logits[:, :d]).astype(x.dtype)  # keeps the head's product live
+    return jax.lax.fori_loop(0, steps, step, x)
+
+  x = jnp.full((rows, d), 0.01, dtype)
+  return lambda: run(weights, head, x).block_until_ready()
+
+
 def run_preset(name: str, dtypes, batch: int, num_samples: int, prompt_len: int, new_tokens: int,
                repeats: int, threads: int):
   import torch
@@ -114,13 +151,15 @@ def _time_dtype(cfg, params, prompts, mask, dtype, theirs, name, batch, num_samp
     out.tokens.block_until_ready()
 
   rep_p, rep_m = np.repeat(prompts, num_samples, 0), np.repeat(mask, num_samples, 0)
-  times_theirs, times_ours, times_repeat = _alternating_times(
-      [theirs, ours, lambda: ours(rep_p, rep_m, 1)], repeats)
-  t_theirs, t_ours, t_repeat = min(times_theirs), min(times_ours), min(times_repeat)
+  floor = weight_products_floor(cfg, params, batch * num_samples, new_tokens - 1, cfg_d.dtype)
+  times_theirs, times_ours, times_repeat, times_floor = _alternating_times(
+      [theirs, ours, lambda: ours(rep_p, rep_m, 1), floor], repeats)
+  t_theirs, t_ours, t_repeat, t_floor = (min(t) for t in (times_theirs, times_ours, times_repeat, times_floor))
   flops = decode_flops(cfg, batch, num_samples, prompt_len, new_tokens)
   return dict(preset=name, dtype=dtype, theirs=tokens / t_theirs, ours=tokens / t_ours,
               ratio=t_theirs / t_ours, paired=[a / b for a, b in zip(times_theirs, times_ours)],
-              fork_gain=t_repeat / t_ours, flops=flops / t_ours, peak=peak)
+              fork_gain=t_repeat / t_ours, flops=flops / t_ours, peak=peak,
+              products_share=t_floor / t_ours, ceiling=t_theirs / t_floor)
 
 
 def main():
@@ -137,7 +176,7 @@ def main():
   print(f"B={args.batch} prompts x N={args.num_samples}, {args.prompt_len}-token prompts, "
         f"{args.new_tokens} new tokens, temperature 1, devices: {jax.devices()[0].device_kind}")
   header = ("| preset | compute | transformers tok/s | bond_jax tok/s | ratio | paired median | fork vs repeat | "
-            "decode GFLOP/s | of matmul peak | paired ratios |")
+            "decode GFLOP/s | of matmul peak | products share | ceiling | paired ratios |")
   print(header)
   print("|---" * (header.count("|") - 1) + "|")
   for name in args.presets.split(","):
@@ -147,6 +186,7 @@ def main():
             f"{row['ratio']:.2f}x | {np.median(row['paired']):.2f}x | {row['fork_gain']:.2f}x | "
             f"{row['flops'] / 1e9:.1f} | "
             f"{row['flops'] / row['peak']:.0%} of {row['peak'] / 1e9:.0f} | "
+            f"{row['products_share']:.0%} | {row['ceiling']:.2f}x | "
             f"{' '.join(f'{r:.2f}' for r in row['paired'])} |", flush=True)
 
 
