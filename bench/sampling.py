@@ -76,37 +76,32 @@ def decode_flops(cfg, batch: int, num_samples: int, prompt_len: int, new_tokens:
   return total * batch * num_samples
 
 
-def weight_products_floor(cfg, params, rows: int, steps: int, dtype):
-  """A jitted fn running the decode steps' weight products alone: `steps` chained steps on [rows, D].
-
-  Built from the raw params (fused q/k/v and gate/up, as any decoder can), so it measures what this backend
-  makes of the products, not how the sampler arranges them.
+def weight_products_floor(cfg, params, rows: int, steps: int):
+  """A fn running the decode steps' weight products alone: `steps` chained steps on [rows, D], in the
+  compute dtype of cfg. The weights are the sampler's own decode matrices (fused q/k/v and gate/up, the
+  [D, V] head), so the floor differs from a decode step only by what a step does besides these products.
   """
-  d = cfg.d_model
-  layers = ([jax.tree.map(lambda w, i=i: w[i], params["layers"]["block"]) for i in range(cfg.num_layers)]
-            if cfg.scan_layers else [params[f"layer_{i}"] for i in range(cfg.num_layers)])
-  flat = lambda w: w.reshape(w.shape[0], -1).astype(dtype)
-  weights = [dict(qkv=jnp.concatenate([flat(p["attn"][n]) for n in ("q", "k", "v")], axis=-1),
-                  o=p["attn"]["o"].reshape(-1, d).astype(dtype),
-                  gate_up=jnp.concatenate([p["mlp"]["gate"], p["mlp"]["up"]], axis=-1).astype(dtype),
-                  down=p["mlp"]["down"].astype(dtype)) for p in layers]
-  head = (params["embedding"].T if cfg.tie_embeddings else params["lm_head"]).astype(dtype)
+  params = sampling._cast_weights(params, cfg.dtype)
+  layers = sampling._layer_params(cfg, params)
+  if cfg.scan_layers:
+    layers = [jax.tree.map(lambda w, i=i: w[i], layers) for i in range(cfg.num_layers)]
+  layers = [sampling._decode_weights(p, fuse=True) for p in layers]
+  head = sampling._decode_head(cfg, params)
   attn_width = cfg.num_heads * cfg.head_dim
 
   @jax.jit
-  def run(weights, head, x):
+  def run(layers, head, x):
     def step(_, x):
-      for w in weights:
-        x = x + (x @ w["qkv"])[:, :attn_width] @ w["o"]
-        gate, up = jnp.split(x @ w["gate_up"], 2, axis=-1)
-        act = jax.nn.gelu(gate, approximate=True) if cfg.family == "gemma" else jax.nn.silu(gate)
-        x = x + (act * up) @ w["down"]
-      logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
-      return x + (1e-3 * logits[:, :d]).astype(x.dtype)  # keeps the head's product live
+      for p in layers:
+        heads = (x @ p["attn"]["qkv"])[:, :attn_width].reshape(-1, cfg.num_heads, cfg.head_dim)
+        x = x + jnp.einsum("rhk,hkd->rd", heads, p["attn"]["o"])
+        x = x + sampling._mlp(cfg, p["mlp"], x)
+      logits = sampling._lm_logits(cfg, head, x)
+      return x + (1e-3 * logits[:, :cfg.d_model]).astype(x.dtype)  # keeps the head's product live
     return jax.lax.fori_loop(0, steps, step, x)
 
-  x = jnp.full((rows, d), 0.01, dtype)
-  return lambda: run(weights, head, x).block_until_ready()
+  x = jnp.full((rows, cfg.d_model), 0.01, cfg.dtype)
+  return lambda: run(layers, head, x).block_until_ready()
 
 
 def run_preset(name: str, dtypes, batch: int, num_samples: int, prompt_len: int, new_tokens: int,
@@ -151,7 +146,7 @@ def _time_dtype(cfg, params, prompts, mask, dtype, theirs, name, batch, num_samp
     out.tokens.block_until_ready()
 
   rep_p, rep_m = np.repeat(prompts, num_samples, 0), np.repeat(mask, num_samples, 0)
-  floor = weight_products_floor(cfg, params, batch * num_samples, new_tokens - 1, cfg_d.dtype)
+  floor = weight_products_floor(cfg_d, params, batch * num_samples, new_tokens - 1)
   times_theirs, times_ours, times_repeat, times_floor = _alternating_times(
       [theirs, ours, lambda: ours(rep_p, rep_m, 1), floor], repeats)
   t_theirs, t_ours, t_repeat, t_floor = (min(t) for t in (times_theirs, times_ours, times_repeat, times_floor))
