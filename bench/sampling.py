@@ -93,8 +93,8 @@ def weight_products_floor(cfg, params, rows: int, steps: int):
   def run(layers, head, x):
     def step(_, x):
       for p in layers:
-        heads = (x @ p["attn"]["qkv"])[:, :attn_width].reshape(-1, cfg.num_heads, cfg.head_dim)
-        x = x + jnp.einsum("rhk,hkd->rd", heads, p["attn"]["o"])
+        heads = sampling._dense(x, p["attn"]["qkv"])[:, :attn_width].reshape(-1, cfg.num_heads, cfg.head_dim)
+        x = x + sampling._dense(heads, p["attn"]["o"], "rhk,hkd->rd")
         x = x + sampling._mlp(cfg, p["mlp"], x)
       logits = sampling._lm_logits(cfg, head, x)
       return x + (1e-3 * logits[:, :cfg.d_model]).astype(x.dtype)  # keeps the head's product live

@@ -10,7 +10,7 @@ everything after it is `pad_id` with mask False (EOS itself is in the response, 
 How `generate` spends its FLOPs (see DESIGN.md, "Sampling speed"):
 - ONE prefill per prompt. Its KV cache is never copied: the N samples of a prompt attend to the shared
   prompt cache (per layer: keys [B, K, Dh, P], values [B, K, P, Dh]) plus their own cache of generated
-  tokens (per layer: keys [R, K, Dh, S], values [R, K, S, Dh]).
+  tokens (per layer: keys and values [R, K, S, Dh]).
 - The decode loop is a lax.while_loop per chunk of steps that stops as soon as every row has emitted EOS;
   chunk c reads only the generated-cache slots that can be filled by then (one block per chunk), not the
   whole preallocated buffer. Each step writes its token's k, v into the carried block before reading it,
@@ -293,6 +293,18 @@ def _norm(cfg: ModelConfig, scale: jax.Array, x: jax.Array) -> jax.Array:
   return transformer.RMSNorm(cfg).apply({"params": {"scale": scale}}, x)
 
 
+def _dense(x: jax.Array, w: jax.Array, spec: str = "rd,df->rf", out_dtype=None) -> jax.Array:
+  """A weight product x @ w in the compute dtype, accumulated in float32 and rounded once at the end.
+
+  Asking for the float32 result is what keeps a bfloat16 product bfloat16 on XLA CPU: a bf16 x bf16 -> bf16
+  dot is not native there, so XLA widens both operands (the weights too, every step) and runs it in f32,
+  ~3-4x slower than the native bf16 x bf16 -> f32 product (AMX/AVX512_BF16; BENCHMARKS.md). It is also
+  what TPUs and GPUs do natively; for float32 it changes nothing. out_dtype: the result's dtype (default
+  x's).
+  """
+  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
+
+
 def _project_qkv(cfg: ModelConfig, p: Any, x: jax.Array, rope):
   """x [R, D] -> q [R, H, Dh], k [R, K, Dh] (both rotated), v [R, K, Dh], from _decode_weights' params
   (q's scale is in its weights). Fused weights: one matmul, and q, k rotated as one [R, H + K, Dh] array
@@ -300,9 +312,9 @@ def _project_qkv(cfg: ModelConfig, p: Any, x: jax.Array, rope):
   """
   h, kv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   if "qkv" not in p:
-    q, k, v = (jnp.einsum("rd,dhk->rhk", x, p[name]) for name in ("q", "k", "v"))
+    q, k, v = (_dense(x, p[name], "rd,dhk->rhk") for name in ("q", "k", "v"))
     return transformer.rotate(q, *rope), transformer.rotate(k, *rope), v
-  qkv = x @ p["qkv"]
+  qkv = _dense(x, p["qkv"])
   qk = transformer.rotate(qkv[:, :(h + kv) * dh].reshape(-1, h + kv, dh), *rope)
   return qk[:, :h], qk[:, h:], qkv[:, (h + kv) * dh:].reshape(-1, kv, dh)
 
@@ -312,21 +324,24 @@ def _attention(cfg: ModelConfig, p: Any, x, rope, prompt_kv, prompt_valid, earli
   """One decode token per row, softmax over prompt slots + generated slots (float32).
 
   x [R, D]; rope: transformer.rope_table of the rows' positions; prompt_kv: keys [B, K, Dh, P], values
-  [B, K, P, Dh] and prompt_valid [B, P]; earlier: a list of (keys [R, K, Dh, S_c], values [R, K, S_c,
-  Dh], valid [R, S_c]) holding the tokens of finished chunks; current: (keys [R, K, Dh, S], values
-  [R, K, S, Dh]) of this chunk, whose slots < `slot` are filled. This token's k, v go to slot `slot`
-  FIRST and are then read back with the rest: written after the read, the carried buffers would be copied
-  twice per step by the while loop. Returns (out [R, D], updated current (keys, values)).
-  Heads-before-slots layouts, with keys transposed, make both products plain [rows, contraction] x
-  [contraction, cols] matmuls, which XLA CPU runs far faster than reductions over a non-minor axis or
-  transposed operands; each block is read whole (a slice of a bigger buffer would be copied first).
+  [B, K, P, Dh] and prompt_valid [B, P]; earlier: a list of (keys [R, K, S_c, Dh], values [R, K, S_c,
+  Dh], valid [R, S_c]) holding the tokens of finished chunks; current: (keys, values [R, K, S, Dh]) of
+  this chunk, whose slots < `slot` are filled. This token's k, v go to slot `slot` FIRST and are then
+  read back with the rest: written after the read, the carried buffers would be copied twice per step by
+  the while loop. Returns (out [R, D], updated current (keys, values)).
+  Heads-before-slots layouts make every product a batched matmul, which XLA CPU runs far faster than
+  reductions over a non-minor axis. The shared prompt keys are stored transposed ([Dh, P]: written once,
+  read as a plain [contraction, cols] operand); the generated keys are not ([S, Dh]), so that each step's
+  write is one contiguous Dh-row per head instead of a strided column (BENCHMARKS.md: faster in bfloat16,
+  equal in float32, at 16-slot blocks). Each block is read whole (a slice of a bigger buffer would be
+  copied first).
   """
   dt, f32 = cfg.dtype, jnp.float32
   rows = x.shape[0]
   batch = rows // num_samples
   k_heads, groups, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
   q, k, v = _project_qkv(cfg, p, x, rope)
-  current = (jax.lax.dynamic_update_slice(current[0], k[..., None].astype(dt), (0, 0, 0, slot)),
+  current = (jax.lax.dynamic_update_slice(current[0], k[:, :, None].astype(dt), (0, 0, slot, 0)),
              jax.lax.dynamic_update_slice(current[1], v[:, :, None].astype(dt), (0, 0, slot, 0)))
   span = current[1].shape[2]
   blocks = earlier + [(current[0], current[1], jnp.broadcast_to(jnp.arange(span) <= slot, (rows, span)))]
@@ -337,7 +352,7 @@ def _attention(cfg: ModelConfig, p: Any, x, rope, prompt_kv, prompt_valid, earli
   s_prompt = jnp.einsum("bkmd,bkdp->bkmp", q_by_prompt, prompt_kv[0], preferred_element_type=f32)
   s_prompt = jnp.where(prompt_valid[:, None, None, :], s_prompt, _NEG_INF)
   s_gen = [jnp.where(valid[:, None, None, :],
-                     jnp.einsum("rkgd,rkds->rkgs", q, gk, preferred_element_type=f32), _NEG_INF)
+                     jnp.einsum("rkgd,rksd->rkgs", q, gk, preferred_element_type=f32), _NEG_INF)
            for gk, _, valid in blocks]
 
   by_row = lambda t: t.reshape(batch, k_heads, num_samples, groups, *t.shape[3:]).swapaxes(1, 2).reshape(
@@ -355,18 +370,20 @@ def _attention(cfg: ModelConfig, p: Any, x, rope, prompt_kv, prompt_valid, earli
     denom = denom + jnp.sum(e_gen, axis=-1)
     total = total + jnp.einsum("rkgs,rksd->rkgd", e_gen.astype(dt), gv, preferred_element_type=f32)
   out = (total / denom[..., None]).astype(dt).reshape(rows, cfg.num_heads, dh)
-  out = jnp.einsum("rhk,hkd->rd", out, p["o"])
+  out = _dense(out, p["o"], "rhk,hkd->rd")
   return sharding.constrain(out, ("act_batch", "act_embed")), current
 
 
 def _mlp(cfg: ModelConfig, p: Any, x: jax.Array) -> jax.Array:
+  """x [R, D] -> [R, D]. The activation runs on the float32 products (XLA CPU's bfloat16 exp is slow)."""
+  f32 = jnp.float32
   if "gate_up" in p:
-    g, up = jnp.split(x @ p["gate_up"], 2, axis=-1)
+    g, up = jnp.split(_dense(x, p["gate_up"], out_dtype=f32), 2, axis=-1)
   else:
-    g, up = x @ p["gate"], x @ p["up"]
+    g, up = _dense(x, p["gate"], out_dtype=f32), _dense(x, p["up"], out_dtype=f32)
   act = jax.nn.gelu(g, approximate=True) if cfg.family == "gemma" else jax.nn.silu(g)
-  h = sharding.constrain(act * up, ("act_batch", "act_mlp"))
-  return h @ p["down"]
+  h = sharding.constrain((act * up).astype(x.dtype), ("act_batch", "act_mlp"))
+  return _dense(h, p["down"])
 
 
 def _block(cfg, p, x, rope, prompt_kv, prompt_valid, earlier, current, slot, num_samples):
@@ -435,7 +452,7 @@ def _chunks(num_steps: int) -> tuple[int, list[tuple[int, int]]]:
   Chunk c attends to the blocks of chunks 0..c whole, so it reads only slots that can be filled by then.
   slots is the smallest multiple of 16 that needs at most 8 chunks (each chunk is a compiled copy of the
   step); only the last chunk can stop short of its block. Why multiples of 16: YNNPACK's batched
-  [g, Dh] x [Dh, S] score products run ~2x faster per slot at S = 16 or 32 than at S = 21 (isolated), and a
+  [g, Dh] x [Dh, S] score products (measured with keys then stored [Dh, S]) run ~2x faster per slot at S = 16 or 32 than at S = 21 (isolated), and a
   tiny / small generate of 64 tokens with 16-slot blocks took 0.93x / 0.92x the time of three 21-slot blocks
   (median paired ratios over 20 / 12 alternating rounds, BENCHMARKS.md).
   """
@@ -505,25 +522,21 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
   head = _decode_head(cfg, params)
   layers = _layer_params(cfg, params)
   layers = (_decode_weights(layers, fuse) if cfg.scan_layers else [_decode_weights(p, fuse) for p in layers])
-  k_axes = ("act_batch", "act_kv_heads", "head_dim", "cache_length")
-  v_axes = ("act_batch", "act_kv_heads", "cache_length", "head_dim")
-  if cfg.scan_layers:
-    k_axes, v_axes = ("layers",) + k_axes, ("layers",) + v_axes
 
   # Step s (1 <= s < T) feeds token s-1 (cache slot s-1, position prompt_length + s - 1), samples token s.
-  # The generated-token cache is one block of S slots per chunk (see _chunks), keys [R, K, Dh, S] and
-  # values [R, K, S, Dh] per layer: finished blocks are full loop invariants of later chunks, the current
+  # The generated-token cache is one block of S slots per chunk (see _chunks), keys and values
+  # [R, K, S, Dh] per layer: finished blocks are full loop invariants of later chunks, the current
   # one is carried and written in place (its slots past the step are masked in _attention).
   slots, chunks = _chunks(steps - 1)
   all_valid = jnp.ones((rows, slots), bool)
+  layer_axis = ((cfg.num_layers,), ("layers",)) if cfg.scan_layers else ((), ())
+  block_shape = layer_axis[0] + (rows, cfg.num_kv_heads, slots, cfg.head_dim)
+  block_axes = layer_axis[1] + ("act_batch", "act_kv_heads", "cache_length", "head_dim")
+  zeros = lambda: sharding.constrain(jnp.zeros(block_shape, cfg.dtype), block_axes)
+  per_layer = (lambda make: make()) if cfg.scan_layers else (lambda make: [make() for _ in layers])
   finished = []
   for start, stop in chunks:
-    layer_axis = (cfg.num_layers,) if cfg.scan_layers else ()
-    k_shape = layer_axis + (rows, cfg.num_kv_heads, cfg.head_dim, slots)
-    v_shape = layer_axis + (rows, cfg.num_kv_heads, slots, cfg.head_dim)
-    zeros = lambda shape, axes: sharding.constrain(jnp.zeros(shape, cfg.dtype), axes)
-    per_layer = (lambda make: make()) if cfg.scan_layers else (lambda make: [make() for _ in layers])
-    block = {"k": per_layer(lambda: zeros(k_shape, k_axes)), "v": per_layer(lambda: zeros(v_shape, v_axes))}
+    block = {"k": per_layer(zeros), "v": per_layer(zeros)}
     earlier = [(b["k"], b["v"], all_valid) for b in finished]
 
     def cond(carry, stop=stop):
