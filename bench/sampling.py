@@ -2,7 +2,8 @@
 
     python -m bench.sampling [--presets=tiny,small] [--dtypes=float32,bfloat16] [--repeats=3]
 
-Per preset: random weights, exported with hf.export and loaded by transformers (torch, float32). Both
+Per preset: random weights, exported with hf.export and loaded by transformers (torch), in each row's
+dtype on both sides (bfloat16: torch runs the model in bf16, we compute in bf16 with f32 accumulation). Both
 sample B prompts x N samples (transformers: num_return_sequences=N) of exactly T new tokens (no EOS) at
 temperature 1 without truncation. Tokens/s counts new tokens (B * N * T) over the whole call, prefill
 included; each number is the best of --repeats runs after one warm-up (compilation excluded). The two
@@ -21,6 +22,7 @@ attention, sampling and everything else in a step were free, at this backend's p
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -117,9 +119,11 @@ def run_preset(name: str, dtypes, batch: int, num_samples: int, prompt_len: int,
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     hf.export(params, cfg, os.path.join(tmp, "m"), bos_id=2, eos_id=1, pad_id=0)
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "m")).float().eval()
+    models = {dtype: transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.join(tmp, "m"), dtype=getattr(torch, dtype)).eval() for dtype in dtypes}
 
-    def theirs():
+    def theirs(dtype):
+      model = models[dtype]
       with torch.no_grad():
         out = model.generate(torch.tensor(prompts, dtype=torch.long), do_sample=True, temperature=1.0,
                              top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -129,8 +133,8 @@ def run_preset(name: str, dtypes, batch: int, num_samples: int, prompt_len: int,
     torch.manual_seed(0)
     tokens = batch * num_samples * new_tokens
     for dtype in dtypes:
-      rows.append(_time_dtype(cfg, params, prompts, mask, dtype, theirs, name, batch, num_samples, prompt_len,
-                              new_tokens, repeats, tokens))
+      rows.append(_time_dtype(cfg, params, prompts, mask, dtype, functools.partial(theirs, dtype), name, batch,
+                              num_samples, prompt_len, new_tokens, repeats, tokens))
   return rows
 
 
