@@ -15,6 +15,8 @@ How `generate` spends its FLOPs (see DESIGN.md, "Sampling speed"):
   chunk c reads only the generated-cache slots that can be filled by then (one block per chunk), not the
   whole preallocated buffer. Each step writes its token's k, v into the carried block before reading it,
   and q, k, v (and gate, up) come from one fused matmul: BENCHMARKS.md says why each of these matters.
+- Every product takes compute-dtype operands and accumulates in float32 (`_dense`): in bfloat16 that is
+  the native AMX / AVX512_BF16 / MXU product, where a bf16-out dot is widened to f32 by XLA CPU.
 - Sampling is by inverse CDF (one uniform per token; a block of the vocabulary, then a token in it): exact,
   and cheaper than a full-vocabulary cumulative sum, which XLA CPU runs as a slow scan.
 - RoPE angles of all decode steps are computed once before the loop (see _generate_body).
