@@ -453,10 +453,11 @@ def _chunks(num_steps: int) -> tuple[int, list[tuple[int, int]]]:
 
   Chunk c attends to the blocks of chunks 0..c whole, so it reads only slots that can be filled by then.
   slots is the smallest multiple of 16 that needs at most 8 chunks (each chunk is a compiled copy of the
-  step); only the last chunk can stop short of its block. Why multiples of 16: YNNPACK's batched
-  [g, Dh] x [Dh, S] score products (measured with keys then stored [Dh, S]) run ~2x faster per slot at S = 16 or 32 than at S = 21 (isolated), and a
-  tiny / small generate of 64 tokens with 16-slot blocks took 0.93x / 0.92x the time of three 21-slot blocks
-  (median paired ratios over 20 / 12 alternating rounds, BENCHMARKS.md).
+  step); only the last chunk can stop short of its block. Why multiples of 16: YNNPACK's batched score
+  products (measured with keys then stored [Dh, S]) run ~2x faster per slot at S = 16 or 32 than at S = 21
+  (isolated), and a tiny / small generate of 64 tokens with 16-slot blocks took 0.93x / 0.92x the time of
+  three 21-slot blocks (median paired ratios over 20 / 12 alternating rounds, BENCHMARKS.md). On a Zen 5
+  VM, with keys [S, Dh], blocks of 24, 32 or 64 slots were no faster than 16 (1.01-1.05x its time).
   """
   if num_steps <= 0:
     return 0, []
