@@ -1,6 +1,7 @@
 """Sampling throughput: bond_jax.sampling.generate vs transformers' generate on the same weights (CPU).
 
     python -m bench.sampling [--presets=tiny,small] [--dtypes=float32,bfloat16] [--repeats=3]
+                             [--cpu_devices=D]
 
 Per preset: random weights, exported with hf.export and loaded by transformers (torch), in each row's
 dtype on both sides (bfloat16: torch runs the model in bf16, we compute in bf16 with f32 accumulation). Both
@@ -17,6 +18,10 @@ decode steps' weight products alone (q/k/v, o, gate/up, down per layer and the L
 chained over T - 1 steps in one jitted loop, timed in the same alternation). "products share" is the floor
 over our time, and "ceiling" is transformers' time over the floor: the ratio that would be reached if
 attention, sampling and everything else in a step were free, at this backend's product speed.
+--cpu_devices=D splits the host CPU into D JAX devices (`jax_num_cpu_devices`) and runs ours, and the
+floor, with the B * N rows split over a data mesh of all of them; transformers is unchanged. XLA CPU runs
+each op of a device on a shared thread pool, so small decode ops (a tiny step has ~150) parallelise
+poorly inside one device; D = cores runs D independent streams of them instead (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from bond_jax import hf, sampling, sharding
 from bond_jax.models import presets, transformer
@@ -58,10 +64,13 @@ def _alternating_times(fns, repeats: int) -> list[list[float]]:
   return times
 
 
-def matmul_peak(dtype, size: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a jitted [size, size] @ [size, size] product (float32 accumulation for bf16)."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype)
-  b = jnp.asarray(np.random.default_rng(1).standard_normal((size, size)), dtype)
+def matmul_peak(dtype, mesh, size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a jitted [size, size] @ [size, size] product (float32 accumulation for bf16), its rows split
+  over mesh's 'data' axis like our sampler's."""
+  rows = NamedSharding(mesh, PartitionSpec("data"))
+  a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype), rows)
+  b = jax.device_put(jnp.asarray(np.random.default_rng(1).standard_normal((size, size)), dtype),
+                     NamedSharding(mesh, PartitionSpec()))
   f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   seconds = _best_time(lambda: f(a, b).block_until_ready(), repeats)
   return 2 * size ** 3 / seconds
@@ -78,10 +87,11 @@ def decode_flops(cfg, batch: int, num_samples: int, prompt_len: int, new_tokens:
   return total * batch * num_samples
 
 
-def weight_products_floor(cfg, params, rows: int, steps: int):
+def weight_products_floor(cfg, params, rows: int, steps: int, mesh):
   """A fn running the decode steps' weight products alone: `steps` chained steps on [rows, D], in the
-  compute dtype of cfg. The weights are the sampler's own decode matrices (fused q/k/v and gate/up, the
-  [D, V] head), so the floor differs from a decode step only by what a step does besides these products.
+  compute dtype of cfg, the rows split over mesh's 'data' axis as `generate` splits them. The weights are
+  the sampler's own decode matrices (fused q/k/v and gate/up, the [D, V] head), so the floor differs from
+  a decode step only by what a step does besides these products.
   """
   params = sampling._cast_weights(params, cfg.dtype)
   layers = sampling._layer_params(cfg, params)
@@ -102,7 +112,8 @@ def weight_products_floor(cfg, params, rows: int, steps: int):
       return x + (1e-3 * logits[:, :cfg.d_model]).astype(x.dtype)  # keeps the head's product live
     return jax.lax.fori_loop(0, steps, step, x)
 
-  x = jnp.full((rows, cfg.d_model), 0.01, cfg.dtype)
+  x = jax.device_put(jnp.full((rows, cfg.d_model), 0.01, cfg.dtype),
+                     NamedSharding(mesh, PartitionSpec("data")))
   return lambda: run(layers, head, x).block_until_ready()
 
 
@@ -112,7 +123,7 @@ def run_preset(name: str, dtypes, batch: int, num_samples: int, prompt_len: int,
   import transformers
   torch.set_num_threads(threads)
   cfg = presets.get(name)
-  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  mesh = sharding.make_mesh({"data": -1})
   params, _ = sharding.init_sharded(lambda r: transformer.init_boxed(cfg, r), jax.random.key(0), mesh)
   prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
   mask = np.ones_like(prompts, bool)
@@ -142,7 +153,8 @@ def _time_dtype(cfg, params, prompts, mask, dtype, theirs, name, batch, num_samp
                 repeats, tokens):
   """One table row: ours in `dtype` (forked and with repeated prompts) timed in alternation with theirs."""
   cfg_d = cfg.replace(compute_dtype=dtype)
-  peak = matmul_peak(jnp.float32 if dtype == "float32" else jnp.bfloat16)
+  mesh = sampling._mesh_of(params, None)
+  peak = matmul_peak(jnp.float32 if dtype == "float32" else jnp.bfloat16, mesh)
 
   def ours(p=prompts, m=mask, n=num_samples):
     out = sampling.generate(cfg_d, params, p, m, jax.random.key(1), num_samples=n,
@@ -150,7 +162,7 @@ def _time_dtype(cfg, params, prompts, mask, dtype, theirs, name, batch, num_samp
     out.tokens.block_until_ready()
 
   rep_p, rep_m = np.repeat(prompts, num_samples, 0), np.repeat(mask, num_samples, 0)
-  floor = weight_products_floor(cfg_d, params, batch * num_samples, new_tokens - 1)
+  floor = weight_products_floor(cfg_d, params, batch * num_samples, new_tokens - 1, mesh)
   times_theirs, times_ours, times_repeat, times_floor = _alternating_times(
       [theirs, ours, lambda: ours(rep_p, rep_m, 1), floor], repeats)
   t_theirs, t_ours, t_repeat, t_floor = (min(t) for t in (times_theirs, times_ours, times_repeat, times_floor))
@@ -171,9 +183,18 @@ def main():
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+  parser.add_argument("--cpu_devices", type=int, default=None,
+                      help="JAX CPU devices to split the host into (default: as the environment sets it, "
+                           "1 unless XLA_FLAGS says otherwise); ours runs its rows over all devices")
   args = parser.parse_args()
+  if args.cpu_devices is not None:
+    if args.cpu_devices < 1 or args.batch * args.num_samples % args.cpu_devices:
+      parser.error(f"--cpu_devices={args.cpu_devices} is not allowed: need >= 1 and dividing B * N = "
+                   f"{args.batch * args.num_samples}")
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before the first jax.devices()
   print(f"B={args.batch} prompts x N={args.num_samples}, {args.prompt_len}-token prompts, "
-        f"{args.new_tokens} new tokens, temperature 1, devices: {jax.devices()[0].device_kind}")
+        f"{args.new_tokens} new tokens, temperature 1, ours on {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}, torch threads {args.threads}")
   header = ("| preset | compute | transformers tok/s | bond_jax tok/s | ratio | paired median | fork vs repeat | "
             "decode GFLOP/s | of matmul peak | products share | ceiling | paired ratios |")
   print(header)

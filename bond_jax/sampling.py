@@ -25,6 +25,9 @@ How `generate` spends its FLOPs (see DESIGN.md, "Sampling speed"):
 Randomness: row r's uniforms come from fold_in(rng, r) alone, so a prompt's samples depend only on
 (rng, its batch index b, N) and not on its padding, the other prompts, or the device mesh. Generating
 prompts repeated N times with num_samples=1 gives the same samples as num_samples=N (same row keys).
+"The same" is up to float rounding: another mesh or batch can run the products with another summation
+order, which moves log-probs by ~1e-6 and so flips a draw whose uniform lands that close to a CDF boundary
+(tiny preset, 64 rows x 64 tokens on 1 vs 2 CPU devices: one row differs, from its 28th token on).
 """
 
 from __future__ import annotations
