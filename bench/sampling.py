@@ -64,13 +64,14 @@ def _alternating_times(fns, repeats: int) -> list[list[float]]:
   return times
 
 
-def matmul_peak(dtype, mesh, size: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a jitted [size, size] @ [size, size] product (float32 accumulation for bf16), its rows split
-  over mesh's 'data' axis like our sampler's."""
-  rows = NamedSharding(mesh, PartitionSpec("data"))
-  a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype), rows)
-  b = jax.device_put(jnp.asarray(np.random.default_rng(1).standard_normal((size, size)), dtype),
-                     NamedSharding(mesh, PartitionSpec()))
+def matmul_peak(dtype, mesh=None, size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a jitted [size, size] @ [size, size] product (float32 accumulation for bf16), on the default
+  device, or with its rows split over mesh's 'data' axis like our sampler's."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype)
+  b = jnp.asarray(np.random.default_rng(1).standard_normal((size, size)), dtype)
+  if mesh is not None:
+    a = jax.device_put(a, NamedSharding(mesh, PartitionSpec("data")))
+    b = jax.device_put(b, NamedSharding(mesh, PartitionSpec()))
   f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   seconds = _best_time(lambda: f(a, b).block_until_ready(), repeats)
   return 2 * size ** 3 / seconds
