@@ -35,7 +35,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from bond_jax import hf, sampling, sharding
 from bond_jax.models import presets, transformer
@@ -66,12 +65,10 @@ def _alternating_times(fns, repeats: int) -> list[list[float]]:
 
 def matmul_peak(dtype, mesh=None, size: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of a jitted [size, size] @ [size, size] product (float32 accumulation for bf16), on the default
-  device, or with its rows split over mesh's 'data' axis like our sampler's."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype)
+  device, or with its rows split over mesh's batch axes like our sampler's."""
+  a = np.random.default_rng(0).standard_normal((size, size)).astype(dtype)
+  a = jnp.asarray(a) if mesh is None else sharding.shard_batch(a, mesh)
   b = jnp.asarray(np.random.default_rng(1).standard_normal((size, size)), dtype)
-  if mesh is not None:
-    a = jax.device_put(a, NamedSharding(mesh, PartitionSpec("data")))
-    b = jax.device_put(b, NamedSharding(mesh, PartitionSpec()))
   f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   seconds = _best_time(lambda: f(a, b).block_until_ready(), repeats)
   return 2 * size ** 3 / seconds
@@ -90,7 +87,7 @@ def decode_flops(cfg, batch: int, num_samples: int, prompt_len: int, new_tokens:
 
 def weight_products_floor(cfg, params, rows: int, steps: int, mesh):
   """A fn running the decode steps' weight products alone: `steps` chained steps on [rows, D], in the
-  compute dtype of cfg, the rows split over mesh's 'data' axis as `generate` splits them. The weights are
+  compute dtype of cfg, the rows split over mesh's batch axes as `generate` splits them. The weights are
   the sampler's own decode matrices (fused q/k/v and gate/up, the [D, V] head), so the floor differs from
   a decode step only by what a step does besides these products.
   """
@@ -113,8 +110,7 @@ def weight_products_floor(cfg, params, rows: int, steps: int, mesh):
       return x + (1e-3 * logits[:, :cfg.d_model]).astype(x.dtype)  # keeps the head's product live
     return jax.lax.fori_loop(0, steps, step, x)
 
-  x = jax.device_put(jnp.full((rows, cfg.d_model), 0.01, cfg.dtype),
-                     NamedSharding(mesh, PartitionSpec("data")))
+  x = sharding.shard_batch(np.full((rows, cfg.d_model), 0.01, jnp.dtype(cfg.dtype)), mesh)
   return lambda: run(layers, head, x).block_until_ready()
 
 
@@ -188,11 +184,14 @@ def main():
                       help="JAX CPU devices to split the host into (default: as the environment sets it, "
                            "1 unless XLA_FLAGS says otherwise); ours runs its rows over all devices")
   args = parser.parse_args()
+  rows = args.batch * args.num_samples
   if args.cpu_devices is not None:
-    if args.cpu_devices < 1 or args.batch * args.num_samples % args.cpu_devices:
-      parser.error(f"--cpu_devices={args.cpu_devices} is not allowed: need >= 1 and dividing B * N = "
-                   f"{args.batch * args.num_samples}")
+    if args.cpu_devices < 1 or rows % args.cpu_devices:
+      parser.error(f"--cpu_devices={args.cpu_devices} is not allowed: need >= 1 and dividing B * N = {rows}")
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before the first jax.devices()
+  elif rows % jax.device_count():
+    parser.error(f"{jax.device_count()} JAX devices (from the environment, e.g. XLA_FLAGS) do not divide "
+                 f"B * N = {rows}: pass --cpu_devices or other --batch / --num_samples")
   print(f"B={args.batch} prompts x N={args.num_samples}, {args.prompt_len}-token prompts, "
         f"{args.new_tokens} new tokens, temperature 1, ours on {jax.device_count()} x "
         f"{jax.devices()[0].device_kind}, torch threads {args.threads}")

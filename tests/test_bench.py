@@ -9,10 +9,10 @@ MICRO = ["--presets=micro", "--dtypes=float32", "--repeats=1", "--batch=2", "--n
          "--new_tokens=4", "--prompt_len=4"]
 
 
-def _bench(module, *args):
+def _bench(module, *args, **env_vars):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # a user's shell: 1 CPU device
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=240, env=dict(env, JAX_PLATFORMS="cpu"))
+                        timeout=240, env=dict(env, JAX_PLATFORMS="cpu", **env_vars))
 
 
 def _rows(stdout):
@@ -36,6 +36,9 @@ def test_sampling_bench_refuses_a_device_count_that_does_not_split_the_rows():
   out = _bench("bench.sampling", *MICRO, "--cpu_devices=3")
   assert out.returncode == 2
   assert "--cpu_devices=3 is not allowed: need >= 1 and dividing B * N = 4" in out.stderr.splitlines()[-1]
+  out = _bench("bench.sampling", *MICRO, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  assert out.returncode == 2
+  assert "8 JAX devices (from the environment, e.g. XLA_FLAGS) do not divide B * N = 4" in out.stderr
 
 
 def test_jbond_step_bench_reports_every_phase():
