@@ -1,7 +1,7 @@
 """BOND objectives as pure functions: Best-of-N densities, quantiles, BOND / J-BOND / RLOO losses.
 
 Paper: "BOND: Aligning LLMs with Best-of-N Distillation", Sessa et al. 2024 (arXiv 2407.14622); equation
-numbers are the paper's, the derivations and sign traps are in BOND_MATH.md.
+numbers are the paper's, the derivations and sign traps are in docs/math.md.
 
 Conventions shared by every function here:
   * Every log-probability is SEQUENCE level: the sum over the response tokens of log-softmax(logits) at
@@ -383,7 +383,7 @@ def jbond_loss(policy_logprobs: Array, anchor_logprobs: Array, policy_rewards: A
       "loss_reg": loss_reg,
       "penalty_rate": jnp.mean(penalized),
       "kl_policy_anchor": jnp.mean(log_ratio),
-      # Ties silence the strict-< penalty (BOND_MATH section 9): report them.
+      # Ties silence the strict-< penalty (docs/math.md, Ties): report them.
       "anchor_tie_rate": jnp.mean(anchor_rewards[..., 0] == anchor_rewards[..., 1]),
       "policy_tie_rate": jnp.mean(policy_rewards == worst_anchor),
       "return_mean": jnp.mean(returns),

@@ -309,8 +309,8 @@ def _evaluate(config, cfg, rm_cfg, policy_params, ref_params, rm_params, eval_ba
 
 def target_best_of(config, step: int) -> float | None:
   """The Best-of-N of pi_ref the algorithm aims at after `step` steps (None for REINFORCE, which has none):
-  BOND: N; iterative BOND: n^(M + 1) after M hard anchor updates; J-BOND: ~2^(eta * step) (BOND_MATH.md
-  section 6: the EMA anchor makes each step distil Best-of-2 of an anchor that is itself ahead of pi_ref)."""
+  BOND: N; iterative BOND: n^(M + 1) after M hard anchor updates; J-BOND: ~2^(eta * step) (docs/math.md,
+  J-BOND: the EMA anchor makes each step distil Best-of-2 of an anchor that is itself ahead of pi_ref)."""
   b = config.bond
   if b.algorithm == "bond":
     return float(b.n)

@@ -49,7 +49,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       weight_decay=0.0, rating="interesting", margin=2.0, max_pairs_per_prompt=200,
       eval_every=150, checkpoint_every=150, log_every=25))
 
-  # The distribution-matching stage (BOND_MATH.md).
+  # The distribution-matching stage (docs/math.md).
   c.bond = ml_collections.ConfigDict(dict(
       algorithm="jbond",   # jbond | bond | iterative_bond | reinforce
       n=2,                 # Best-of-n per anchor (J-BOND uses 2); BOND: N
