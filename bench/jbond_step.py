@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from bench.sampling import _best_time, matmul_peak
-from bond_jax import rollout, sampling, sharding, trainer, update
+from bond_jax import rollout, sampling, scoring, sharding, trainer, update
 from bond_jax.models import presets, reward, transformer
 from configs import dialogue
 
@@ -57,15 +57,17 @@ def run_preset(name: str, batch: int, prompt_len: int, new_tokens: int, repeats:
         sampling.generate(cfg, state.anchor_params, prompts, prompt_mask, key, num_samples=2, **opts)), repeats)
     pol = sampling.generate(cfg, state.params, prompts, prompt_mask, key, num_samples=3, **opts)
     t_score = _best_time(lambda: jax.block_until_ready(
-        sampling.score_responses(cfg, rm, prompts, prompt_mask, pol.tokens, pol.mask)), repeats)
+        scoring.rewards(cfg, rm, prompts, prompt_mask, pol.tokens, pol.mask)), repeats)
     batch_tree = rollout.jbond_batch(cfg, cfg, state.params, state.anchor_params, rm, prompts, prompt_mask, key,
                                      sampling_config=config.sampling, eos_ids=(), pad_id=0, mesh=mesh)
     batch_tree.pop("response_lengths")
-    step = trainer._make_step(config, cfg, optimizer, 0, mesh=mesh,
-                              state_sharding=jax.tree.map(lambda x: x.sharding, state),
-                              ref_sharding=jax.tree.map(lambda x: x.sharding, policy),
-                              batch_sharding=jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim),
-                                                          batch_tree))
+    b = config.bond  # the J-BOND update as the trainer builds it, on scoring's chunked log-probs
+    step = update.make_jbond_step(
+        scoring.sequence_logprob_fn(cfg, 0), optimizer, beta=b.beta, gamma=b.gamma, eta=b.eta,
+        num_microbatches=config.optimizer.grad_accum_steps, mesh=mesh,
+        state_sharding=jax.tree.map(lambda x: x.sharding, state),
+        ref_sharding=jax.tree.map(lambda x: x.sharding, policy),
+        batch_sharding=jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batch_tree))
     holder = {"state": state}
 
     def run_update():

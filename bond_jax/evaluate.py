@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bond_jax import sampling, sharding
+from bond_jax import sampling, scoring, sharding
 from bond_jax.models.config import ModelConfig
 
 
@@ -108,8 +108,7 @@ def reference_pool(cfg: ModelConfig, rm_cfg: ModelConfig, ref_params: Any, rm_pa
   reference = sampling.generate(cfg, ref_params, prompts, prompt_mask, rng, num_samples=num_samples,
                                 max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                                 eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, prompt_width=prompts.shape[1])
-  rewards = sampling.score_responses(rm_cfg, rm_params, prompts, prompt_mask, reference.tokens,
-                                     reference.mask)
+  rewards = scoring.rewards(rm_cfg, rm_params, prompts, prompt_mask, reference.tokens, reference.mask)
   return ReferencePool(_host(rewards), _host(reference.lengths))
 
 
@@ -125,8 +124,9 @@ def evaluate(cfg: ModelConfig, rm_cfg: ModelConfig, policy_params: Any, ref_para
   policy = sampling.generate(cfg, policy_params, prompts, prompt_mask, rng, num_samples=policy_samples,
                              max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                              eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, prompt_width=prompts.shape[1])
-  policy_rewards = sampling.score_responses(rm_cfg, rm_params, prompts, prompt_mask, policy.tokens, policy.mask)
-  _, ref_logprobs = sampling.sequence_logprobs(cfg, ref_params, prompts, prompt_mask, policy.tokens, policy.mask)
+  policy_rewards = scoring.rewards(rm_cfg, rm_params, prompts, prompt_mask, policy.tokens, policy.mask)
+  _, ref_logprobs = scoring.sequence_logprobs(cfg, ref_params, prompts, prompt_mask, policy.tokens,
+                                              policy.mask)
   policy_logprobs = jnp.sum(policy.model_logprobs, axis=-1)
   out = summarize(_host(policy_rewards), reference.rewards, _host(policy_logprobs), _host(ref_logprobs),
                   best_of=best_of, reference_lengths=reference.lengths)

@@ -1,10 +1,8 @@
 """From a batch of prompts to the batch an update step scores: sample, score, join.
 
-The update steps (update.py) see the policy only through `sequence_logprob_fn(params, tokens, mask)` over
-rows [R, L]. Here a row is a whole sequence, [left pads | prompt | response | right pads]: `tokens` holds it
-(pads = pad_id) and `mask` marks the RESPONSE tokens whose log-probs are summed. The model attends to
-`(tokens != pad_id) | mask`, so the pad id must never be produced by the tokenizer for real text (our
-SentencePiece models reserve it).
+The update steps (update.py) see the policy only through `scoring.sequence_logprob_fn(params, tokens, mask)`
+over rows [R, L]. Here a row is a whole sequence, [left pads | prompt | response | right pads] (scoring.join):
+`tokens` holds it (pads = pad_id) and `mask` marks the RESPONSE tokens whose log-probs are summed.
 
 BOND's math assumes samples from pi itself: training rollouts sample at temperature 1 with no top-k/top-p
 (trainer config validation enforces it), so the teacher-forced log-probs are those of the sampled law.
@@ -17,47 +15,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from bond_jax import sampling
-from bond_jax.models import transformer
+from bond_jax import objectives, sampling, scoring
 from bond_jax.models.config import ModelConfig
-
-
-def transformer_logprob_fn(cfg: ModelConfig, pad_id: int, chunk: int = 128):
-  """sequence_logprob_fn for the decoder LM: rows tokens [R, L], response mask [R, L] -> log pi [R].
-
-  The [R, L, V] float32 logits are never held at once: the LM head and log-softmax run on `chunk`
-  positions at a time under jax.checkpoint, so the backward pass recomputes a chunk's logits instead of
-  storing them (with a 256k vocabulary they would dominate the update's memory).
-  """
-  model = transformer.Transformer(cfg)
-
-  def chunk_logprobs(params, hidden, targets):
-    logits = model.apply({"params": params}, hidden, method=transformer.Transformer.logits)
-    chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return chosen - jax.nn.logsumexp(logits, axis=-1)
-
-  chunk_logprobs = jax.checkpoint(chunk_logprobs)
-
-  def fn(params: Any, tokens: jax.Array, response_mask: jax.Array) -> jax.Array:
-    attend = (tokens != pad_id) | response_mask
-    hidden, _ = model.apply({"params": params}, tokens, attend, method=transformer.Transformer.hidden)
-    hidden, targets, weights = hidden[:, :-1], tokens[:, 1:], response_mask[:, 1:]
-    total = jnp.zeros(tokens.shape[0], jnp.float32)
-    for start in range(0, hidden.shape[1], chunk):
-      logp = chunk_logprobs(params, hidden[:, start:start + chunk], targets[:, start:start + chunk])
-      total = total + jnp.sum(jnp.where(weights[:, start:start + chunk], logp, 0.0), axis=-1)
-    return total
-
-  return fn
-
-
-def join(prompts: jax.Array, responses: jax.Array, response_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """prompts [B, P] (left-padded with pad_id) + responses [B, N, T] -> tokens, response mask [B, N, P+T]."""
-  batch, num_samples, _ = responses.shape
-  prompt_part = jnp.broadcast_to(prompts[:, None], (batch, num_samples, prompts.shape[1]))
-  tokens = jnp.concatenate([prompt_part, responses], axis=-1)
-  mask = jnp.concatenate([jnp.zeros(prompt_part.shape, bool), response_mask], axis=-1)
-  return tokens, mask
 
 
 def _sample(cfg, params, prompts, prompt_mask, rng, n, sampling_config, eos_ids, pad_id, mesh):
@@ -81,8 +40,9 @@ def jbond_batch(cfg: ModelConfig, rm_cfg: ModelConfig, policy_params: Any, ancho
                    mesh)
   responses = jnp.concatenate([policy.tokens, anchor.tokens], axis=1)
   response_mask = jnp.concatenate([policy.mask, anchor.mask], axis=1)
-  rewards = sampling.score_responses(rm_cfg, rm_params, prompts, prompt_mask, responses, response_mask)
-  tokens, mask = join(prompts, responses, response_mask)
+  rewards = scoring.rewards(rm_cfg, rm_params, prompts, prompt_mask, responses, response_mask)
+  rows = scoring.join(prompts, prompt_mask, responses, response_mask)
+  tokens, mask = rows.tokens, rows.response_mask
   return {"policy_tokens": tokens[:, 0], "policy_mask": mask[:, 0], "policy_rewards": rewards[:, 0],
           "anchor_tokens": tokens[:, 1:], "anchor_mask": mask[:, 1:], "anchor_rewards": rewards[:, 1:],
           "response_lengths": jnp.concatenate([policy.lengths, anchor.lengths], axis=1)}
@@ -103,15 +63,15 @@ def bond_batch(cfg: ModelConfig, rm_cfg: ModelConfig, policy_params: Any, base_p
   policy = _sample(cfg, policy_params, prompts, prompt_mask, policy_rng, num_policy_samples, sampling_config,
                    eos_ids, pad_id, mesh)
   base = _sample(cfg, base_params, prompts, prompt_mask, base_rng, k, sampling_config, eos_ids, pad_id, mesh)
-  policy_rewards = sampling.score_responses(rm_cfg, rm_params, prompts, prompt_mask, policy.tokens,
-                                            policy.mask)
-  base_rewards = sampling.score_responses(rm_cfg, rm_params, prompts, prompt_mask, base.tokens, base.mask)
-  best, _ = sampling.best_of_n(base_rewards[:, :n])
+  policy_rewards = scoring.rewards(rm_cfg, rm_params, prompts, prompt_mask, policy.tokens, policy.mask)
+  base_rewards = scoring.rewards(rm_cfg, rm_params, prompts, prompt_mask, base.tokens, base.mask)
+  best, _ = objectives.select_best(base_rewards[:, :n])  # ties: the lowest index
   pick = lambda x: jnp.take_along_axis(x, best[:, None, None], axis=1)
-  best_tokens, best_mask = join(prompts, pick(base.tokens), pick(base.mask))
-  tokens, mask = join(prompts, policy.tokens, policy.mask)
-  return {"policy_tokens": tokens, "policy_mask": mask, "policy_rewards": policy_rewards,
-          "base_rewards": base_rewards, "best_tokens": best_tokens[:, 0], "best_mask": best_mask[:, 0],
+  best_rows = scoring.join(prompts, prompt_mask, pick(base.tokens), pick(base.mask))
+  rows = scoring.join(prompts, prompt_mask, policy.tokens, policy.mask)
+  return {"policy_tokens": rows.tokens, "policy_mask": rows.response_mask, "policy_rewards": policy_rewards,
+          "base_rewards": base_rewards, "best_tokens": best_rows.tokens[:, 0],
+          "best_mask": best_rows.response_mask[:, 0],
           "response_lengths": policy.lengths}
 
 
@@ -121,7 +81,7 @@ def reinforce_batch(cfg: ModelConfig, rm_cfg: ModelConfig, policy_params: Any, r
   """RLOO: M policy samples per prompt with their rewards: policy_tokens/mask [B, M, L], rewards [B, M]."""
   policy = _sample(cfg, policy_params, prompts, prompt_mask, rng, num_policy_samples, sampling_config, eos_ids,
                    pad_id, mesh)
-  rewards = sampling.score_responses(rm_cfg, rm_params, prompts, prompt_mask, policy.tokens, policy.mask)
-  tokens, mask = join(prompts, policy.tokens, policy.mask)
-  return {"policy_tokens": tokens, "policy_mask": mask, "policy_rewards": rewards,
+  rewards = scoring.rewards(rm_cfg, rm_params, prompts, prompt_mask, policy.tokens, policy.mask)
+  rows = scoring.join(prompts, prompt_mask, policy.tokens, policy.mask)
+  return {"policy_tokens": rows.tokens, "policy_mask": rows.response_mask, "policy_rewards": rewards,
           "response_lengths": policy.lengths}

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bond_jax import hf, sampling, sharding
+from bond_jax import hf, sampling, scoring, sharding
 from bond_jax.models.config import ModelConfig
 
 
@@ -76,7 +76,7 @@ def main(argv=None):
       eos_ids=eos, pad_id=pad))
   if args.reward_model:
     rm_params, rm_cfg, _ = load_model(args.reward_model, mesh)
-    rewards = np.asarray(sampling.score_responses(rm_cfg, rm_params, prompt, mask, out.tokens, out.mask))[0]
+    rewards = np.asarray(scoring.rewards(rm_cfg, rm_params, prompt, mask, out.tokens, out.mask))[0]
     order = np.argsort(-rewards, kind="stable")  # best first; ties keep the lower index first
   else:
     rewards, order = None, np.arange(args.num_samples)

@@ -2,9 +2,9 @@
 
 Design (exact, no renormalisation). The model's vocabulary IS the response alphabet: vocab_size = 3, and a
 row is [prompt 1, 2 | 3 response tokens], so the 3**3 = 27 enumerated responses are the whole support of
-the model's autoregressive law and their probabilities from `rollout.transformer_logprob_fn` sum to 1
+the model's autoregressive law and their probabilities from `scoring.sequence_logprob_fn` sum to 1
 exactly (asserted below). The prompt reuses response ids (it is only conditioning). The pad id given to
-`transformer_logprob_fn` is vocab_size (3), an id that never occurs, so every position is attended: all
+`sequence_logprob_fn` is vocab_size (3), an id that never occurs, so every position is attended: all
 rows have the same length and need no padding.
 
 Rejected alternatives: (1) a vocabulary with extra pad/BOS ids and renormalising over the 27 sequences
@@ -36,7 +36,7 @@ from bond_jax import objectives as obj
 from bond_jax import update as upd
 from bond_jax.models import transformer
 from bond_jax.models.config import ModelConfig
-from bond_jax.rollout import transformer_logprob_fn
+from bond_jax.scoring import sequence_logprob_fn
 
 CFG = ModelConfig(vocab_size=3, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                   mlp_dim=64, max_seq_len=8)
@@ -46,7 +46,7 @@ RESPONSES = list(itertools.product(range(CFG.vocab_size), repeat=RESPONSE_LENGTH
 ALL_SEQUENCES = jnp.asarray([(*PROMPT, *response) for response in RESPONSES], jnp.int32)  # [27, 5]
 RESPONSE_MASK = jnp.asarray(np.tile([False] * len(PROMPT) + [True] * RESPONSE_LENGTH, (len(RESPONSES), 1)))
 NUM_SEQUENCES = ALL_SEQUENCES.shape[0]
-LOGPROB_FN = transformer_logprob_fn(CFG, PAD_ID)
+LOGPROB_FN = sequence_logprob_fn(CFG, PAD_ID)
 
 # A random init with embeddings of stddev 1 is almost a point mass (entropy ~1e-3 nats over 27 sequences);
 # scaling the embedding table by 0.6 gives a spread-out but non-uniform reference law (entropy ~2.95 of a

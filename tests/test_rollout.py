@@ -1,52 +1,43 @@
-"""Rows for the update step: joined prompt + response and the chunked teacher-forced log-probs."""
+"""Update batches from sampled rows: scoring's join, scoring's rewards, and the Best-of-n pick.
+
+The join and the chunked log-probs themselves are tested in test_scoring.py.
+"""
+
+import types
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from bond_jax import rollout, sampling
-from bond_jax.models import transformer
+from bond_jax import rollout, scoring
+from bond_jax.models import reward, transformer
 from bond_jax.models.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
                   max_seq_len=64)
+PAD = 0
 
 
-def _rows():
-  rng = np.random.default_rng(0)
-  prompts = rng.integers(3, 64, (2, 6)).astype(np.int32)
-  prompts[1, :3] = 0  # left padding
-  responses = rng.integers(3, 64, (2, 3, 5)).astype(np.int32)
-  mask = np.ones_like(responses, bool)
-  mask[0, 1, 3:] = False
-  responses[~mask] = 0
-  return prompts, responses, mask
-
-
-def test_join_keeps_the_prompt_out_of_the_response_mask():
-  prompts, responses, mask = _rows()
-  tokens, row_mask = rollout.join(jnp.asarray(prompts), jnp.asarray(responses), jnp.asarray(mask))
-  assert tokens.shape == (2, 3, 11)
-  np.testing.assert_array_equal(tokens[1, 2, :6], prompts[1])
-  np.testing.assert_array_equal(row_mask[:, :, :6], False)
-  np.testing.assert_array_equal(row_mask[:, :, 6:], mask)
-
-
-def test_chunked_logprobs_equal_the_sampler_teacher_forcing_and_its_gradient():
+def test_bond_batch_joins_scores_and_picks_the_best_of_n_base_samples():
   params = nn.unbox(transformer.init_boxed(CFG, jax.random.key(0)))
-  prompts, responses, mask = _rows()
-  _, expected = sampling.sequence_logprobs(CFG, params, prompts, prompts != 0, responses, mask)
-  tokens, row_mask = rollout.join(jnp.asarray(prompts), jnp.asarray(responses), jnp.asarray(mask))
-  flat = lambda x: x.reshape(6, -1)
-  for chunk in (3, 128):  # several chunks and one
-    fn = jax.jit(rollout.transformer_logprob_fn(CFG, pad_id=0, chunk=chunk))
-    got = fn(params, flat(tokens), flat(row_mask)).reshape(2, 3)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-  def grad(chunk):
-    fn = rollout.transformer_logprob_fn(CFG, 0, chunk)
-    return jax.jit(jax.grad(lambda p: fn(p, flat(tokens), flat(row_mask)).sum()))(params)
-
-  grad_small, grad_one = grad(3), grad(128)
-  for a, b in zip(jax.tree.leaves(grad_small), jax.tree.leaves(grad_one)):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+  rm_params = nn.unbox(reward.init_boxed(CFG, jax.random.key(1)))
+  rm_params = {**rm_params, "head": jax.random.normal(jax.random.key(2), (CFG.d_model,))}
+  prompts = np.random.default_rng(0).integers(3, 64, (3, 6)).astype(np.int32)
+  prompt_mask = np.ones_like(prompts, bool)
+  prompt_mask[1, :2] = False  # left padding
+  prompts[~prompt_mask] = PAD
+  n = 3
+  batch = rollout.bond_batch(CFG, CFG, params, params, rm_params, prompts, prompt_mask, jax.random.key(3),
+                             n=n, k=4, num_policy_samples=2,
+                             sampling_config=types.SimpleNamespace(max_new_tokens=5), eos_ids=(1,), pad_id=PAD)
+  tokens, mask = np.asarray(batch["policy_tokens"]), np.asarray(batch["policy_mask"])
+  assert tokens.shape == mask.shape == (3, 2, 11) and batch["base_rewards"].shape == (3, 4)
+  np.testing.assert_array_equal(tokens[:, :, :6], np.broadcast_to(prompts[:, None], (3, 2, 6)))
+  assert not mask[:, :, :6].any() and mask[:, :, 6].all()  # the response mask only: no prompt token
+  again = scoring.rewards(CFG, rm_params, prompts, prompt_mask, tokens[:, :, 6:], mask[:, :, 6:])
+  np.testing.assert_allclose(batch["policy_rewards"], again, atol=1e-6)
+  # The forward-KL target is the base sample of highest reward among the first n (ties: the lowest index).
+  best_tokens, best_mask = np.asarray(batch["best_tokens"]), np.asarray(batch["best_mask"])
+  best_reward = reward.score(CFG, rm_params, best_tokens, (best_tokens != PAD) | best_mask)
+  np.testing.assert_allclose(best_reward, np.max(batch["base_rewards"][:, :n], axis=-1), atol=1e-5)
+  assert np.unique(np.asarray(batch["base_rewards"])).size == 12  # no tie makes the pick ambiguous

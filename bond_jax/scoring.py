@@ -1,0 +1,171 @@
+"""Scoring given responses: one join into model rows, teacher-forced log-probs, reward-model scores.
+
+Shapes: B prompts, N responses per prompt, P prompt tokens, T response tokens, R rows, L row length
+(P + T for joined rows), D d_model, V vocab.
+
+Prompts are LEFT-padded [B, P] (tokens + mask); responses are RIGHT-padded [B, N, T] (as sampling.generate
+returns them: EOS included in the mask, pad_id after it). `join` makes rows
+[left pads | prompt | response | right pads]. They are valid model inputs as they are: positions count real
+tokens only and pads are never attended to, so no re-packing is needed (a row scores exactly like its
+left-packed copy).
+
+Log-probs have one implementation, `token_logprobs`: the backbone runs once over the rows, then the LM head
+and log-softmax run on `chunk` positions at a time under jax.checkpoint. The [R, L, V] float32 logits are
+never held at once (with a 256k vocabulary they would dominate memory), and the backward pass recomputes a
+chunk's logits instead of storing them. The update step's `sequence_logprob_fn`, the SFT loss and the
+evaluation's `sequence_logprobs` all go through it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bond_jax.models import reward, transformer
+from bond_jax.models.config import ModelConfig
+
+SequenceLogprobFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+class Rows(NamedTuple):
+  """Prompt + response rows, all [B, N, P + T].
+
+  tokens: int32 [left pads | prompt | response | right pads] (pads as the inputs had them).
+  attend_mask: bool, True on real tokens (prompt and response): what the model attends to.
+  response_mask: bool, True on response tokens only: the tokens whose log-probs a sequence sums.
+  """
+  tokens: jax.Array
+  attend_mask: jax.Array
+  response_mask: jax.Array
+
+
+def join(prompts: jax.Array, prompt_mask: jax.Array, responses: jax.Array, response_mask: jax.Array) -> Rows:
+  """Left-padded prompts, prompt_mask [B, P] + right-padded responses, response_mask [B, N, T] -> Rows."""
+  batch, num_samples, _ = responses.shape
+  per_sample = lambda x: jnp.broadcast_to(x[:, None], (batch, num_samples, x.shape[-1]))
+  prompt_mask, response_mask = jnp.asarray(prompt_mask, bool), jnp.asarray(response_mask, bool)
+  tokens = jnp.concatenate([per_sample(jnp.asarray(prompts)), jnp.asarray(responses)], axis=-1)
+  attend = jnp.concatenate([per_sample(prompt_mask), response_mask], axis=-1)
+  response_only = jnp.concatenate([jnp.zeros_like(per_sample(prompt_mask)), response_mask], axis=-1)
+  return Rows(tokens, attend, response_only)
+
+
+def _check_temperature(temperature: float):
+  if not temperature > 0:
+    raise ValueError(f"temperature={temperature} is not allowed: teacher-forced log-probs need > 0")
+
+
+def _head_logprobs(model: transformer.Transformer, params: Any, hidden: jax.Array, targets: jax.Array,
+                   chunk: int, temperature: float) -> jax.Array:
+  """log softmax(logits / temperature)[target] [R, S] float32 of hidden [R, S, D], targets [R, S], computed
+  `chunk` positions at a time (the last chunk may be shorter)."""
+  if int(chunk) != chunk or chunk < 1:
+    raise ValueError(f"chunk={chunk} is not allowed: need an integer >= 1")
+
+  @jax.checkpoint  # backward recomputes a chunk's [R, chunk, V] logits instead of keeping them
+  def chunk_logprobs(params, hidden, targets):
+    logits = model.apply({"params": params}, hidden, method=transformer.Transformer.logits)
+    if temperature != 1.0:
+      logits = logits / temperature
+    chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return chosen - jax.nn.logsumexp(logits, axis=-1)
+
+  pieces = [chunk_logprobs(params, hidden[:, start:start + chunk], targets[:, start:start + chunk])
+            for start in range(0, hidden.shape[1], chunk)]
+  return jnp.concatenate(pieces, axis=1) if pieces else jnp.zeros(targets.shape, jnp.float32)
+
+
+def _logprobs_from(cfg: ModelConfig, params: Any, tokens: jax.Array, attend_mask: jax.Array, first: int,
+                   chunk: int, temperature: float) -> jax.Array:
+  """[R, L - first] log-probs of tokens[:, first:] [R, L] given the tokens before each (first >= 1): the
+  LM head runs only on the positions that predict them."""
+  model = transformer.Transformer(cfg)
+  hidden, _ = model.apply({"params": params}, tokens, attend_mask, method=transformer.Transformer.hidden)
+  return _head_logprobs(model, params, hidden[:, first - 1:-1], tokens[:, first:], chunk, temperature)
+
+
+def token_logprobs(cfg: ModelConfig, params: Any, tokens: jax.Array, attend_mask: jax.Array,
+                   target_mask: jax.Array | None = None, *, chunk: int = 128,
+                   temperature: float = 1.0) -> jax.Array:
+  """Teacher-forced per-token log-probs of rows; traceable (jit / grad it in the caller).
+
+  Args:
+    cfg, params: the decoder LM.
+    tokens: [R, L] int32 rows (left- or right-padded).
+    attend_mask: [R, L] bool, True on the real tokens the model attends to.
+    target_mask: optional [R, L] bool (e.g. SFT's loss_mask, a response mask): entries whose target
+      tokens[:, t + 1] is not in it are 0.
+    chunk: positions per LM-head chunk (memory vs. kernel size; does not change the result).
+    temperature: > 0; log-softmax of logits / temperature (1 = log pi).
+  Returns:
+    [R, L - 1] float32: entry t is log p(tokens[:, t + 1] | tokens[:, :t + 1]). The SFT loss is
+    -sum(out) / sum(target_mask[:, 1:]) with target_mask = loss_mask.
+  """
+  _check_temperature(temperature)
+  logp = _logprobs_from(cfg, params, tokens, attend_mask, 1, chunk, temperature)
+  return logp if target_mask is None else jnp.where(target_mask[:, 1:], logp, 0.0)
+
+
+def sequence_logprob_fn(cfg: ModelConfig, pad_id: int, chunk: int = 128) -> SequenceLogprobFn:
+  """The update steps' `sequence_logprob_fn(params, tokens [R, L], response_mask [R, L]) -> log pi [R]`.
+
+  Rows are `join`'s tokens and response_mask; the attention mask is rebuilt as
+  `(tokens != pad_id) | response_mask`, so the pad id must never be produced for real text (our
+  SentencePiece models reserve it). Temperature 1: BOND's math needs log pi of the sampled law.
+  """
+  def fn(params: Any, tokens: jax.Array, response_mask: jax.Array) -> jax.Array:
+    attend = (tokens != pad_id) | response_mask
+    return jnp.sum(token_logprobs(cfg, params, tokens, attend, response_mask, chunk=chunk), axis=-1)
+
+  return fn
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _sequence_logprobs(cfg, params, prompts, prompt_mask, responses, response_mask, temperature, chunk):
+  batch, num_samples, length = responses.shape
+  rows = join(prompts, prompt_mask, responses, response_mask)
+  flat = lambda x: x.reshape(batch * num_samples, -1)
+  chosen = _logprobs_from(cfg, params, flat(rows.tokens), flat(rows.attend_mask), prompts.shape[1], chunk,
+                          temperature)  # only the positions that predict responses
+  per_token = jnp.where(response_mask, chosen.reshape(batch, num_samples, length), 0.0)
+  return per_token, jnp.sum(per_token, axis=-1)
+
+
+def sequence_logprobs(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax.Array,
+                      responses: jax.Array, response_mask: jax.Array, temperature: float = 1.0,
+                      chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+  """Teacher-forced log-probs of responses under a model (policy, anchor or reference), jitted.
+
+  Args:
+    prompts, prompt_mask: [B, P] left-padded. responses, response_mask: [B, N, T] right-padded (as
+      `sampling.generate` returns them; EOS included in the mask).
+    temperature: > 0; log-softmax of logits / temperature, no truncation (1 = log pi, what BOND uses).
+    chunk: positions per LM-head chunk (see `token_logprobs`).
+  Returns:
+    (per_token [B, N, T] float32, 0 on padding; summed [B, N] float32 sequence log-probs).
+  """
+  _check_temperature(temperature)
+  if jnp.shape(prompts)[1] < 1:  # the first response token is predicted from the last prompt position
+    raise ValueError("prompts of width 0 are not allowed: teacher forcing needs a prompt token")
+  return _sequence_logprobs(cfg, params, jnp.asarray(prompts), jnp.asarray(prompt_mask, bool),
+                            jnp.asarray(responses), jnp.asarray(response_mask, bool), float(temperature),
+                            int(chunk))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _rewards(cfg_rm, rm_params, prompts, prompt_mask, responses, response_mask):
+  rows = join(prompts, prompt_mask, responses, response_mask)
+  flat = lambda x: x.reshape(-1, x.shape[-1])
+  scores = reward.score(cfg_rm, rm_params, flat(rows.tokens), flat(rows.attend_mask))
+  return scores.reshape(responses.shape[:2])
+
+
+def rewards(cfg_rm: ModelConfig, rm_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
+            responses: jax.Array, response_mask: jax.Array) -> jax.Array:
+  """Reward-model scores [B, N] float32 of prompt + response, read at the response's last real token (e.g.
+  its EOS). prompts, prompt_mask [B, P] left-padded; responses, response_mask [B, N, T] right-padded."""
+  return _rewards(cfg_rm, rm_params, jnp.asarray(prompts), jnp.asarray(prompt_mask, bool),
+                  jnp.asarray(responses), jnp.asarray(response_mask, bool))
