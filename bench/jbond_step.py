@@ -3,7 +3,7 @@
     python -m bench.jbond_step [--presets=tiny,small] [--batch=16] [--prompt_len=32] [--new_tokens=24]
 
 Random weights (policy = anchor = reference at start; reward model = same backbone + random head), the
-default trainer settings (temperature 1, J-BOND beta 0.5, Adam), on all local devices as one mesh. Each
+default distillation settings (temperature 1, J-BOND beta 0.5, Adam), on all local devices as one mesh. Each
 phase is timed separately after a warm-up (compilation excluded), best of --repeats. The update's model
 FLOPs: forward + backward (3x forward) of the policy on its sample and the better anchor sample, plus
 no-grad forwards of the anchor and the reference on the policy sample; shown as a fraction of a jitted
@@ -13,16 +13,16 @@ matmul peak measured in the same run.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from bench.sampling import _best_time, matmul_peak
-from bond_jax import rollout, sampling, scoring, sharding, trainer, update
-from bond_jax.models import presets, reward, transformer
+from bond_jax import algorithms, rollout, sampling, scoring, sharding, update
+from bond_jax.frozen import FrozenModels
+from bond_jax.models import params as params_lib
+from bond_jax.models import presets
 from configs import dialogue
 
 
@@ -37,8 +37,8 @@ def forward_flops(cfg, rows: int, length: int) -> float:
 def run_preset(name: str, batch: int, prompt_len: int, new_tokens: int, repeats: int):
   cfg = presets.get(name, max_seq_len=max(256, prompt_len + new_tokens))
   mesh = sharding.make_mesh({"fsdp": -1})
-  policy, _ = sharding.init_sharded(lambda r: transformer.init_boxed(cfg, r), jax.random.key(0), mesh)
-  rm, _ = sharding.init_sharded(lambda r: reward.init_boxed(cfg, r), jax.random.key(1), mesh)
+  policy = params_lib.init_sharded(cfg, "lm", jax.random.key(0), mesh)
+  rm = params_lib.init_sharded(cfg, "reward", jax.random.key(1), mesh)
   rm = dict(rm, head=jax.device_put(jax.random.normal(jax.random.key(2), rm["head"].shape),
                                     rm["head"].sharding))
   config = dialogue.get_config()
@@ -47,9 +47,11 @@ def run_preset(name: str, batch: int, prompt_len: int, new_tokens: int, repeats:
   prompts = rng.integers(4, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
   prompts, prompt_mask = sharding.shard_batch((prompts, np.ones_like(prompts, bool)), mesh)
   opts = dict(max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(), pad_id=0, mesh=mesh)
+  frozen = FrozenModels(policy_cfg=cfg, reference_params=policy, reward_cfg=cfg, reward_params=rm, eos_ids=(),
+                        pad_id=0, mesh=mesh)
   with jax.set_mesh(mesh):
-    optimizer = trainer._optimizer(config)
-    state = trainer._on_mesh(update.init_train_state(jax.tree.map(jnp.copy, policy), optimizer, policy), mesh)
+    optimizer = update.make_optimizer(update.OptimizerConfig.from_section(config.optimizer, config.train.steps))
+    state = update.new_state(jax.tree.map(jnp.copy, policy), optimizer, mesh, policy)
     key = jax.random.key(3)
     t_policy = _best_time(lambda: jax.block_until_ready(
         sampling.generate(cfg, state.params, prompts, prompt_mask, key, num_samples=1, **opts)), repeats)
@@ -58,16 +60,13 @@ def run_preset(name: str, batch: int, prompt_len: int, new_tokens: int, repeats:
     pol = sampling.generate(cfg, state.params, prompts, prompt_mask, key, num_samples=3, **opts)
     t_score = _best_time(lambda: jax.block_until_ready(
         scoring.rewards(cfg, rm, prompts, prompt_mask, pol.tokens, pol.mask)), repeats)
-    batch_tree = rollout.jbond_batch(cfg, cfg, state.params, state.anchor_params, rm, prompts, prompt_mask, key,
-                                     sampling_config=config.sampling, eos_ids=(), pad_id=0, mesh=mesh)
-    batch_tree.pop("response_lengths")
-    b = config.bond  # the J-BOND update as the trainer builds it, on scoring's chunked log-probs
-    step = update.make_jbond_step(
-        scoring.sequence_logprob_fn(cfg, 0), optimizer, beta=b.beta, gamma=b.gamma, eta=b.eta,
-        num_microbatches=config.optimizer.grad_accum_steps, mesh=mesh,
-        state_sharding=jax.tree.map(lambda x: x.sharding, state),
-        ref_sharding=jax.tree.map(lambda x: x.sharding, policy),
-        batch_sharding=jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batch_tree))
+    batch_tree, _ = rollout.jbond(frozen, state.params, state.anchor_params, prompts, prompt_mask, key,
+                                  new_tokens)
+    # the J-BOND update as the distillation stage builds it (algorithms.py), on scoring's chunked log-probs
+    step = algorithms.get("jbond").make_step(
+        config.bond, scoring.sequence_logprob_fn(cfg, 0), optimizer,
+        dict(num_microbatches=config.optimizer.grad_accum_steps, mesh=mesh,
+             state_sharding=sharding.shardings_of(state), ref_sharding=sharding.shardings_of(policy)))
     holder = {"state": state}
 
     def run_update():

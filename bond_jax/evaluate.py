@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bond_jax import sampling, scoring, sharding
-from bond_jax.models.config import ModelConfig
+from bond_jax import rollout, scoring, sharding
+from bond_jax.frozen import FrozenModels
 
 
 def best_of_n_mean(rewards: np.ndarray, n: int, values: np.ndarray | None = None) -> np.ndarray:
@@ -61,7 +61,7 @@ def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_
   below = np.mean(reference_rewards[:, None, :] < policy_rewards[:, :, None], axis=-1)
   ties = np.mean(reference_rewards[:, None, :] == policy_rewards[:, :, None], axis=-1)
   # Mid-rank: a tie counts half, so one more sample of pi_ref scores exactly 1/2 on average even when
-  # identical responses tie (as N/(N+1) says for N = 1); without ties it is p_<= of BOND_MATH.md.
+  # identical responses tie (as N/(N+1) says for N = 1); without ties it is p_<= (docs/math.md, Evaluation).
   quantile = (below + 0.5 * ties).ravel()
   mean_u = float(np.mean(quantile))
   effective_n = mean_u / max(1.0 - mean_u, 1e-6)
@@ -101,32 +101,29 @@ class ReferencePool(NamedTuple):
   lengths: np.ndarray
 
 
-def reference_pool(cfg: ModelConfig, rm_cfg: ModelConfig, ref_params: Any, rm_params: Any, prompts: jax.Array,
-                   prompt_mask: jax.Array, rng: jax.Array, *, num_samples: int, max_new_tokens: int,
-                   eos_ids: Sequence[int], pad_id: int, mesh=None) -> ReferencePool:
+def reference_pool(frozen: FrozenModels, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
+                   num_samples: int, max_new_tokens: int) -> ReferencePool:
   """Sample num_samples = K responses of pi_ref per prompt [B, P] and score them."""
-  reference = sampling.generate(cfg, ref_params, prompts, prompt_mask, rng, num_samples=num_samples,
-                                max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                                eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, prompt_width=prompts.shape[1])
-  rewards = scoring.rewards(rm_cfg, rm_params, prompts, prompt_mask, reference.tokens, reference.mask)
+  reference = rollout.sample(frozen, frozen.reference_params, prompts, prompt_mask, rng, num_samples,
+                             max_new_tokens)
+  rewards = scoring.rewards(frozen.reward_cfg, frozen.reward_params, prompts, prompt_mask, reference.tokens,
+                            reference.mask)
   return ReferencePool(_host(rewards), _host(reference.lengths))
 
 
-def evaluate(cfg: ModelConfig, rm_cfg: ModelConfig, policy_params: Any, ref_params: Any, rm_params: Any,
-             prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, reference: ReferencePool, *,
-             best_of: Sequence[int], policy_samples: int, max_new_tokens: int, eos_ids: Sequence[int],
-             pad_id: int, mesh=None) -> dict[str, Any]:
+def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
+             rng: jax.Array, reference: ReferencePool, *, best_of: Sequence[int], policy_samples: int,
+             max_new_tokens: int) -> dict[str, Any]:
   """Sample M = policy_samples responses of the policy per prompt [B, P], score them, rank them against
   the `reference` pool of the same prompts, then `summarize`."""
   if max(best_of) > reference.rewards.shape[1]:
     raise ValueError(f"best_of={tuple(best_of)} needs at least {max(best_of)} reference samples per prompt; "
                      f"the pool has {reference.rewards.shape[1]}")
-  policy = sampling.generate(cfg, policy_params, prompts, prompt_mask, rng, num_samples=policy_samples,
-                             max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                             eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, prompt_width=prompts.shape[1])
-  policy_rewards = scoring.rewards(rm_cfg, rm_params, prompts, prompt_mask, policy.tokens, policy.mask)
-  _, ref_logprobs = scoring.sequence_logprobs(cfg, ref_params, prompts, prompt_mask, policy.tokens,
-                                              policy.mask)
+  policy = rollout.sample(frozen, policy_params, prompts, prompt_mask, rng, policy_samples, max_new_tokens)
+  policy_rewards = scoring.rewards(frozen.reward_cfg, frozen.reward_params, prompts, prompt_mask, policy.tokens,
+                                   policy.mask)
+  _, ref_logprobs = scoring.sequence_logprobs(frozen.policy_cfg, frozen.reference_params, prompts, prompt_mask,
+                                              policy.tokens, policy.mask)
   policy_logprobs = jnp.sum(policy.model_logprobs, axis=-1)
   out = summarize(_host(policy_rewards), reference.rewards, _host(policy_logprobs), _host(ref_logprobs),
                   best_of=best_of, reference_lengths=reference.lengths)

@@ -191,3 +191,26 @@ def place(tree: Any, logical: Any, mesh: Mesh) -> Any:
   """Put host or device arrays onto the mesh by their logical names (after a divisibility check)."""
   check_divisible(tree, logical, mesh)
   return jax.device_put(tree, tree_shardings(logical, mesh))
+
+
+def abstract_on_mesh(shapes: Any, logical: Any, mesh: Mesh) -> Any:
+  """ShapeDtypeStructs of `shapes` carrying the NamedSharding their logical names give on `mesh` (after a
+  divisibility check): the target to restore or import a params tree onto."""
+  check_divisible(shapes, logical, mesh)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      tree_shardings(logical, mesh))
+
+
+def on_mesh(tree: Any, mesh: Mesh) -> Any:
+  """Arrays not yet spread over the whole mesh (e.g. optimizer counters made on one device) become
+  replicated on it; arrays already on every device of the mesh are kept as they are."""
+  def put(x):
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) == mesh.size:
+      return x
+    return jax.device_put(x, replicated(mesh))
+  return jax.tree.map(put, tree)
+
+
+def shardings_of(tree: Any) -> Any:
+  """The sharding of every array of a tree (e.g. a live state: the in/out shardings of its jitted step)."""
+  return jax.tree.map(lambda x: x.sharding, tree)

@@ -2,18 +2,17 @@
 
 The policy enters only through `sequence_logprob_fn(params, tokens, mask) -> [rows]`: the SEQUENCE log-prob
 of each response (sum over the response tokens where mask is 1 of log-softmax at temperature 1). A tabular
-autoregressive policy (tests) and the transformer (teacher-forced, supplied by the sampling module) plug in
+autoregressive policy (tests) and the transformer (teacher-forced, scoring.sequence_logprob_fn) plug in
 the same way. The caller samples; a step only scores the samples it is given.
 
-Batches are dicts of arrays whose leading axis is the prompt axis B (sharded over the mesh's batch axes):
-  BOND / iterative BOND  policy_tokens [B, M, T], policy_mask [B, M, T], policy_rewards [B, M],
-                         base_rewards [B, k] (k samples of pi_ref, or of the anchor, for the quantiles),
-                         best_tokens [B, T], best_mask [B, T] (best of n samples of the same base).
-  J-BOND                 policy_tokens [B, T], policy_mask [B, T], policy_rewards [B],
-                         anchor_tokens [B, 2, T], anchor_mask [B, 2, T], anchor_rewards [B, 2].
-  RLOO                   policy_tokens [B, M, T], policy_mask [B, M, T], policy_rewards [B, M].
+Batches are typed pytrees (below) whose leading axis is the prompt axis B (sharded over the mesh's batch
+axes); rollout.py makes them. T is a row's length (prompt + response: scoring.join).
+  BondBatch       BOND / iterative BOND
+  JBondBatch      J-BOND
+  ReinforceBatch  RLOO
 A step is `step(state, ref_params, batch) -> (state, metrics)`; ref_params may be None where the loss does
-not need pi_ref (J-BOND then reports no kl_policy_ref).
+not need pi_ref (J-BOND then reports no kl_policy_ref). The same step builder serves the SFT and reward
+stages with their own losses (every stage gets the non-finite guard).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bond_jax import objectives
+from bond_jax import objectives, sharding
 
 Array = jax.Array
 SequenceLogprobFn = Callable[[Any, Array, Array], Array]
@@ -46,6 +45,39 @@ class TrainState:
   anchor_params: Any
   step: Array
   skipped_steps: Array
+
+
+@flax.struct.dataclass
+class BondBatch:
+  """policy_tokens, policy_mask [B, M, T]: M policy samples; policy_rewards [B, M]; base_rewards [B, k]: k
+  samples of pi_ref (or of the anchor) for the quantiles; best_tokens, best_mask [B, T]: the best of n of
+  those base samples (the forward-KL target)."""
+  policy_tokens: Array
+  policy_mask: Array
+  policy_rewards: Array
+  base_rewards: Array
+  best_tokens: Array
+  best_mask: Array
+
+
+@flax.struct.dataclass
+class JBondBatch:
+  """policy_tokens, policy_mask [B, T]: one policy sample; policy_rewards [B]; anchor_tokens, anchor_mask
+  [B, 2, T]: two anchor samples; anchor_rewards [B, 2]."""
+  policy_tokens: Array
+  policy_mask: Array
+  policy_rewards: Array
+  anchor_tokens: Array
+  anchor_mask: Array
+  anchor_rewards: Array
+
+
+@flax.struct.dataclass
+class ReinforceBatch:
+  """policy_tokens, policy_mask [B, M, T]: M policy samples; policy_rewards [B, M]."""
+  policy_tokens: Array
+  policy_mask: Array
+  policy_rewards: Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +99,24 @@ class OptimizerConfig:
   max_grad_norm: float = 1.0
 
 
-_SCHEDULES = ("constant", "cosine", "linear")
+  @classmethod
+  def from_section(cls, section: Any, total_steps: int) -> "OptimizerConfig":
+    """The optimizer of a config section (config.sft, config.reward_training or config.optimizer: each has
+    learning_rate, warmup_steps, schedule, end_lr_fraction, b1, b2, weight_decay, clip_norm). The schedule
+    decays over the steps after warm-up; warm-up is capped at the stage's steps."""
+    warmup = min(int(section.warmup_steps), total_steps)
+    return cls(learning_rate=section.learning_rate, warmup_steps=warmup, schedule=section.schedule,
+               decay_steps=max(total_steps - warmup, 0), end_lr_fraction=section.end_lr_fraction,
+               b1=section.b1, b2=section.b2, weight_decay=section.weight_decay,
+               max_grad_norm=section.clip_norm)
+
+
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 def make_schedule(config: OptimizerConfig) -> optax.Schedule:
-  if config.schedule not in _SCHEDULES:
-    raise ValueError(f"schedule={config.schedule!r} is unknown: allowed are {', '.join(_SCHEDULES)}")
+  if config.schedule not in SCHEDULES:
+    raise ValueError(f"schedule={config.schedule!r} is unknown: allowed are {', '.join(SCHEDULES)}")
   if config.learning_rate <= 0 or config.warmup_steps < 0:
     raise ValueError(f"learning_rate={config.learning_rate}, warmup_steps={config.warmup_steps}: "
                      "need learning_rate > 0 and warmup_steps >= 0")
@@ -109,6 +153,14 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation,
                     step=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
 
 
+def new_state(params: Any, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+              anchor_params: Any = None) -> TrainState:
+  """init_train_state with every leaf on `mesh`: params keep their layout (the optimizer moments follow
+  them), scalars made on one device (step counters, Adam's count) become replicated."""
+  with jax.set_mesh(mesh):
+    return sharding.on_mesh(init_train_state(params, optimizer, anchor_params), mesh)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Losses over batches (policy-generic), built from objectives.
 
@@ -134,15 +186,15 @@ def bond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, n: int, beta: float,
     base_params = anchor_params if use_anchor else ref_params
     if base_params is None:
       raise ValueError("BOND needs ref_params (or an anchor in the state for iterative BOND)")
-    tokens, mask = batch["policy_tokens"], batch["policy_mask"]
+    tokens, mask = batch.policy_tokens, batch.policy_mask
     policy_logprobs = _flat_logprobs(sequence_logprob_fn, params, tokens, mask)
     base_logprobs = _constant_logprobs(sequence_logprob_fn, base_params, tokens, mask)
     ref_logprobs = None
     if use_anchor and ref_params is not None:
       ref_logprobs = _constant_logprobs(sequence_logprob_fn, ref_params, tokens, mask)
-    best_logprobs = _flat_logprobs(sequence_logprob_fn, params, batch["best_tokens"], batch["best_mask"])
-    return objectives.bond_loss(policy_logprobs, base_logprobs, batch["policy_rewards"],
-                                batch["base_rewards"], best_logprobs, n=n, beta=beta, baseline=baseline,
+    best_logprobs = _flat_logprobs(sequence_logprob_fn, params, batch.best_tokens, batch.best_mask)
+    return objectives.bond_loss(policy_logprobs, base_logprobs, batch.policy_rewards,
+                                batch.base_rewards, best_logprobs, n=n, beta=beta, baseline=baseline,
                                 ref_logprobs=ref_logprobs)
 
   return loss_fn
@@ -156,17 +208,17 @@ def jbond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta: float, gamma:
   def loss_fn(params, anchor_params, ref_params, batch):
     if anchor_params is None:
       raise ValueError("J-BOND needs anchor_params in the TrainState (init_train_state(anchor_params=...))")
-    tokens, mask = batch["policy_tokens"], batch["policy_mask"]
+    tokens, mask = batch.policy_tokens, batch.policy_mask
     policy_logprobs = _flat_logprobs(sequence_logprob_fn, params, tokens, mask)
     anchor_logprobs = _constant_logprobs(sequence_logprob_fn, anchor_params, tokens, mask)
-    best_index, _ = objectives.select_best(batch["anchor_rewards"])
+    best_index, _ = objectives.select_best(batch.anchor_rewards)
     pick = lambda x: jnp.take_along_axis(x, best_index[:, None, None], axis=1)[:, 0]
-    best_logprobs = _flat_logprobs(sequence_logprob_fn, params, pick(batch["anchor_tokens"]),
-                                   pick(batch["anchor_mask"]))
+    best_logprobs = _flat_logprobs(sequence_logprob_fn, params, pick(batch.anchor_tokens),
+                                   pick(batch.anchor_mask))
     ref_logprobs = (None if ref_params is None else
                     _constant_logprobs(sequence_logprob_fn, ref_params, tokens, mask))
-    return objectives.jbond_loss(policy_logprobs, anchor_logprobs, batch["policy_rewards"],
-                                 batch["anchor_rewards"], best_logprobs, beta=beta, gamma=gamma,
+    return objectives.jbond_loss(policy_logprobs, anchor_logprobs, batch.policy_rewards,
+                                 batch.anchor_rewards, best_logprobs, beta=beta, gamma=gamma,
                                  baseline=baseline, penalty=penalty, ref_logprobs=ref_logprobs)
 
   return loss_fn
@@ -181,10 +233,10 @@ def reinforce_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta_rl: float,
     del anchor_params
     if ref_params is None:
       raise ValueError("REINFORCE needs ref_params for its KL penalty")
-    tokens, mask = batch["policy_tokens"], batch["policy_mask"]
+    tokens, mask = batch.policy_tokens, batch.policy_mask
     policy_logprobs = _flat_logprobs(sequence_logprob_fn, params, tokens, mask)
     ref_logprobs = _constant_logprobs(sequence_logprob_fn, ref_params, tokens, mask)
-    return objectives.reinforce_loss(policy_logprobs, ref_logprobs, batch["policy_rewards"],
+    return objectives.reinforce_loss(policy_logprobs, ref_logprobs, batch.policy_rewards,
                                      beta_rl=beta_rl, baseline=baseline)
 
   return loss_fn
@@ -233,8 +285,9 @@ def build_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, 
   call). If the loss, a gradient, an update or a float input of the batch is non-finite, the update is dropped: params, optimizer state, anchor
   and step are returned unchanged, skipped_steps grows by 1 and metrics['step_skipped'] is 1.
 
-  Shardings: with a mesh (or any sharding given) the step is compiled with explicit in/out shardings,
-  every one not given being replicated over the mesh; otherwise jit infers them from the arguments.
+  Shardings: with a mesh (or any sharding given) the step is compiled with explicit in/out shardings:
+  a state or ref sharding not given is replicated over the mesh, a batch sharding not given splits every
+  batch array's rows over ('data', 'fsdp'); with neither, jit infers them from the arguments.
   Metrics always come back replicated. The state (argument 0) is donated unless donate=False.
   """
   if int(num_microbatches) != num_microbatches or num_microbatches < 1:
@@ -274,9 +327,21 @@ def build_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, 
   if mesh is None:
     mesh = next(s for s in jax.tree.leaves(shardings) if isinstance(s, NamedSharding)).mesh
   replicated = NamedSharding(mesh, PartitionSpec())
-  state_in, ref_in, batch_in = (replicated if s is None else s for s in shardings)
-  return jax.jit(step, in_shardings=(state_in, ref_in, batch_in), out_shardings=(state_in, replicated),
-                 donate_argnums=donate_argnums)
+  state_in, ref_in = (replicated if s is None else s for s in shardings[:2])
+  jit = lambda batch_in: jax.jit(step, in_shardings=(state_in, ref_in, batch_in),
+                                 out_shardings=(state_in, replicated), donate_argnums=donate_argnums)
+  if batch_sharding is not None:
+    return jit(batch_sharding)
+  # Rows over the batch axes: the shardings follow the batch's own structure and ranks, so the step is
+  # compiled at its first call (a batch of another structure would be a bug, and jit would say so).
+  compiled = []
+
+  def call(state, ref_params, batch):
+    if not compiled:
+      compiled.append(jit(jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batch)))
+    return compiled[0](state, ref_params, batch)
+
+  return call
 
 
 def make_bond_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.GradientTransformation, *,

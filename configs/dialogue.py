@@ -11,7 +11,6 @@ import ml_collections
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.preset = preset
   c.seed = 0
 
   # Model shape (bond_jax/models/presets.py); vocab_size comes from the tokenizer when it is trained here.
@@ -34,20 +33,27 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       # opening turn carries almost none of it (held-out pairs at chance); two turns carry enough for a
       # reward model at ~67% held-out accuracy (README, "Results"); three add little for 50% more tokens.
       response_turns=2,
-      max_prompt_len=64,         # tokens, prompts are left-truncated to it (the longest topic has 65)
-      prompt_buckets=(64,),      # one width: one compilation of the J-BOND step
+      # Prompt widths (tokens) a batch is padded to; a longer prompt is left-truncated to the widest
+      # (the longest topic has 65). One width: one compilation of the J-BOND step.
+      prompt_buckets=(64,),
       max_conversations=0,       # 0 = all 7,168; smaller for quick runs
   ))
 
   # SFT / reward stages (bond_jax/sft.py, bond_jax/reward_training.py). Sized for the 2-core CPU default:
   # with data and tokenizer ~9 min in all, SFT ~5.5 of it (README "Results (embedded dialogue task)").
+  # Each stage section has the same schedule keys (steps, log_every, eval_every, checkpoint_every,
+  # keep_checkpoints, max_bad_steps: bond_jax/loop.py) and, for SFT and the reward model, the same
+  # optimizer keys as `optimizer` below (Adam, warm-up then cosine decay to end_lr_fraction, clipping).
+  stage_optimizer = dict(schedule="cosine", end_lr_fraction=0.1, b1=0.9, b2=0.999, weight_decay=0.0,
+                         clip_norm=1.0, grad_accum_steps=1)
   c.sft = ml_collections.ConfigDict(dict(
-      steps=300, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=30, weight_decay=0.0,
-      eval_every=100, eval_batches=20, checkpoint_every=100, log_every=20))
+      steps=300, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=30, eval_every=100,
+      eval_batches=20, checkpoint_every=100, log_every=20, keep_checkpoints=2, max_bad_steps=5,
+      **stage_optimizer))
   c.reward_training = ml_collections.ConfigDict(dict(
       steps=150, batch_size=16, max_len=80, buckets=(48, 80), learning_rate=2e-3, warmup_steps=20,
-      weight_decay=0.0, rating="interesting", margin=2.0, max_pairs_per_prompt=200,
-      eval_every=150, checkpoint_every=150, log_every=25))
+      rating="interesting", margin=2.0, max_pairs_per_prompt=200, eval_every=150, checkpoint_every=150,
+      log_every=25, keep_checkpoints=2, max_bad_steps=5, **stage_optimizer))
 
   # The distribution-matching stage (docs/math.md).
   c.bond = ml_collections.ConfigDict(dict(
@@ -69,7 +75,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=48))
   c.optimizer = ml_collections.ConfigDict(dict(
       # 5e-5: at 2e-4 the policy spent ~2x more KL for the same quantile (README, "Results")
-      name="adam", learning_rate=5e-5, warmup_steps=20, schedule="constant", b1=0.9, b2=0.99,
+      learning_rate=5e-5, warmup_steps=20, schedule="constant", end_lr_fraction=0.0, b1=0.9, b2=0.99,
       weight_decay=0.0, clip_norm=1.0, grad_accum_steps=1))
   # 100 steps: the quantile plateaus after ~100 (0.665 at 100, 0.670 at 150) while KL keeps growing.
   c.train = ml_collections.ConfigDict(dict(
@@ -84,7 +90,6 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset in ("gemma_2b", "gemma_7b"):
     c.model.preset = preset
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.data.max_prompt_len = 512
     c.data.prompt_buckets = (128, 256, 512)
     c.sampling.max_new_tokens = 256
     c.train.batch_size = 128
@@ -102,7 +107,6 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.data.vocab_size = 512
     c.data.max_conversations = 300
     c.data.prompt_buckets = (32, 64)
-    c.data.max_prompt_len = 64
     c.sft.update(steps=12, batch_size=8, seq_len=64, eval_every=12, eval_batches=2, checkpoint_every=12,
                  log_every=4)
     c.reward_training.update(steps=8, batch_size=8, max_len=64, buckets=(64,), eval_every=8,

@@ -91,9 +91,9 @@ def bond_batch(key, policy_logprobs):
   candidates = sample_indices(best_key, REF_LOGPROBS, (PROMPTS, N))
   best_index, _ = obj.select_best(REWARDS[candidates])
   best = jnp.take_along_axis(candidates, best_index[:, None], axis=1)[:, 0]
-  return {"policy_tokens": ALL_SEQUENCES[policy], "policy_mask": RESPONSE_MASK[policy],
-          "policy_rewards": REWARDS[policy], "base_rewards": REWARDS[pool],
-          "best_tokens": ALL_SEQUENCES[best], "best_mask": RESPONSE_MASK[best]}
+  return upd.BondBatch(policy_tokens=ALL_SEQUENCES[policy], policy_mask=RESPONSE_MASK[policy],
+                       policy_rewards=REWARDS[policy], base_rewards=REWARDS[pool],
+                       best_tokens=ALL_SEQUENCES[best], best_mask=RESPONSE_MASK[best])
 
 
 def train(seed):

@@ -1,5 +1,5 @@
-"""The trainer end to end on the smoke preset: bitwise resume after SIGTERM and SIGKILL, the NaN guard,
-config validation before compute, and a trained run exported to transformers."""
+"""`python -m bond_jax.train` end to end on the smoke preset: the distillation stage resumes bitwise after
+SIGTERM and SIGKILL, the NaN guard stops it, and a trained run exports to transformers."""
 
 import os
 import shutil
@@ -14,8 +14,10 @@ import pytest
 import torch
 import transformers
 
-from bond_jax import checkpoint, export, hf, reward_training, sft, sharding, trainer
+from bond_jax import algorithms, artifacts, checkpoint, export, hf, pipeline, sharding
 from bond_jax import workdir as workdir_lib
+from bond_jax.data import prepare
+from bond_jax.stages import distill
 from configs import dialogue
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,9 +35,7 @@ def _config(**train):
 def stages(tmp_path_factory):
   """A workdir whose SFT and reward stages are done (shared by every test here)."""
   workdir = str(tmp_path_factory.mktemp("stages"))
-  config = _config()
-  sft.run(config, workdir)
-  reward_training.run(config, workdir)
+  pipeline.run(_config(), workdir, until="reward")
   return workdir
 
 
@@ -61,7 +61,7 @@ def _start(workdir, compile_cache):
 
 
 def _steps(workdir):
-  directory = workdir_lib.checkpoint_dir(workdir, trainer.STAGE)
+  directory = workdir_lib.checkpoint_dir(workdir, distill.STAGE)
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
 
 
@@ -71,14 +71,14 @@ def _wait_for_checkpoint(proc, workdir, at_least, timeout=400):
     if any(s >= at_least for s in _steps(workdir)):
       return
     if proc.poll() is not None:
-      raise AssertionError(f"trainer exited early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+      raise AssertionError(f"the run exited early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
     time.sleep(0.02)
   proc.kill()
   raise AssertionError(f"no checkpoint >= {at_least} within {timeout}s")
 
 
 def _final_state(workdir):
-  state, meta, step = checkpoint.restore_arrays(workdir_lib.checkpoint_dir(workdir, trainer.STAGE))
+  state, meta, step = checkpoint.restore_arrays(workdir_lib.checkpoint_dir(workdir, distill.STAGE))
   assert step == STEPS
   return state, meta
 
@@ -101,7 +101,7 @@ def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(stages, compile_c
 
   proc = _start(interrupted, compile_cache)
   for line in proc.stdout:  # kill mid-run, two steps after the resume point
-    if line.startswith(f"step {saved + 2}/"):
+    if line.startswith(f"[bond] step {saved + 2}/"):
       proc.send_signal(signal.SIGKILL)  # no chance to save anything
       break
   proc.communicate(timeout=60)
@@ -113,7 +113,7 @@ def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(stages, compile_c
   assert "resumed from" in out
 
   (a, meta_a), (b, meta_b) = _final_state(straight), _final_state(interrupted)
-  assert meta_a["data_state"] == meta_b["data_state"]
+  assert meta_a["data_iterator"] == meta_b["data_iterator"]
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(leaves_a) == len(leaves_b) > 10
   for x, y in zip(leaves_a, leaves_b):
@@ -122,7 +122,7 @@ def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(stages, compile_c
 
 
 def test_nan_rewards_are_skipped_and_stop_the_run_without_saving(stages, tmp_path):
-  params, cfg = workdir_lib.load_stage_params(stages, "reward", sharding.make_mesh({}, jax.devices()[:1]))
+  params, cfg = artifacts.load(stages, "reward", sharding.make_mesh({}, jax.devices()[:1]))
   params = dict(params, head=params["head"] * np.nan)
   broken = str(tmp_path / "broken_rm")
   hf.export(params, cfg, broken, kind="reward", pad_id=0)
@@ -130,30 +130,10 @@ def test_nan_rewards_are_skipped_and_stop_the_run_without_saving(stages, tmp_pat
   config = _config(max_bad_steps=2)
   config.reference, config.reward_model = stages, broken
   config.data.tokenizer = workdir_lib.tokenizer_path(stages)
-  with pytest.raises(FloatingPointError, match=r"2 steps in a row had a non-finite loss or gradient \(last at "
-                                               r"step 2\); stopping without saving them"):
-    trainer.run(config, workdir)
+  with pytest.raises(FloatingPointError, match=r"\[bond\] 2 steps in a row had a non-finite loss or gradient "
+                                               r"\(last at step 2\); stopping without saving them"):
+    pipeline.run(config, workdir)
   assert _steps(workdir) == []
-
-
-@pytest.mark.parametrize("field,value,message", [
-    ("bond.algorithm", "ppo", r"bond.algorithm='ppo'; allowed: jbond, bond, iterative_bond, reinforce"),
-    ("bond.eta", 1.5, r"eta=1.5"),
-    ("bond.beta", -0.1, r"beta=-0.1"),
-    ("sampling.temperature", 0.7, r"BOND's losses need samples from pi itself"),
-    ("train.batch_size", 12, r"train.batch_size=12 must be divisible by data \* fsdp = 8"),
-    ("mesh.data", 3, r"does not fit 8 devices: 8 is not divisible by 3"),
-    ("data.response_turns", 0, r"data.response_turns=0 must be >= 1"),
-    ("eval.policy_samples", 0, r"eval.policy_samples=0 must be >= 1"),
-])
-def test_bad_config_fails_before_any_compute(field, value, message, tmp_path):
-  config = _config()
-  section, key = field.split(".")
-  config[section][key] = value
-  start = time.time()
-  with pytest.raises(ValueError, match=message):
-    trainer.run(config, str(tmp_path / "never"))
-  assert time.time() - start < 5 and not os.path.exists(tmp_path / "never" / "bond")
 
 
 def test_unknown_config_key_is_a_one_line_cli_error():
@@ -168,13 +148,13 @@ def test_trained_run_exports_and_generates_in_transformers(stages, tmp_path):
   workdir = _copy(stages, tmp_path, "export")
   config = _config()
   config.train.steps = 2
-  trainer.run(config, workdir)
+  pipeline.run(config, workdir)
   out = str(tmp_path / "hf_policy")
   export.export_run(workdir, out)
   tok = transformers.AutoTokenizer.from_pretrained(out)
   model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   ids = tok("Topic: What is your favorite food?\nA:", return_tensors="pt")["input_ids"]
-  ours_tok = workdir_lib.prepare_tokenizer(config, workdir)
+  ours_tok = prepare.tokenizer(config, workdir)
   assert ids[0].tolist() == [ours_tok.bos_id] + ours_tok.encode("Topic: What is your favorite food?\nA:")
   with torch.no_grad():
     generated = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
@@ -209,32 +189,32 @@ def test_summarization_config_trains_from_hugging_face_models(stages, tmp_path):
   mesh = sharding.make_mesh({}, jax.devices()[:1])
   tok_path = workdir_lib.tokenizer_path(stages)
   for kind, name in (("lm", "ref_hf"), ("reward", "rm_hf")):
-    params, cfg = workdir_lib.load_stage_params(stages, kind, mesh)
+    params, cfg = artifacts.load(stages, kind, mesh)
     hf.export(params, cfg, str(tmp_path / name), kind=kind, pad_id=0)
 
   config = summarization_config.get_config("tiny")
   config.reference, config.reward_model = str(tmp_path / "ref_hf"), str(tmp_path / "rm_hf")
   config.data.update(dataset="jsonl_summarization/fake:1.0.0", data_dir=str(tmp_path / "tfds"), tokenizer=tok_path,
-                     max_document_chars=300, max_prompt_len=128, prompt_buckets=(128,))
+                     max_document_chars=300, prompt_buckets=(128,))
   config.sampling.max_new_tokens = 8
   config.train.update(steps=2, batch_size=8, eval_every=2, checkpoint_every=2)
   config.eval.update(num_prompts=8, quantile_samples=4, policy_samples=2, best_of=(1, 2, 4))
-  result = trainer.run(config, str(tmp_path / "xsum_run"))
+  result = pipeline.run(config, str(tmp_path / "xsum_run"))["bond"]
   assert 0.0 <= result["policy_quantile_mean"] <= 1.0 and np.isfinite(result["kl_policy_ref"])
   assert _steps(str(tmp_path / "xsum_run")) == [2]
 
   config.data.dataset = "no_such_dataset:1.0.0"
   with pytest.raises(ValueError, match=r"data.dataset='no_such_dataset:1.0.0' split 'train' is not prepared"):
-    trainer.run(config, str(tmp_path / "missing"))
+    pipeline.run(config, str(tmp_path / "missing"))
 
 
 def test_the_best_of_n_each_algorithm_aims_at():
-  config = dialogue.get_config()
-  config.bond.update(algorithm="jbond", eta=0.01)
-  assert [trainer.target_best_of(config, s) for s in (0, 100, 300)] == [1.0, 2.0, 8.0]
-  config.bond.update(algorithm="iterative_bond", n=2, anchor_period=100)
-  assert [trainer.target_best_of(config, s) for s in (0, 99, 100, 250)] == [2.0, 2.0, 4.0, 8.0]
-  config.bond.update(algorithm="bond", n=4)
-  assert trainer.target_best_of(config, 50) == 4.0
-  config.bond.algorithm = "reinforce"
-  assert trainer.target_best_of(config, 50) is None
+  bond = dialogue.get_config().bond
+  aims = lambda name, step: algorithms.get(name).target_best_of(bond, step)
+  bond.update(eta=0.01)
+  assert [aims("jbond", s) for s in (0, 100, 300)] == [1.0, 2.0, 8.0]
+  bond.update(n=2, anchor_period=100)
+  assert [aims("iterative_bond", s) for s in (0, 99, 100, 250)] == [2.0, 2.0, 4.0, 8.0]
+  bond.update(n=4)
+  assert aims("bond", 50) == 4.0
+  assert aims("reinforce", 50) is None

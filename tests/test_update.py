@@ -71,18 +71,18 @@ def bond_batch(key, params, base_table, n, k, prompts):
   candidates = sample_sequences(best_key, base_table, (prompts, n))
   best_index, _ = obj.select_best(REWARDS[candidates])
   best = jnp.take_along_axis(candidates, best_index[:, None], axis=1)[:, 0]
-  return {"policy_tokens": ALL_SEQUENCES[policy], "policy_mask": jnp.ones((prompts, 1, LENGTH)),
-          "policy_rewards": REWARDS[policy], "base_rewards": REWARDS[pool],
-          "best_tokens": ALL_SEQUENCES[best], "best_mask": jnp.ones((prompts, LENGTH))}
+  return upd.BondBatch(policy_tokens=ALL_SEQUENCES[policy], policy_mask=jnp.ones((prompts, 1, LENGTH)),
+                       policy_rewards=REWARDS[policy], base_rewards=REWARDS[pool],
+                       best_tokens=ALL_SEQUENCES[best], best_mask=jnp.ones((prompts, LENGTH)))
 
 
 def jbond_batch(key, params, anchor_table, prompts):
   policy_key, anchor_key = jax.random.split(key)
   policy = sample_sequences(policy_key, params, (prompts,))
   anchor = sample_sequences(anchor_key, anchor_table, (prompts, 2))
-  return {"policy_tokens": ALL_SEQUENCES[policy], "policy_mask": jnp.ones((prompts, LENGTH)),
-          "policy_rewards": REWARDS[policy], "anchor_tokens": ALL_SEQUENCES[anchor],
-          "anchor_mask": jnp.ones((prompts, 2, LENGTH)), "anchor_rewards": REWARDS[anchor]}
+  return upd.JBondBatch(policy_tokens=ALL_SEQUENCES[policy], policy_mask=jnp.ones((prompts, LENGTH)),
+                        policy_rewards=REWARDS[policy], anchor_tokens=ALL_SEQUENCES[anchor],
+                        anchor_mask=jnp.ones((prompts, 2, LENGTH)), anchor_rewards=REWARDS[anchor])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -309,9 +309,9 @@ def test_non_finite_guard_skips_the_step():
   optimizer = upd.make_optimizer(upd.OptimizerConfig(learning_rate=0.05, eps=1e-3))  # no warm-up: lr > 0 now
   step = upd.make_reinforce_step(tabular_logprob, optimizer, beta_rl=0.1, donate=False)
   indices = sample_sequences(jax.random.key(50), REF_TABLE, (8, 2))
-  good = {"policy_tokens": ALL_SEQUENCES[indices], "policy_mask": jnp.ones((8, 2, LENGTH)),
-          "policy_rewards": REWARDS[indices]}
-  bad = dict(good, policy_rewards=good["policy_rewards"].at[3, 1].set(jnp.nan))
+  good = upd.ReinforceBatch(policy_tokens=ALL_SEQUENCES[indices], policy_mask=jnp.ones((8, 2, LENGTH)),
+                            policy_rewards=REWARDS[indices])
+  bad = good.replace(policy_rewards=good.policy_rewards.at[3, 1].set(jnp.nan))
   state = upd.init_train_state(jnp.copy(REF_TABLE), optimizer)
   skipped, metrics = step(state, REF_TABLE, bad)
   assert not np.isfinite(float(metrics["loss"]))
@@ -330,7 +330,7 @@ def test_nan_reward_that_leaves_the_loss_finite_still_skips_the_step():
   optimizer = upd.make_optimizer(upd.OptimizerConfig(learning_rate=0.05))
   step = upd.make_jbond_step(tabular_logprob, optimizer, beta=0.5, gamma=0.0, eta=0.1, donate=False)
   batch = jbond_batch(jax.random.key(60), REF_TABLE, REF_TABLE, 8)
-  batch["anchor_rewards"] = batch["anchor_rewards"].at[2, 0].set(jnp.nan)
+  batch = batch.replace(anchor_rewards=batch.anchor_rewards.at[2, 0].set(jnp.nan))
   state = upd.init_train_state(jnp.copy(REF_TABLE), optimizer, anchor_params=REF_TABLE)
   new_state, metrics = step(state, REF_TABLE, batch)
   assert np.isfinite(float(metrics["loss"]))

@@ -15,13 +15,6 @@ Shapes (B = per-process batch_size; every batch of one pipeline has the same B):
                       tokenizer.pad_id and mask False. P = the smallest bucket >= the longest prompt in
                       the batch (few distinct shapes -> few recompilations). A prompt is [bos] + ids; a
                       prompt longer than max(buckets) keeps bos and its LAST tokens (recent context).
-  packed_sft_batches  tokens, segment_ids, positions [B, L] int32; loss_mask [B, L] bool. Several
-                      [bos] + prompt + response + [eos] sequences per row. segment_ids are 1, 2, ... per
-                      sequence in the row and 0 on padding; positions restart at 0 for each sequence.
-                      loss_mask[b, t] is True where tokens[b, t] is a response token or the eos, i.e.
-                      where predicting tokens[b, t] from tokens[b, :t] is trained (use
-                      loss_mask[:, 1:] against logits[:, :-1]). A sequence longer than L loses prompt
-                      tokens after bos first, then the end of the response.
   preference_batches  tokens, mask, response_mask [B, 2, L]; along axis 1, 0 = chosen and
                       1 = rejected. Left-padded [bos] + prompt + response + [eos], so the last real
                       token (eos) of every row is at column L - 1; response_mask marks response + eos.
@@ -167,54 +160,6 @@ def prompt_batches(
         return {"tokens": tokens, "mask": mask}
 
     return ds.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True, batch_fn=collate)
-
-
-def packed_sft_batches(
-    source: Sequence[Record],
-    tokenizer: Tokenizer,
-    *,
-    batch_size: int,
-    seq_len: int,
-    seed: int,
-    shuffle: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
-    num_epochs: int | None = None,
-    record_fn: Callable[[Record], Record] = decode_texts,
-    read_options: grain.ReadOptions = DEFAULT_READ_OPTIONS,
-) -> grain.IterDataset:
-    """Packed SFT batches {"tokens", "segment_ids", "positions": [B, L] int32, "loss_mask": [B, L] bool}.
-
-    First-fit packing into `batch_size` rows at a time (Grain's FirstFitPackIterDataset), rows kept in
-    packing order; a final partial batch is dropped.
-    """
-    _check_batch_args(batch_size, [seq_len])
-    ds = sharded_records(
-        source, seed=seed, shuffle=shuffle, process_index=process_index,
-        process_count=process_count, num_epochs=num_epochs, record_fn=record_fn,
-    )
-
-    def to_example(record: Record) -> dict[str, np.ndarray]:
-        seq = encode_sequence(tokenizer, record["prompt"], record["response"], seq_len)
-        return {"tokens": seq["tokens"], "loss_mask": seq["response_mask"]}
-
-    packed = grain.experimental.FirstFitPackIterDataset(
-        ds.map(to_example).to_iter_dataset(read_options),
-        length_struct={"tokens": seq_len, "loss_mask": seq_len},
-        num_packing_bins=batch_size,
-        shuffle_bins=False,
-        padding_struct={"tokens": tokenizer.pad_id, "loss_mask": False},
-    )
-
-    def rename(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {
-            "tokens": row["tokens"].astype(np.int32),
-            "segment_ids": row["tokens_segment_ids"].astype(np.int32),
-            "positions": row["tokens_positions"].astype(np.int32),
-            "loss_mask": row["loss_mask"].astype(bool),
-        }
-
-    return packed.map(rename).batch(batch_size, drop_remainder=True)
 
 
 def preference_batches(

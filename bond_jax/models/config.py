@@ -7,6 +7,7 @@ they share this config; only the reward model adds a scalar head (see reward.py)
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -69,6 +70,15 @@ class ModelConfig:
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-ready fields (stored in checkpoint metadata)."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, fields: dict[str, Any]) -> "ModelConfig":
+    """Inverse of to_dict after a JSON round trip (lists back to tuples)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
   def num_params(self) -> int:
     """Parameter count from the shapes (embeddings counted once when tied)."""

@@ -5,6 +5,8 @@ A real checkpoint of the big shapes comes in through hf.import_params (a local H
 
 from __future__ import annotations
 
+from typing import Any
+
 from bond_jax.models.config import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
@@ -38,3 +40,24 @@ def get(name: str, **overrides) -> ModelConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; allowed: {', '.join(PRESETS)}")
   return PRESETS[name].replace(**overrides)
+
+
+def from_config(model: Any, tokenizer_vocab: int | None = None) -> ModelConfig:
+  """The ModelConfig of a config's `model` section: presets.get(model.preset, **model.overrides).
+
+  tokenizer_vocab: the vocabulary of the tokenizer the run uses; it sets vocab_size unless
+  model.overrides.vocab_size is given, which may be larger (padding the vocabulary, e.g. to divide the
+  tensor axis) but not smaller. None keeps the preset's (or the override's) vocab_size, as a plan does.
+  """
+  overrides = dict(model.overrides.to_dict()) if model.get("overrides") else {}
+  vocab = overrides.pop("vocab_size", tokenizer_vocab)
+  if tokenizer_vocab is not None and vocab < tokenizer_vocab:
+    raise ValueError(f"model.overrides.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}; "
+                     f"allowed: >= {tokenizer_vocab}")
+  if vocab is not None:
+    overrides["vocab_size"] = vocab
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+  try:
+    return get(model.preset, **overrides)
+  except TypeError as error:  # an override naming no ModelConfig field
+    raise ValueError(f"model.overrides: {error}") from None

@@ -1,4 +1,3 @@
-import itertools
 import json
 import sys
 
@@ -92,25 +91,6 @@ def test_prompt_iterator_resumes_across_epochs(tokenizer):
     _assert_resumes_identically(ds, steps_before=2, steps_after=6)  # crosses two reshuffled epochs
 
 
-def test_packed_sft_batches(tokenizer):
-    seq_len = 48
-    ds = pipeline.packed_sft_batches(_records(30), tokenizer, batch_size=2, seq_len=seq_len, seed=0)
-    for batch in itertools.islice(ds, 4):
-        assert {k: v.shape for k, v in batch.items()} == {k: (2, seq_len) for k in batch}
-        assert batch["loss_mask"].dtype == bool and batch["tokens"].dtype == np.int32
-        for row in range(2):
-            seg, pos, tok, loss = (batch[k][row] for k in ("segment_ids", "positions", "tokens", "loss_mask"))
-            assert seg.max() >= 2  # short sequences really are packed together
-            assert not loss[seg == 0].any() and np.all(tok[seg == 0] == tokenizer.pad_id)
-            for s in range(1, seg.max() + 1):
-                idx = np.flatnonzero(seg == s)
-                np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))
-                assert tok[idx[0]] == tokenizer.bos_id and tok[idx[-1]] == tokenizer.eos_id
-                text = tokenizer.decode(tok[idx][loss[idx]])
-                assert text.startswith(" reply") and "item" not in text  # loss only on the response
-    _assert_resumes_identically(ds, steps_before=3, steps_after=5)
-
-
 def test_encode_sequence_truncates_prompt_first():
     class Chars:  # a tokenizer with one id per character keeps the arithmetic readable
         bos_id, eos_id = 2, 1
@@ -142,6 +122,6 @@ def test_preference_batches(tokenizer):
 
 def test_pipeline_over_tfds_source_without_tensorflow(dialogue_builder, tokenizer):
     source = dialogue_builder.as_data_source("validation")
-    ds = pipeline.packed_sft_batches(source, tokenizer, batch_size=2, seq_len=128, seed=0)
+    ds = pipeline.prompt_batches(source, tokenizer, batch_size=2, buckets=BUCKETS, seed=0)
     _assert_resumes_identically(ds, steps_before=2, steps_after=3)
     assert "tensorflow" not in sys.modules

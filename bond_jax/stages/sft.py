@@ -1,6 +1,6 @@
 """SFT stage: trains the reference policy pi_ref on chitchat dialogue turns (next-token loss on responses).
 
-    python -m bond_jax.sft --config=configs/dialogue.py --workdir=runs/dialogue
+    python -m bond_jax.train --config=configs/dialogue.py --workdir=runs/dialogue --until=sft
 
 Batches are NOT packed: each row is one [bos] + prompt + response + [eos] sequence, right-padded to
 sft.seq_len (`sft_batches`). Packing needs block-diagonal attention and per-segment positions, which the
@@ -22,15 +22,16 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from bond_jax import sharding, stages, workdir as wd
-from bond_jax.data import chitchat, pipeline
+from bond_jax import loop, sharding, update
+from bond_jax.data import pipeline, prepare
 from bond_jax.data.tokenizer import Tokenizer
-from bond_jax.models import transformer
+from bond_jax.models import params as params_lib
+from bond_jax.models import presets, transformer
 from bond_jax.models.config import ModelConfig
+from bond_jax.stages.context import Context
 
 STAGE, KIND = "sft", "lm"
 NDIMS = {"tokens": 2, "mask": 2, "loss_mask": 2}
@@ -79,17 +80,6 @@ def loss_fn(cfg: ModelConfig):
   return fn
 
 
-def train_responses(config: ml_collections.ConfigDict) -> list[str]:
-  """The response texts of the dialogue train split, straight from the source conversations (the
-  builder's own split and example functions; ~10x faster than reading back 125k array_record records)."""
-  fractions = chitchat.ChitchatDialogueConfig(name="split").split_fractions
-  conversations, _ = chitchat.load_conversations(max_conversations=config.data.max_conversations or None)
-  return [e["response"] for c in conversations
-          if chitchat.split_by_hash(c.conversation_id, fractions) == "train"
-          for e in chitchat.dialogue_examples(c, config.data.context_turns,
-                                            config.data.response_turns)]
-
-
 def unigram_log_probs(responses: Sequence[str], tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
   """[vocab_size] log-probabilities of response tokens + eos, counted over `responses`, add-one smoothed."""
   counts = np.ones(vocab_size, np.float64)
@@ -117,7 +107,7 @@ def make_evaluate(cfg: ModelConfig, mesh, param_shardings, batches: Sequence[dic
     return token_nll(transformer.forward(cfg, params, batch["tokens"], batch["mask"]), batch["tokens"],
                      batch["loss_mask"])
 
-  nll = jax.jit(nll, in_shardings=(param_shardings, stages.batch_shardings(mesh, NDIMS)),
+  nll = jax.jit(nll, in_shardings=(param_shardings, {k: sharding.batch_sharding(mesh, n) for k, n in NDIMS.items()}),
                 out_shardings=replicated)
   placed = [sharding.shard_batch(b, mesh) for b in batches]
 
@@ -131,46 +121,35 @@ def make_evaluate(cfg: ModelConfig, mesh, param_shardings, batches: Sequence[dic
   return evaluate
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-        stop_at_step: int | None = None) -> dict[str, Any]:
-  """Train (or resume, or skip when finished) the SFT policy of `workdir`; returns its final metrics
-  {step, val_loss, val_ppl, unigram_ppl, val_tokens}. stop_at_step: leave early (see stages.train)."""
-  wd.check_config(config, workdir)
-  c = config.sft
-  done = stages.finished_metrics(workdir, STAGE, c.steps)
-  if done is not None:
-    print(f"[{STAGE}] finished already (step {done['step']}): val_ppl {done['val_ppl']:.2f}", flush=True)
-    return done
-  tokenizer = wd.prepare_tokenizer(config, workdir)
-  cfg = wd.model_config(config, tokenizer)
-  builder = wd.dialogue_builder(config, workdir)
-  mesh = wd.make_mesh(config)
+def build(ctx: Context) -> loop.Stage:
+  """The SFT stage of `ctx.workdir`: pi_ref from a fresh init on the dialogue train split."""
+  config, tokenizer, mesh, c = ctx.config, ctx.tokenizer, ctx.mesh, ctx.config.sft
+  cfg = presets.from_config(config.model, tokenizer.vocab_size)
+  builder = ctx.dialogues
   pcount, pindex = jax.process_count(), jax.process_index()
-  if c.batch_size % pcount:
-    raise ValueError(f"sft.batch_size={c.batch_size} must be divisible by the {pcount} processes")
-  local_batch = c.batch_size // pcount
-  dataset = sft_batches(builder.as_data_source("train"), tokenizer, batch_size=local_batch,
-                        seq_len=c.seq_len, seed=config.seed, process_index=pindex, process_count=pcount)
-  val = sft_batches(builder.as_data_source("validation"), tokenizer, batch_size=local_batch,
-                    seq_len=c.seq_len, seed=config.seed, process_index=pindex, process_count=pcount)
-  val_batches = [b for _, b in zip(range(c.eval_batches), iter(val))]
-  log_probs = unigram_log_probs(train_responses(config), tokenizer, cfg.vocab_size)
+  batches = lambda split: sft_batches(builder.as_data_source(split), tokenizer, batch_size=c.batch_size // pcount,
+                                      seq_len=c.seq_len, seed=config.seed, process_index=pindex,
+                                      process_count=pcount)
+  val_batches = [b for _, b in zip(range(c.eval_batches), iter(batches("validation")))]
+  log_probs = unigram_log_probs(prepare.train_responses(config), tokenizer, cfg.vocab_size)
   total, count = unigram_nll(log_probs, val_batches)
   unigram_ppl = float(np.exp(total / max(count, 1.0)))
-  print(f"[{STAGE}] model {cfg.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}; unigram "
-        f"validation perplexity {unigram_ppl:.1f}", flush=True)
+  if jax.process_index() == 0:
+    print(f"[{STAGE}] model {cfg.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}; unigram "
+          f"validation perplexity {unigram_ppl:.1f}", flush=True)
 
-  init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
-  params, _ = sharding.init_sharded(lambda r: transformer.init_boxed(cfg, r), init_rng, mesh)
-  optimizer = stages.make_optimizer(c, c.steps)
-  state = stages.init_state(params, optimizer, state_rng, mesh)
-  evaluate = make_evaluate(cfg, mesh, stages.state_shardings(state)["params"], val_batches, unigram_ppl)
-  _, final = stages.train(
-      workdir=workdir, stage=STAGE, kind=KIND, model_cfg=cfg, state=state, mesh=mesh, dataset=dataset,
-      loss_fn=loss_fn(cfg), optimizer=optimizer, ndims=NDIMS, evaluate=evaluate, steps=c.steps,
-      log_every=c.get("log_every", 50), eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
-      stop_at_step=stop_at_step)
-  return final
+  init_rng, _ = jax.random.split(jax.random.key(config.seed))
+  optimizer = update.make_optimizer(update.OptimizerConfig.from_section(c, c.steps))
+  state = update.new_state(params_lib.init_sharded(cfg, KIND, init_rng, mesh), optimizer, mesh)
+  loss = loss_fn(cfg)
+  step = update.build_update_step(lambda params, anchor, ref, batch: loss(params, batch), optimizer, mesh=mesh,
+                                  state_sharding=sharding.shardings_of(state))
+  evaluate = make_evaluate(cfg, mesh, sharding.shardings_of(state.params), val_batches, unigram_ppl)
+  return loop.Stage(
+      name=STAGE, kind=KIND, mesh=mesh, model=cfg, schedule=loop.Schedule.from_section(c), state=state,
+      step=lambda state, batch: step(state, None, batch), batches=batches("train"),
+      prepare=lambda batch, state, step: (sharding.shard_batch(batch, mesh), {"tokens": float(batch["mask"].sum())}),
+      evaluate=lambda state, step, final: evaluate(state.params, final))
 
 
 def report(metrics: dict[str, Any]) -> str:
@@ -178,5 +157,3 @@ def report(metrics: dict[str, Any]) -> str:
           f"(unigram baseline {metrics['unigram_ppl']:.1f}) at step {metrics['step']}")
 
 
-if __name__ == "__main__":
-  stages.cli(run, report)

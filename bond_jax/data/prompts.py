@@ -3,7 +3,6 @@
 summarization: documents of a TFDS dataset with XSum's features (TL;DR-style prompts, see
 data/formats.py); its reference and reward model come from Hugging Face directories.
 
-
 chitchat: the preference data's prompts (a conversation's starter topic, "Topic: ...\nA:"), split by starter
 prompt like the reward model's pairs, so evaluation is on topics neither the reward model nor the policy
 trained on. The policy's response is the conversation's opening, which is what the reward model scores.
@@ -17,7 +16,6 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from bond_jax import workdir as workdir_lib
 from bond_jax.data import pipeline, summarization
 from bond_jax.data.tokenizer import Tokenizer
 
@@ -56,17 +54,16 @@ def eval_batch(config, records: Sequence[dict[str, str]], tok: Tokenizer) -> dic
   return {"tokens": tokens, "mask": mask}
 
 
-def prompt_sources(config, workdir: str):
+def prompt_sources(config, preferences=None):
   """(train prompts, held-out prompts) of config.data.task, as sequences of {'prompt': text} records.
 
-  chitchat: the preference data's distinct starter prompts (built in the workdir).
+  chitchat: the distinct starter prompts of `preferences` (the ChitchatPreferences builder of the workdir).
   summarization: a TFDS dataset with XSum's features (config.data.dataset, e.g. 'xsum:1.1.0', already
   prepared in config.data.data_dir; nothing is downloaded), read lazily: it has 200k documents.
   """
   if config.data.task == "chitchat":
-    builder = workdir_lib.preference_builder(config, workdir)
-    return (unique_prompts(builder.as_data_source("train")),
-            unique_prompts(builder.as_data_source("validation")))
+    return (unique_prompts(preferences.as_data_source("train")),
+            unique_prompts(preferences.as_data_source("validation")))
   if config.data.task == "summarization":
     return tuple(_SummarizationPrompts(config, split) for split in ("train", "validation"))
   raise ValueError(f"data.task={config.data.task!r}; allowed: chitchat, summarization")

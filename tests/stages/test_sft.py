@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from bond_jax import checkpoint, sft, workdir as wd
+from bond_jax import checkpoint, loop, metrics, pipeline, workdir as wd
+from bond_jax.data import prepare
+from bond_jax.stages import sft
 from bond_jax.data.tokenizer import EOS_ID
 from configs import dialogue
 
@@ -42,7 +44,7 @@ def test_unigram_is_add_one_smoothed():
 
 def test_sft_batches_are_right_padded_with_response_loss(tmp_path):
   config = tiny_config(1)
-  tokenizer = wd.prepare_tokenizer(config, str(tmp_path))
+  tokenizer = prepare.tokenizer(config, str(tmp_path))
   records = [{"prompt": "Topic: cats\nA:", "response": " I love cats"}] * 4
   batch = next(iter(sft.sft_batches(records, tokenizer, batch_size=2, seq_len=48, seed=0)))
   n = 1 + len(tokenizer.encode(records[0]["prompt"])) + len(tokenizer.encode(" I love cats")) + 1
@@ -55,12 +57,12 @@ def test_sft_batches_are_right_padded_with_response_loss(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("sft"))
-  return workdir, sft.run(tiny_config(30), workdir)
+  return workdir, pipeline.run(tiny_config(30), workdir, until="sft")["sft"]
 
 
 def test_sft_loss_decreases_and_stage_is_cached(trained, capsys):
   workdir, final = trained
-  logged = wd.read_metrics(wd.metrics_path(workdir, "sft"))
+  logged = metrics.read_metrics(wd.metrics_path(workdir, "sft"))
   losses = [r["loss"] for r in logged if "loss" in r]
   evals = [r for r in logged if "val_ppl" in r]
   assert losses[0] > 5.5 and losses[-1] < losses[0] - 1.0, losses  # from ~log(400) = 6.0
@@ -70,22 +72,23 @@ def test_sft_loss_decreases_and_stage_is_cached(trained, capsys):
   meta, step = checkpoint.read_meta(wd.checkpoint_dir(workdir, "sft"))
   assert (step, meta["kind"], meta["model"]["d_model"]) == (30, "lm", 32)
   capsys.readouterr()
-  assert sft.run(tiny_config(30), workdir) == final  # cached: no training
+  assert pipeline.run(tiny_config(30), workdir, until="sft")["sft"] == final  # cached: no training
   assert "finished already" in capsys.readouterr().out
 
 
 def test_resume_after_stop_is_bitwise_identical(tmp_path):
   config = tiny_config(6)
   config.sft.checkpoint_every = 3
-  straight = sft.run(config, str(tmp_path / "straight"))
+  straight = pipeline.run(config, str(tmp_path / "straight"), until="sft")["sft"]
   stopped = str(tmp_path / "stopped")
-  assert sft.run(config, stopped, stop_at_step=3) is None
+  ctx = pipeline.setup(config, stopped, until="sft")
+  assert loop.run(sft.build(ctx), stopped, stop_at_step=3) is None
   assert checkpoint.read_meta(wd.checkpoint_dir(stopped, "sft"))[1] == 3
-  resumed = sft.run(config, stopped)
+  resumed = pipeline.run(config, stopped, until="sft")["sft"]
   assert resumed == straight
   a, _, step_a = checkpoint.restore_arrays(wd.checkpoint_dir(str(tmp_path / "straight"), "sft"))
   b, _, step_b = checkpoint.restore_arrays(wd.checkpoint_dir(stopped, "sft"))
   assert step_a == step_b == 6
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  steps = [r["step"] for r in wd.read_metrics(wd.metrics_path(stopped, "sft")) if "loss" in r]
+  steps = [r["step"] for r in metrics.read_metrics(wd.metrics_path(stopped, "sft")) if "loss" in r]
   assert steps == [1, 3, 4, 5, 6]  # logged at 1, 3 (stop), then 4 (first after resume), 5, 6

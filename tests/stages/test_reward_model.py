@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from bond_jax import checkpoint, reward_training as rt, sharding, workdir as wd
+from bond_jax import artifacts, checkpoint, pipeline, sharding, workdir as wd
+from bond_jax.stages import reward_model as rt
 from configs import dialogue
 
 
@@ -47,7 +48,7 @@ def tiny_config():
 def test_reward_model_learns_train_pairs_and_reports_heldout_accuracy(tmp_path):
   workdir = str(tmp_path)
   config = tiny_config()
-  final = rt.run(config, workdir)  # runs the (2-step) SFT stage first
+  final = pipeline.run(config, workdir, until="reward")["reward"]  # runs the (2-step) SFT stage first
   assert checkpoint.read_meta(wd.checkpoint_dir(workdir, "sft"))[1] == 2
   meta, step = checkpoint.read_meta(wd.checkpoint_dir(workdir, "reward"))
   assert (step, meta["kind"], meta["final_metrics"]) == (30, "reward", final)
@@ -58,10 +59,9 @@ def test_reward_model_learns_train_pairs_and_reports_heldout_accuracy(tmp_path):
     assert final[f"{name}_ci_low"] == pytest.approx(low) and final[f"{name}_ci_high"] == pytest.approx(high)
     assert 0 <= final[f"{name}_length_accuracy"] <= 1
   # Sanity: accuracy on the TRAIN pairs is well above chance after 30 steps (240 pairs seen).
-  mesh = wd.make_mesh(config)
-  params, cfg = wd.load_stage_params(workdir, "reward", mesh)
-  tokenizer = wd.prepare_tokenizer(config, workdir)
-  builder = wd.preference_builder(config, workdir)
+  ctx = pipeline.setup(config, workdir, until="reward")
+  mesh, tokenizer, builder = ctx.mesh, ctx.tokenizer, ctx.preferences
+  params, cfg = artifacts.load(workdir, "reward", mesh)
   records = rt._records(builder.as_data_source("train"))[:64]
   margins = []
   for batch, real in rt.pair_batches(records, tokenizer, 8, (32, 64)):

@@ -1,9 +1,9 @@
 """Reward stage: a Bradley-Terry reward model on chitchat preference pairs, initialised from the SFT policy.
 
-    python -m bond_jax.reward_training --config=configs/dialogue.py --workdir=runs/dialogue
+    python -m bond_jax.train --config=configs/dialogue.py --workdir=runs/dialogue --until=reward
 
 Loss: -log sigmoid(r(x, chosen) - r(x, rejected)), averaged over pairs (preference_batches). The backbone
-starts from the SFT checkpoint of the workdir (run first, cached) or from config.reference; the scalar
+starts from the SFT checkpoint of the workdir (the pipeline runs that stage first) or from config.reference; the scalar
 head starts at zero, so every pair starts at a margin of 0.
 
 Reported on the validation and test pairs (their starter prompts are unseen in training): pairwise
@@ -21,14 +21,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from bond_jax import sharding, sft, stages, workdir as wd
+from bond_jax import artifacts, loop, sharding, update
 from bond_jax.data import pipeline
 from bond_jax.data.tokenizer import Tokenizer
+from bond_jax.models import params as params_lib
 from bond_jax.models import reward
 from bond_jax.models.config import ModelConfig
+from bond_jax.stages.context import Context
 
 STAGE, KIND = "reward", "reward"
 NDIMS = {"tokens": 3, "mask": 3, "response_mask": 3}
@@ -107,7 +108,7 @@ def make_evaluate(cfg: ModelConfig, mesh, param_shardings, splits: dict[str, lis
                   tokenizer: Tokenizer, batch_size: int, buckets: Sequence[int]):
   """(params, final) -> metrics on the first split (validation), and on every split when final."""
   score = jax.jit(lambda params, b: score_pairs(cfg, params, b["tokens"], b["mask"]),
-                  in_shardings=(param_shardings, stages.batch_shardings(mesh, NDIMS)),
+                  in_shardings=(param_shardings, {k: sharding.batch_sharding(mesh, n) for k, n in NDIMS.items()}),
                   out_shardings=sharding.replicated(mesh))
   batches = {name: pair_batches(records, tokenizer, batch_size, buckets) for name, records in splits.items()}
   fixed = {}  # metrics that do not depend on the params
@@ -134,64 +135,50 @@ def _records(source) -> list[dict]:
   return [pipeline.decode_texts(r) for r in records]
 
 
-def initial_params(config: ml_collections.ConfigDict, workdir: str, mesh) -> tuple[Any, ModelConfig]:
+def initial_params(ctx: Context) -> tuple[Any, ModelConfig]:
   """Reward params whose backbone is the SFT policy's (config.reference, else this workdir's SFT stage,
-  trained first if needed) and whose head is zero."""
-  if not config.reference:
-    sft.run(config, workdir)
-  policy, cfg = wd.load_stage_params(config.reference or workdir, "lm", mesh)
-  rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-  fresh, _ = sharding.init_sharded(lambda r: reward.init_boxed(cfg, r), rng, mesh)
-  return reward.from_policy(policy, fresh), cfg
+  which the pipeline ran first) and whose head is zero."""
+  policy, cfg = artifacts.load(ctx.config.reference or ctx.workdir, "lm", ctx.mesh)
+  rng = jax.random.fold_in(jax.random.key(ctx.config.seed), 1)
+  return reward.from_policy(policy, params_lib.init_sharded(cfg, KIND, rng, ctx.mesh)), cfg
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-        stop_at_step: int | None = None) -> dict[str, Any]:
-  """Train (or resume, or skip when finished) the reward model of `workdir`; returns its final metrics:
-  step, {validation,test}_{accuracy,ci_low,ci_high,length_accuracy,length_ci_low,length_ci_high,pairs,
-  prompts}. stop_at_step: leave early (see stages.train)."""
-  wd.check_config(config, workdir)
-  c = config.reward_training
-  done = stages.finished_metrics(workdir, STAGE, c.steps)
-  if done is not None:
-    print(report(done), flush=True)
-    return done
-  mesh = wd.make_mesh(config)
-  params, cfg = initial_params(config, workdir, mesh)
-  tokenizer = wd.prepare_tokenizer(config, workdir)
-  if tokenizer.vocab_size > cfg.vocab_size:
-    raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
-                     f"{cfg.vocab_size}; give the reference's tokenizer as --config.data.tokenizer")
-  builder = wd.preference_builder(config, workdir)
-  pcount, pindex = jax.process_count(), jax.process_index()
-  if c.batch_size % pcount:
-    raise ValueError(f"reward_training.batch_size={c.batch_size} must be divisible by the {pcount} processes")
-  buckets = tuple(c.get("buckets", (c.max_len,)))
-  if max(buckets) != c.max_len:
-    raise ValueError(f"reward_training.buckets={buckets} must end at max_len={c.max_len}")
-  dataset = pipeline.preference_batches(builder.as_data_source("train"), tokenizer,
-                                        batch_size=c.batch_size // pcount, buckets=buckets, seed=config.seed,
-                                        process_index=pindex, process_count=pcount)
+def _splits(builder) -> dict[str, list[dict]]:
   present = builder.info.splits
-  splits = {name: _records(builder.as_data_source(name)) for name in EVAL_SPLITS if name in present}
-  if not splits or "train" not in present:
-    raise ValueError(f"preference splits {sorted(present)} lack train or a held-out split; "
-                     f"raise data.max_conversations={config.data.max_conversations} (0 = all)")
+  if "train" not in present or not any(name in present for name in EVAL_SPLITS):
+    raise ValueError(f"preference splits {sorted(present)} lack train or a held-out split; raise "
+                     "data.max_conversations (0 = all)")
   meta = builder.info.metadata
-  print(f"[{STAGE}] pairs train/validation/test {meta.get('pairs_train')}/{meta.get('pairs_validation')}/"
-        f"{meta.get('pairs_test')} over {meta.get('prompts_train')}/{meta.get('prompts_validation')}/"
-        f"{meta.get('prompts_test')} starter prompts", flush=True)
-  optimizer = stages.make_optimizer(c, c.steps)
-  state = stages.init_state(params, optimizer, jax.random.fold_in(jax.random.key(config.seed), 2), mesh)
+  if jax.process_index() == 0:
+    print(f"[{STAGE}] pairs train/validation/test {meta.get('pairs_train')}/{meta.get('pairs_validation')}/"
+          f"{meta.get('pairs_test')} over {meta.get('prompts_train')}/{meta.get('prompts_validation')}/"
+          f"{meta.get('prompts_test')} starter prompts", flush=True)
+  return {name: _records(builder.as_data_source(name)) for name in EVAL_SPLITS if name in present}
+
+
+def build(ctx: Context) -> loop.Stage:
+  """The reward stage of `ctx.workdir`: Bradley-Terry from the SFT backbone on the preference pairs."""
+  config, tokenizer, mesh, c = ctx.config, ctx.tokenizer, ctx.mesh, ctx.config.reward_training
+  params, cfg = initial_params(ctx)
+  builder = ctx.preferences
+  splits = _splits(builder)
+  pcount, buckets = jax.process_count(), tuple(c.buckets)
+  batches = pipeline.preference_batches(builder.as_data_source("train"), tokenizer,
+                                        batch_size=c.batch_size // pcount, buckets=buckets, seed=config.seed,
+                                        process_index=jax.process_index(), process_count=pcount)
+  optimizer = update.make_optimizer(update.OptimizerConfig.from_section(c, c.steps))
+  state = update.new_state(params, optimizer, mesh)
+  loss = bradley_terry_loss(cfg)
+  step = update.build_update_step(lambda params, anchor, ref, batch: loss(params, batch), optimizer, mesh=mesh,
+                                  state_sharding=sharding.shardings_of(state))
   # Evaluation batches are global (every process scores every pair), rows split over the mesh.
-  evaluate = make_evaluate(cfg, mesh, stages.state_shardings(state)["params"], splits, tokenizer,
-                           c.batch_size, buckets)
-  _, final = stages.train(
-      workdir=workdir, stage=STAGE, kind=KIND, model_cfg=cfg, state=state, mesh=mesh, dataset=dataset,
-      loss_fn=bradley_terry_loss(cfg), optimizer=optimizer, ndims=NDIMS, evaluate=evaluate, steps=c.steps,
-      log_every=c.get("log_every", 50), eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
-      stop_at_step=stop_at_step)
-  return final
+  evaluate = make_evaluate(cfg, mesh, sharding.shardings_of(state.params), splits, tokenizer, c.batch_size,
+                           buckets)
+  return loop.Stage(
+      name=STAGE, kind=KIND, mesh=mesh, model=cfg, schedule=loop.Schedule.from_section(c), state=state,
+      step=lambda state, batch: step(state, None, batch), batches=batches,
+      prepare=lambda batch, state, step: (sharding.shard_batch(batch, mesh), {"tokens": float(batch["mask"].sum())}),
+      evaluate=lambda state, step, final: evaluate(state.params, final))
 
 
 def report(m: dict[str, Any]) -> str:
@@ -206,5 +193,3 @@ def report(m: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-if __name__ == "__main__":
-  stages.cli(run, report)

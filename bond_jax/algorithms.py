@@ -1,0 +1,98 @@
+"""The one table of distillation algorithms: what each samples, how it updates, what it aims at.
+
+    jbond           J-BOND (Algorithm 2): 1 policy + 2 anchor samples, EMA anchor (the default).
+    bond            BOND: Jeffreys divergence to Best-of-n of pi_ref, Monte-Carlo quantiles from k samples.
+    iterative_bond  BOND of Best-of-n of an anchor that becomes the policy every anchor_period steps.
+    reinforce       the RLOO baseline: REINFORCE on r - beta_rl * (log pi - log pi_ref).
+Everything that differs between algorithms is a field of its row; nothing else compares their names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+
+from bond_jax import objectives, rollout, update
+from bond_jax.frozen import FrozenModels
+
+# (bond config, frozen models, state, prompts [B, P], prompt mask [B, P], rng, max_new_tokens)
+#   -> (update batch, rollout.Stats)
+Rollout = Callable[[ml_collections.ConfigDict, FrozenModels, update.TrainState, jax.Array, jax.Array, jax.Array,
+                    int], tuple[Any, rollout.Stats]]
+# (bond config, sequence_logprob_fn, optimizer, build_update_step's options) -> jitted step
+StepBuilder = Callable[[ml_collections.ConfigDict, update.SequenceLogprobFn, optax.GradientTransformation,
+                        dict[str, Any]], Callable]
+
+PROGRESS_KEYS = ("reward_mean", "kl_policy_ref", "kl_policy_anchor", "penalty_rate", "loss")
+POLICY_SAMPLES = 2  # per prompt for BOND and RLOO: the fewest a leave-one-out baseline needs
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  """uses_anchor: the state carries anchor params (started at pi_ref). target_best_of(bond, step): the
+  Best-of-N of pi_ref the algorithm aims at after `step` steps, or None (RLOO aims at none)."""
+  name: str
+  uses_anchor: bool
+  rollout: Rollout
+  make_step: StepBuilder
+  target_best_of: Callable[[ml_collections.ConfigDict, int], float | None]
+
+
+def _jbond_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
+  del bond
+  return rollout.jbond(frozen, state.params, state.anchor_params, prompts, mask, rng, max_new_tokens)
+
+
+def _bond_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
+  base = state.anchor_params if state.anchor_params is not None else frozen.reference_params
+  return rollout.bond(frozen, state.params, base, prompts, mask, rng, max_new_tokens, n=bond.n, k=bond.k,
+                      num_policy_samples=POLICY_SAMPLES)
+
+
+def _reinforce_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
+  del bond
+  return rollout.reinforce(frozen, state.params, prompts, mask, rng, max_new_tokens,
+                           num_policy_samples=POLICY_SAMPLES)
+
+
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
+    Algorithm("jbond", uses_anchor=True, rollout=_jbond_rollout,
+              make_step=lambda b, fn, opt, options: update.make_jbond_step(
+                  fn, opt, beta=b.beta, gamma=b.gamma, eta=b.eta, **options),
+              # the EMA anchor makes each step distil Best-of-2 of an anchor that is itself ahead of pi_ref
+              target_best_of=lambda b, step: float(2.0 ** (b.eta * step))),
+    Algorithm("bond", uses_anchor=False, rollout=_bond_rollout,
+              make_step=lambda b, fn, opt, options: update.make_bond_step(fn, opt, n=b.n, beta=b.beta, **options),
+              target_best_of=lambda b, step: float(b.n)),
+    Algorithm("iterative_bond", uses_anchor=True, rollout=_bond_rollout,
+              make_step=lambda b, fn, opt, options: update.make_bond_step(
+                  fn, opt, n=b.n, beta=b.beta, anchor_period=b.anchor_period, **options),
+              # n^(M + 1) after M hard anchor updates
+              target_best_of=lambda b, step: float(objectives.iterative_best_of(b.n, step // b.anchor_period + 1))),
+    Algorithm("reinforce", uses_anchor=False, rollout=_reinforce_rollout,
+              make_step=lambda b, fn, opt, options: update.make_reinforce_step(fn, opt, beta_rl=b.beta_rl,
+                                                                               **options),
+              target_best_of=lambda b, step: None),
+)}
+
+
+def get(name: str) -> Algorithm:
+  if name not in ALGORITHMS:
+    raise ValueError(f"bond.algorithm={name!r}; allowed: {', '.join(ALGORITHMS)}")
+  return ALGORITHMS[name]
+
+
+def validate(bond: ml_collections.ConfigDict) -> None:
+  """The algorithm's name and hyperparameters (one-line errors naming the value)."""
+  algorithm = get(bond.algorithm)
+  objectives.validate_hparams(beta=bond.beta, eta=bond.eta, gamma=bond.gamma, k=bond.k, beta_rl=bond.beta_rl,
+                              anchor_period=bond.anchor_period)
+  if algorithm.rollout is _bond_rollout:
+    objectives.validate_hparams(n=bond.n)
+    if bond.k < bond.n:
+      raise ValueError(f"bond.k={bond.k} reference samples cannot supply a Best-of-{bond.n}: need bond.k >= "
+                       "bond.n")

@@ -1,0 +1,143 @@
+"""The distillation stage: J-BOND (default), BOND, iterative BOND or RLOO on the frozen pi_ref and reward model.
+
+One step: prompts [B, P] -> the algorithm's rollout (policy / anchor / reference samples, their rewards) ->
+its jitted update (algorithms.py) -> metrics. Every train.eval_every steps the policy's single sample is
+compared with Best-of-N of pi_ref on held-out prompts (evaluate.py); results, plots and a history go to
+<workdir>/bond/eval/. The loop (loop.py) does the rest. A step's randomness is fold_in(seed, step - 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bond_jax import algorithms, artifacts, evaluate as evaluate_lib, loop, scoring, sharding, update
+from bond_jax import workdir as workdir_lib
+from bond_jax.data import prompts as prompts_lib
+from bond_jax.frozen import FrozenModels
+from bond_jax.stages.context import Context
+
+STAGE, KIND = "bond", "lm"  # <workdir>/bond/{checkpoints, metrics.jsonl, tensorboard, eval}
+_POOL_SEED = 2**31 - 1  # fold_in index of the reference pool's draws (the evaluations use their step)
+
+
+def frozen_models(ctx: Context) -> FrozenModels:
+  """pi_ref and the reward model of the run (given directories, or this workdir's earlier stages)."""
+  config, mesh = ctx.config, ctx.mesh
+  reference, cfg = artifacts.load(config.reference or ctx.workdir, "lm", mesh)
+  reward_params, reward_cfg = artifacts.load(config.reward_model or ctx.workdir, "reward", mesh)
+  return FrozenModels(policy_cfg=cfg, reference_params=reference, reward_cfg=reward_cfg,
+                      reward_params=reward_params, eos_ids=(ctx.tokenizer.eos_id,), pad_id=ctx.tokenizer.pad_id,
+                      mesh=mesh)
+
+
+class _Evaluation:
+  """The policy vs Best-of-N of pi_ref on a fixed held-out batch; pi_ref's pool is drawn once per run."""
+
+  def __init__(self, ctx: Context, frozen: FrozenModels, records):
+    self.config, self.frozen = ctx.config, frozen
+    self.out_dir = os.path.join(workdir_lib.stage_dir(ctx.workdir, STAGE), "eval")
+    batch = prompts_lib.eval_batch(ctx.config, records, ctx.tokenizer)
+    # the same host batch on every process -> one replicated global array
+    self.batch = jax.device_put(batch, sharding.replicated(frozen.mesh))
+    self.rng = jax.random.key(ctx.config.seed + 1)
+    self.pool: evaluate_lib.ReferencePool | None = None
+    self.history = self._read_history()
+
+  def _read_history(self) -> list[dict[str, Any]]:
+    path = os.path.join(self.out_dir, "history.jsonl")
+    if not os.path.exists(path):
+      return []
+    with open(path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def __call__(self, state: update.TrainState, step: int, final: bool) -> dict[str, Any]:
+    del final
+    c, frozen = self.config, self.frozen
+    prompts, mask = self.batch["tokens"], self.batch["mask"]
+    if self.pool is None:
+      self.pool = evaluate_lib.reference_pool(frozen, prompts, mask, jax.random.fold_in(self.rng, _POOL_SEED),
+                                              num_samples=c.eval.quantile_samples,
+                                              max_new_tokens=c.sampling.max_new_tokens)
+    result = evaluate_lib.evaluate(frozen, state.params, prompts, mask, jax.random.fold_in(self.rng, step),
+                                   self.pool, best_of=tuple(c.eval.best_of), policy_samples=c.eval.policy_samples,
+                                   max_new_tokens=c.sampling.max_new_tokens)
+    target = algorithms.get(c.bond.algorithm).target_best_of(c.bond, step)
+    if target is not None:
+      result["target_best_of"] = target
+      result["kl_target_best_of"] = evaluate_lib.bon_kl_bound(target)
+    if jax.process_index() == 0:
+      self._record(step, result)
+    return result
+
+  def _record(self, step: int, result: dict[str, Any]) -> None:
+    scalars = {k: v for k, v in result.items() if isinstance(v, float)}
+    if not self.history or self.history[-1]["step"] < step:
+      self.history.append({"step": step, **scalars})
+      os.makedirs(self.out_dir, exist_ok=True)
+      with open(os.path.join(self.out_dir, "history.jsonl"), "a") as f:
+        f.write(json.dumps(self.history[-1]) + "\n")
+    evaluate_lib.write(result, self.out_dir, step, self.history)
+
+
+def eval_line(result: dict[str, Any]) -> str:
+  """The console line of an evaluation: the policy against Best-of-2 / Best-of-4 of pi_ref."""
+  bon = result["best_of_n"]
+  shown = [n for n in sorted(bon, key=int) if n in ("2", "4")] or sorted(bon, key=int)[:2]
+  rewards = ", ".join(f"BoN-{n} {bon[n]['reward']:.3f}" for n in shown)
+  lengths = ", ".join(f"BoN-{n} {bon[n]['response_length']:.1f}" for n in shown if "response_length" in bon[n])
+  line = (f"policy reward {result['policy_reward']:.3f} (ref {result['reference_reward']:.3f}, {rewards}) | "
+          f"quantile {result['policy_quantile_mean']:.3f} +- {result['policy_quantile_stderr']:.3f} (N_eff "
+          f"{result['policy_effective_n']:.2f}) | KL(pi||ref) {result['kl_policy_ref']:.3f} +- "
+          f"{result['kl_policy_ref_stderr']:.3f} (BoN at N_eff {result['kl_bon_at_effective_n']:.3f}) | length "
+          f"{result['policy_response_length']:.1f} (ref {result['reference_response_length']:.1f}, {lengths})")
+  if "target_best_of" in result:
+    line += f" | aims at BoN-{result['target_best_of']:.2f} (KL {result['kl_target_best_of']:.3f})"
+  return line
+
+
+def build(ctx: Context) -> loop.Stage:
+  """The distillation stage: the policy starts at pi_ref (and so does the anchor, where there is one)."""
+  config, mesh = ctx.config, ctx.mesh
+  algorithm = algorithms.get(config.bond.algorithm)
+  frozen = frozen_models(ctx)
+  train_prompts, eval_prompts = prompts_lib.prompt_sources(config, ctx.preferences)
+  optimizer = update.make_optimizer(update.OptimizerConfig.from_section(config.optimizer, config.train.steps))
+  with jax.set_mesh(mesh):
+    policy = jax.tree.map(jnp.copy, frozen.reference_params)
+  state = update.new_state(policy, optimizer, mesh, frozen.reference_params if algorithm.uses_anchor else None)
+  options = dict(num_microbatches=config.optimizer.grad_accum_steps, mesh=mesh,
+                 state_sharding=sharding.shardings_of(state),
+                 ref_sharding=sharding.shardings_of(frozen.reference_params))
+  step = algorithm.make_step(config.bond, scoring.sequence_logprob_fn(frozen.policy_cfg, frozen.pad_id),
+                             optimizer, options)
+  base_rng = jax.random.key(config.seed)
+
+  def prepare(host_batch, state, step):
+    placed = sharding.global_batch(host_batch, mesh)  # the global batch, on every process
+    batch, stats = algorithm.rollout(config.bond, frozen, state, placed["tokens"], placed["mask"],
+                                     jax.random.fold_in(base_rng, step - 1), config.sampling.max_new_tokens)
+    lengths = np.asarray(sharding.to_host(stats.response_lengths))
+    return batch, {"response_length": float(lengths.mean()), "tokens": float(lengths.sum())}
+
+  evaluation = _Evaluation(ctx, frozen, eval_prompts) if config.eval.num_prompts else None
+  run_step = lambda state, batch: step(state, frozen.reference_params, batch)
+  return loop.Stage(
+      name=STAGE, kind=KIND, mesh=mesh, model=frozen.policy_cfg, schedule=loop.Schedule.from_section(config.train),
+      state=state, step=run_step, batches=prompts_lib.prompt_dataset(config, train_prompts, ctx.tokenizer),
+      prepare=prepare, evaluate=evaluation, eval_line=eval_line, evaluate_first=True,
+      progress_keys=algorithms.PROGRESS_KEYS + ("response_length",))
+
+
+def report(result: dict[str, Any]) -> str:
+  """The closing line of the stage (its final evaluation, or its last step without one)."""
+  if "policy_quantile_mean" not in result:
+    return f"[{STAGE}] finished at step {result.get('step')}"
+  return (f"[{STAGE}] step {result.get('step', '')}: policy quantile {result['policy_quantile_mean']:.3f} +- "
+          f"{result['policy_quantile_stderr']:.3f}, KL(pi||ref) {result['kl_policy_ref']:.3f}, reward "
+          f"{result['policy_reward']:.3f}")

@@ -1,0 +1,33 @@
+"""The tokenizer a workdir is prepared with (trained once) and the model shape it gives."""
+
+import pytest
+
+from bond_jax import workdir as wd
+from bond_jax.data import prepare
+from bond_jax.models import presets
+from configs import dialogue
+
+
+def tiny_config():
+  c = dialogue.get_config()
+  c.data.max_conversations = 200
+  c.data.vocab_size = 400
+  c.model.overrides.update(dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                                mlp_dim=64))
+  return c
+
+
+def test_tokenizer_is_trained_once_and_sets_the_model_vocab(tmp_path):
+  config = tiny_config()
+  tokenizer = prepare.tokenizer(config, str(tmp_path))
+  assert tokenizer.vocab_size == 400
+  assert open(wd.tokenizer_path(str(tmp_path)), "rb").read() == tokenizer.model_proto
+  again = prepare.tokenizer(config, str(tmp_path))  # cached file, same ids
+  assert again.encode("hello there, how are you?") == tokenizer.encode("hello there, how are you?")
+  cfg = presets.from_config(config.model, tokenizer.vocab_size)
+  assert (cfg.vocab_size, cfg.d_model, cfg.num_layers) == (400, 32, 1)
+  config.model.overrides.vocab_size = 512  # padding the vocabulary is allowed
+  assert presets.from_config(config.model, tokenizer.vocab_size).vocab_size == 512
+  config.model.overrides.vocab_size = 300
+  with pytest.raises(ValueError, match="vocab_size=300 is smaller than the tokenizer's 400"):
+    presets.from_config(config.model, tokenizer.vocab_size)
