@@ -1,56 +1,91 @@
 """`python -m bond_jax.export --workdir=runs/dialogue --out=hf_policy`: a run's model in Hugging Face format.
 
 --which: policy (default; the latest J-BOND checkpoint), anchor, reference (the SFT stage) or reward (the
-reward-model stage). The tokenizer of the run is written beside the weights.
+reward-model stage). The tokenizer of the run is written beside the weights. Every file gets the mode
+open() gives (0644 under a 022 umask).
+
+Before anything loads, the paths are checked (one-line errors, exit 2): the workdir must hold a
+checkpoint of the model asked for, and --out may not be, contain or lie inside the workdir (with
+--overwrite that would delete the run); --overwrite replaces only an earlier export.
 """
 
 import os
-import sys
 import tempfile
 
 from absl import app, flags
-
-import flax.linen as nn
 import jax
 
-from bond_jax import checkpoint, hf, sharding
+from bond_jax import artifacts, cli, hf, sharding
 from bond_jax import workdir as workdir_lib
 from bond_jax.data.tokenizer import load_tokenizer
-from bond_jax.models import transformer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A bond_jax run directory.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (must be empty unless --overwrite).")
-_WHICH = flags.DEFINE_enum("which", "policy", ["policy", "anchor", "reference", "reward"], "Which model.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty output directory.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Tensor dtype (default: params').")
+_WHICH = flags.DEFINE_enum("which", "policy", list(artifacts.WHICH), "Which model.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an earlier export in --out.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "Tensor dtype (default: params').")
 flags.mark_flags_as_required(["workdir", "out"])
+
+# which -> (the stage whose checkpoints hold it, what to do when there are none); "bond" is the
+# distillation stage artifacts.load_run_model reads.
+_STAGES = {
+    "policy": ("bond", "train first, or export --which=reference"),
+    "anchor": ("bond", "train first, or export --which=reference"),
+    "reference": (workdir_lib.KINDS["lm"],
+                  "its SFT stage has not run (a run given config.reference has none)"),
+    "reward": (workdir_lib.KINDS["reward"],
+               "its reward-model stage has not run (a run given config.reward_model has none)"),
+}
+
+
+def check_workdir(workdir: str, which: str) -> None:
+  """cli.UserError unless `workdir` holds a checkpoint of `which` and the run's tokenizer."""
+  if not os.path.isdir(workdir):
+    problem = "is not a directory" if os.path.exists(workdir) else "does not exist"
+    raise cli.UserError(f"--workdir {workdir} {problem}")
+  if which not in _STAGES:
+    raise cli.UserError(f"which={which!r}; allowed: {', '.join(_STAGES)}")
+  stage, hint = _STAGES[which]
+  directory = workdir_lib.checkpoint_dir(workdir, stage)
+  if not (os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))):
+    raise cli.UserError(f"workdir {workdir} has no {which} checkpoint (none in {directory}); {hint}")
+  tokenizer = workdir_lib.tokenizer_path(workdir)
+  if not os.path.isfile(tokenizer):
+    raise cli.UserError(f"workdir {workdir} has no tokenizer ({tokenizer} is missing)")
+
+
+def check_out(workdir: str, out: str, overwrite: bool) -> None:
+  """cli.UserError for an --out that would overwrite the run, something other than an earlier export,
+  or a directory that cannot be written."""
+  run, target = os.path.realpath(workdir), os.path.realpath(out)
+  common = os.path.commonpath([run, target])
+  relation = {run: "lies inside", target: "contains"}.get(common) if target != run else "is"
+  if relation:
+    raise cli.UserError(f"--out {out} {relation} the run directory --workdir={workdir}; writing there would "
+                        "replace or mix with the run: export to a directory outside it")
+  hf.check_out_dir(out, overwrite)
+  if os.path.isdir(out) and os.listdir(out) and not artifacts.is_hf_dir(out):
+    raise cli.UserError(f"--overwrite replaces only an earlier export, and {out} is not one (no config.json "
+                        "and *.safetensors); give an empty or new --out")
+  parent = os.path.dirname(os.path.abspath(out))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise cli.UserError(f"--out {out}: {parent} is not writable (permission denied)")
 
 
 def load_run_params(workdir: str, which: str):
   """(params on one device, ModelConfig) of a run's policy, anchor (latest J-BOND checkpoint), reference
   (SFT stage) or reward model."""
-  mesh = sharding.make_mesh({}, jax.devices()[:1])
-  if which in ("reference", "reward"):
-    return workdir_lib.load_stage_params(workdir, "lm" if which == "reference" else "reward", mesh)
-  if which not in ("policy", "anchor"):
-    raise ValueError(f"which={which!r}; allowed: policy, anchor, reference, reward")
-  directory = workdir_lib.checkpoint_dir(workdir, "bond")
-  if not os.path.isdir(directory):
-    raise ValueError(f"{workdir!r} has no J-BOND checkpoint ({directory} is missing); train first or "
-                     "export --which=reference")
-  meta, step = checkpoint.read_meta(directory)
-  cfg = workdir_lib.model_config_from_dict(meta["model"])
-  abstract = jax.eval_shape(lambda r: transformer.init_boxed(cfg, r), jax.random.key(0))
-  shardings = sharding.tree_shardings(sharding.logical_specs(abstract), mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract),
-                        shardings)
-  key = "params" if which == "policy" else "anchor_params"
-  return checkpoint.restore_item(directory, step, key, target), cfg
+  return artifacts.load_run_model(workdir, which, sharding.make_mesh({}, jax.devices()[:1]))
 
 
 def export_run(workdir: str, out: str, which: str = "policy", overwrite: bool = False,
                dtype: str | None = None) -> str:
   """Export one model of a run; returns the output directory."""
+  check_workdir(workdir, which)
+  check_out(workdir, out, overwrite)
   params, cfg = load_run_params(workdir, which)
   tok = load_tokenizer(workdir_lib.tokenizer_path(workdir))
   with tempfile.TemporaryDirectory() as tmp:
@@ -64,13 +99,9 @@ def export_run(workdir: str, out: str, which: str = "policy", overwrite: bool = 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    out = export_run(_WORKDIR.value, _OUT.value, _WHICH.value, _OVERWRITE.value, _DTYPE.value)
-  except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+  out = export_run(_WORKDIR.value, _OUT.value, _WHICH.value, _OVERWRITE.value, _DTYPE.value)
   print(f"exported {_WHICH.value} of {_WORKDIR.value} to {out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.entry(main)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+from safetensors import safe_open
 from safetensors.flax import load_file, save_file
 
 from bond_jax import sharding
@@ -164,7 +165,8 @@ def _from_hf_tensors(tensors: dict[str, jax.Array], cfg: ModelConfig, source: st
 
 # --------------------------------------------------------------------------- files
 
-def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
+def check_out_dir(out_dir: str, overwrite: bool) -> None:
+  """One-line ValueError when export may not write `out_dir`: a file, or non-empty without overwrite."""
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise ValueError(f"export target {out_dir!r} is a file; give a directory")
   if os.path.isdir(out_dir) and os.listdir(out_dir):
@@ -195,20 +197,54 @@ def _write_safetensors(tensors: dict[str, jax.Array], out_dir: str, max_shard_by
     json.dump({"metadata": {"total_size": int(total)}, "weight_map": weight_map}, f, indent=2)
 
 
-def _read_safetensors(model_dir: str) -> dict[str, jax.Array]:
+def _safetensors_files(model_dir: str) -> list[str]:
   index = os.path.join(model_dir, "model.safetensors.index.json")
-  single = os.path.join(model_dir, "model.safetensors")
   if os.path.exists(index):
     with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  elif os.path.exists(single):
-    files = ["model.safetensors"]
-  else:
-    raise ValueError(f"{model_dir!r} has neither model.safetensors nor model.safetensors.index.json")
+      return sorted(set(json.load(f)["weight_map"].values()))
+  if os.path.exists(os.path.join(model_dir, "model.safetensors")):
+    return ["model.safetensors"]
+  raise ValueError(f"{model_dir!r} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def _read_safetensors(model_dir: str) -> dict[str, jax.Array]:
   tensors = {}
-  for fname in files:
+  for fname in _safetensors_files(model_dir):
     tensors.update(load_file(os.path.join(model_dir, fname)))
   return tensors
+
+
+def model_kind(model_dir: str) -> str:
+  """'reward' when the directory holds a score.weight (a *ForSequenceClassification export), else 'lm'.
+
+  Reads only the safetensors headers, so a CLI can check a directory before loading any weights.
+  """
+  for fname in _safetensors_files(model_dir):
+    with safe_open(os.path.join(model_dir, fname), framework="numpy") as f:
+      if "score.weight" in f.keys():
+        return "reward"
+  return "lm"
+
+
+def check_kind(model_dir: str, kind: str, found: str | None = None) -> None:
+  """One-line ValueError unless the directory holds a model of `kind` ('lm' or 'reward'); `found`: its
+  kind when already known (default: model_kind)."""
+  found = found or model_kind(model_dir)
+  names = {"lm": "a causal LM", "reward": "a reward model"}
+  if kind not in names:
+    raise ValueError(f"kind={kind!r}; allowed: 'lm', 'reward'")
+  if kind != found:
+    has = "has a score.weight" if found == "reward" else "has no score.weight"
+    raise ValueError(f"{model_dir} is {names[found]} ({has}); expected {names[kind]}")
+
+
+def _give_usual_modes(directory: str) -> None:
+  """safetensors writes each file through a tempfile.NamedTempFile (mode 0600 whatever the umask) that it
+  renames into place; give every file the mode open() gives (0666 less the umask), read off `directory`,
+  which os.makedirs made with 0777 less the umask."""
+  mode = os.stat(directory).st_mode & 0o666
+  for name in os.listdir(directory):
+    os.chmod(os.path.join(directory, name), mode)
 
 
 def export(params: Any, cfg: ModelConfig, out_dir: str, *, kind: str = "lm", overwrite: bool = False,
@@ -222,7 +258,7 @@ def export(params: Any, cfg: ModelConfig, out_dir: str, *, kind: str = "lm", ove
   tokenizer_files: {file name in out_dir: source path} (e.g. tokenizer.model, tokenizer_config.json).
   dtype: tensor dtype in the files (default: the config's param dtype).
   """
-  _prepare_out_dir(out_dir, overwrite)
+  check_out_dir(out_dir, overwrite)
   if kind == "reward" and pad_id is None:
     raise ValueError("exporting a reward model needs pad_id: transformers reads the score at the last "
                      "token that is not pad_token_id")
@@ -256,6 +292,7 @@ def export(params: Any, cfg: ModelConfig, out_dir: str, *, kind: str = "lm", ove
         json.dump(generation, f, indent=2)
     for name, src in (tokenizer_files or {}).items():
       shutil.copyfile(src, os.path.join(staging, name))
+    _give_usual_modes(staging)
     if os.path.isdir(out_dir):
       shutil.rmtree(out_dir)
     os.replace(staging, out_dir)
@@ -278,13 +315,15 @@ def import_params(model_dir: str, mesh: Mesh | None = None, kind: str | None = N
   """Read a Hugging Face Llama/Gemma directory into bond_jax params, placed on `mesh` when given.
 
   kind: 'lm' or 'reward'; by default inferred from the architecture (a *ForSequenceClassification with a
-  score.weight is a reward model). config_overrides: e.g. scan_layers=True, compute_dtype='bfloat16'.
+  score.weight is a reward model); a directory of the other kind is a ValueError.
+  config_overrides: e.g. scan_layers=True, compute_dtype='bfloat16'.
   Returns (params, cfg).
   """
   cfg, raw = load_config(model_dir, **config_overrides)
   tensors = _read_safetensors(model_dir)
-  if kind is None:
-    kind = "reward" if "score.weight" in tensors else "lm"
+  found = "reward" if "score.weight" in tensors else "lm"
+  kind = found if kind is None else kind
+  check_kind(model_dir, kind, found)
   backbone = _from_hf_tensors(tensors, cfg, model_dir)
   if kind == "reward":
     head = tensors.get("score.weight")

@@ -6,7 +6,8 @@ Sizes follow the code: parameters come from jax.eval_shape of the real modules w
 names, divided by the mesh axes of sharding.LOGICAL_AXIS_RULES (embed -> fsdp; vocab, mlp, heads,
 kv_heads -> tensor); activations put rows on ('data', 'fsdp') and heads / mlp / vocab on 'tensor'.
 Notation: B prompts (train.batch_size), m = optimizer.grad_accum_steps, b = B / m / (data * fsdp)
-prompt rows per device in one update call, P = data.max_prompt_len, T = sampling.max_new_tokens,
+prompt rows per device in one update call, P = max(data.prompt_buckets) (the widest prompt; a longer
+one is left-truncated to it), T = sampling.max_new_tokens,
 L = P + T, D d_model, H heads, K kv heads, Dh head_dim, M mlp_dim, V vocab, t = tensor,
 s = bytes of the compute dtype.
 
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from typing import Any, Mapping, Sequence
 
 GIB = 2 ** 30
@@ -171,7 +171,7 @@ def plan(config: Any, mesh_shape: Mapping[str, int], num_devices: int | None = N
   D, H, K, Dh, M, V, layers = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim,
                                cfg.vocab_size, cfg.num_layers)
   B, m = config.train.batch_size, config.optimizer.grad_accum_steps
-  P, T = config.data.max_prompt_len, config.sampling.max_new_tokens
+  P, T = max(config.data.prompt_buckets), config.sampling.max_new_tokens
   L = P + T
   b = B // m // dp
   lm = _param_shapes(cfg, reward_model=False)
@@ -250,7 +250,7 @@ def report(config: Any, mesh_text: str = "", accelerator: str = "cpu", num_devic
   rows = plan(config, mesh)
   cfg = model_config(config)
   header = (f"{config.model.preset}: {cfg.num_params() / 1e9:.3f}B params, batch {config.train.batch_size}, "
-            f"prompt {config.data.max_prompt_len} + {config.sampling.max_new_tokens} new tokens, "
+            f"prompt {max(config.data.prompt_buckets)} + {config.sampling.max_new_tokens} new tokens, "
             f"mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}")
   return header + "\n" + format_table(rows, mesh, accelerator)
 
@@ -259,20 +259,17 @@ def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   jax.config.update("jax_platforms", "cpu")  # shapes only: never claim the accelerators
-  try:
-    print(report(_CONFIG.value, _MESH.value, _ACCELERATOR.value, _DEVICES.value))
-  except ValueError as error:  # bad mesh or config: one line, no traceback
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+  print(report(_CONFIG.value, _MESH.value, _ACCELERATOR.value, _DEVICES.value))  # bad input: cli.entry
 
 
 if __name__ == "__main__":
   import jax
   from absl import app, flags
   from ml_collections import config_flags
+  from bond_jax import cli
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dialogue.py:gemma_7b.")
   _MESH = flags.DEFINE_string("mesh", "", "data=..,fsdp=..,tensor=..; overrides the config's mesh.")
   _DEVICES = flags.DEFINE_integer("devices", None, "Device count, to resolve a -1 mesh axis.")
   _ACCELERATOR = flags.DEFINE_string("accelerator", "cpu", f"One of {', '.join(ACCELERATORS)}.")
   flags.mark_flags_as_required(["config"])
-  app.run(_main)
+  cli.entry(_main)
