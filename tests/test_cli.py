@@ -196,9 +196,9 @@ def main(argv):
     open("/nonexistent/file.txt")
   if what == "bug":
     raise RuntimeError("a bug")
-  from bond_jax.data import chitchat  # a project TFDS builder, built here (reads a packaged file)
-  chitchat.prepare(chitchat.ChitchatDialogue, what,
-                   chitchat.ChitchatDialogueConfig(name="cli_n20", max_conversations=20))
+  from bond_jax.data import chitchat, local  # a project TFDS builder, built here (reads a packaged file)
+  local.prepare(chitchat.ChitchatDialogue, what,
+                chitchat.ChitchatDialogueConfig(name="cli_n20", max_conversations=20))
   logging.info("an INFO line")
   logging.warning("a real warning")
 

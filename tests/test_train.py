@@ -16,7 +16,7 @@ import transformers
 
 from bond_jax import algorithms, artifacts, checkpoint, export, hf, pipeline, sharding
 from bond_jax import workdir as workdir_lib
-from bond_jax.data import prepare
+from bond_jax.data import local, prepare
 from bond_jax.stages import distill
 from configs import dialogue
 
@@ -184,8 +184,8 @@ def test_summarization_config_trains_from_hugging_face_models(stages, tmp_path):
       for c in part:
         f.write(json.dumps({"document": " ".join(c.turns[:6]), "summary": c.topic or "chat",
                             "id": c.conversation_id}) + "\n")
-  chitchat.prepare(summarization.JsonlSummarization, str(tmp_path / "tfds"),
-                   summarization.JsonlSummarizationConfig(name="fake", split_paths=paths))
+  local.prepare(summarization.JsonlSummarization, str(tmp_path / "tfds"),
+                summarization.JsonlSummarizationConfig(name="fake", split_paths=paths))
   mesh = sharding.make_mesh({}, jax.devices()[:1])
   tok_path = workdir_lib.tokenizer_path(stages)
   for kind, name in (("lm", "ref_hf"), ("reward", "rm_hf")):

@@ -41,7 +41,7 @@ import chitchat_dataset
 import numpy as np
 import tensorflow_datasets as tfds
 
-from bond_jax.data import formats
+from bond_jax.data import formats, local
 
 DEFAULT_SOURCE_PATH = os.path.join(os.path.dirname(chitchat_dataset.__file__), "dataset.json")
 RATING_NAMES = ("witty", "upbeat", "interesting")
@@ -313,22 +313,14 @@ def _text_features(names: Sequence[str], **extra: Any) -> tfds.features.Features
     return tfds.features.FeaturesDict({**{n: tfds.features.Text() for n in names}, **extra})
 
 
-class ChitchatDialogue(tfds.core.GeneratorBasedBuilder):
+class ChitchatDialogue(local.LocalBuilder):
     """(prompt, response) dialogue examples; see the module docstring."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [ChitchatDialogueConfig(name="default")]
+    DESCRIPTION = "Chit-chat dialogue turns with their preceding context."
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Chit-chat dialogue turns with their preceding context.",
-            features=_text_features(
-                ["prompt", "response", "conversation_id"], turn_index=tfds.features.Scalar(np.int32)
-            ),
-            metadata=tfds.core.MetadataDict(),
-        )
+    def _features(self) -> tfds.features.FeaturesDict:
+        return _text_features(["prompt", "response", "conversation_id"], turn_index=tfds.features.Scalar(np.int32))
 
     def _split_generators(self, dl_manager):
         del dl_manager  # the source ships with the chitchat-dataset package: nothing to download
@@ -353,23 +345,17 @@ class ChitchatDialogue(tfds.core.GeneratorBasedBuilder):
             yield f"{example['conversation_id']}/{int(example['turn_index'])}", example
 
 
-class ChitchatPreferences(tfds.core.GeneratorBasedBuilder):
+class ChitchatPreferences(local.LocalBuilder):
     """(prompt, chosen, rejected) pairs from human ratings; see the module docstring."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [ChitchatPreferencesConfig(name="default")]
+    DESCRIPTION = "Preference pairs: conversations rated higher vs lower under one starter prompt."
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Preference pairs: conversations rated higher vs lower under one starter prompt.",
-            features=_text_features(
-                ["prompt", "chosen", "rejected", "chosen_id", "rejected_id"],
-                chosen_rating=tfds.features.Scalar(np.float32),
-                rejected_rating=tfds.features.Scalar(np.float32),
-            ),
-            metadata=tfds.core.MetadataDict(),
+    def _features(self) -> tfds.features.FeaturesDict:
+        return _text_features(
+            ["prompt", "chosen", "rejected", "chosen_id", "rejected_id"],
+            chosen_rating=tfds.features.Scalar(np.float32),
+            rejected_rating=tfds.features.Scalar(np.float32),
         )
 
     def _split_generators(self, dl_manager):
@@ -392,17 +378,3 @@ class ChitchatPreferences(tfds.core.GeneratorBasedBuilder):
         for pair in pairs:
             yield f"{pair['chosen_id']}>{pair['rejected_id']}", pair
 
-
-def prepare(
-    builder_cls: type[tfds.core.GeneratorBasedBuilder],
-    data_dir: str,
-    config: tfds.core.BuilderConfig | None = None,
-) -> tfds.core.GeneratorBasedBuilder:
-    """Builds (once; a finished dataset in `data_dir` is reused) as array_record and returns the builder.
-
-    Read a split with `builder.as_data_source(split)`; metadata (counts) is `builder.info.metadata`.
-    """
-    kwargs = {"config": config} if config is not None else {}
-    builder = builder_cls(data_dir=data_dir, file_format="array_record", **kwargs)
-    builder.download_and_prepare()
-    return builder

@@ -129,64 +129,43 @@ def _check_batch_args(batch_size: int, buckets: Sequence[int]) -> None:
         raise ValueError(f"buckets={list(buckets)} must be a non-empty list of lengths >= 2")
 
 
-def prompt_batches(
+def _batches(
     source: Sequence[Record],
-    tokenizer: Tokenizer,
+    encode: Callable[[Record], Any],
+    collate: Callable[[Sequence[Any]], dict[str, np.ndarray]],
     *,
     batch_size: int,
     buckets: Sequence[int],
-    seed: int,
-    shuffle: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
-    num_epochs: int | None = None,
-    record_fn: Callable[[Record], Record] = decode_texts,
     read_options: grain.ReadOptions = DEFAULT_READ_OPTIONS,
+    **reading: Any,
+) -> grain.IterDataset:
+    """source -> sharded_records(**reading) -> encode -> batches of batch_size made by collate (a final
+    partial batch is dropped so every batch has B rows). reading: seed, shuffle, process_index,
+    process_count, num_epochs, record_fn (see sharded_records)."""
+    _check_batch_args(batch_size, buckets)
+    ds = sharded_records(source, **reading).map(encode)
+    return ds.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True, batch_fn=collate)
+
+
+def prompt_batches(
+    source: Sequence[Record], tokenizer: Tokenizer, *, batch_size: int, buckets: Sequence[int], **reading: Any
 ) -> grain.IterDataset:
     """Left-padded prompt batches {"tokens": [B, P] int32, "mask": [B, P] bool} (see module docstring).
-
-    A final partial batch is dropped so every batch has B rows.
-    """
-    _check_batch_args(batch_size, buckets)
-    max_len = max(buckets)
-    ds = sharded_records(
-        source, seed=seed, shuffle=shuffle, process_index=process_index,
-        process_count=process_count, num_epochs=num_epochs, record_fn=record_fn,
-    )
-    ds = ds.map(lambda r: encode_prompt(tokenizer, r["prompt"], max_len))
+    reading: seed (required) and the other options of sharded_records, read_options."""
 
     def collate(seqs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         tokens, mask = pad_batch(seqs, buckets, tokenizer.pad_id, side="left")
         return {"tokens": tokens, "mask": mask}
 
-    return ds.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True, batch_fn=collate)
+    encode = lambda r: encode_prompt(tokenizer, r["prompt"], max(buckets))
+    return _batches(source, encode, collate, batch_size=batch_size, buckets=buckets, **reading)
 
 
 def preference_batches(
-    source: Sequence[Record],
-    tokenizer: Tokenizer,
-    *,
-    batch_size: int,
-    buckets: Sequence[int],
-    seed: int,
-    shuffle: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
-    num_epochs: int | None = None,
-    record_fn: Callable[[Record], Record] = decode_texts,
-    read_options: grain.ReadOptions = DEFAULT_READ_OPTIONS,
+    source: Sequence[Record], tokenizer: Tokenizer, *, batch_size: int, buckets: Sequence[int], **reading: Any
 ) -> grain.IterDataset:
-    """Left-padded pairs {"tokens": [B, 2, L] int32, "mask", "response_mask": [B, 2, L] bool};
-    axis 1 is (chosen, rejected). A final partial batch is dropped."""
-    _check_batch_args(batch_size, buckets)
-    max_len = max(buckets)
-    ds = sharded_records(
-        source, seed=seed, shuffle=shuffle, process_index=process_index,
-        process_count=process_count, num_epochs=num_epochs, record_fn=record_fn,
-    )
-    ds = ds.map(
-        lambda r: [encode_sequence(tokenizer, r["prompt"], r[key], max_len) for key in ("chosen", "rejected")]
-    )
+    """Left-padded pairs {"tokens": [B, 2, L] int32, "mask", "response_mask": [B, 2, L] bool}; axis 1 is
+    (chosen, rejected). reading: as for prompt_batches."""
 
     def collate(pairs: Sequence[list[dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
         seqs = [seq for pair in pairs for seq in pair]
@@ -199,7 +178,9 @@ def preference_batches(
             "response_mask": response_mask.astype(bool).reshape(shape),
         }
 
-    return ds.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True, batch_fn=collate)
+    max_len = max(buckets)
+    encode = lambda r: [encode_sequence(tokenizer, r["prompt"], r[key], max_len) for key in ("chosen", "rejected")]
+    return _batches(source, encode, collate, batch_size=batch_size, buckets=buckets, **reading)
 
 
 def iterator_state_json(iterator: grain.DatasetIterator) -> str:

@@ -11,7 +11,7 @@ import os
 import ml_collections
 
 from bond_jax import workdir as workdir_lib
-from bond_jax.data import chitchat
+from bond_jax.data import chitchat, local
 from bond_jax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe_tokenizer
 
 TASKS_WITH_STAGES = ("chitchat",)  # tasks whose SFT and reward-model data are built here
@@ -65,7 +65,7 @@ def dialogue_builder(config: ml_collections.ConfigDict, workdir: str):
       name=f"ctx{config.data.context_turns}_r{config.data.response_turns}_n{max_conv or 'all'}",
       max_conversations=max_conv, context_turns=config.data.context_turns,
       response_turns=config.data.response_turns)
-  return chitchat.prepare(chitchat.ChitchatDialogue, workdir_lib.data_dir(workdir), builder_config)
+  return local.prepare(chitchat.ChitchatDialogue, workdir_lib.data_dir(workdir), builder_config)
 
 
 def preference_builder(config: ml_collections.ConfigDict, workdir: str):
@@ -79,4 +79,4 @@ def preference_builder(config: ml_collections.ConfigDict, workdir: str):
            f"_n{max_conv or 'all'}_s{config.seed}",
       max_conversations=max_conv, rating=rt.rating, margin=float(rt.margin),
       response_turns=config.data.response_turns, max_pairs_per_prompt=per_prompt, seed=config.seed)
-  return chitchat.prepare(chitchat.ChitchatPreferences, workdir_lib.data_dir(workdir), builder_config)
+  return local.prepare(chitchat.ChitchatPreferences, workdir_lib.data_dir(workdir), builder_config)

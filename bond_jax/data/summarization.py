@@ -24,7 +24,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from bond_jax.data import formats
+from bond_jax.data import formats, local
 
 XSUM_TEXT_FIELDS = ("document", "summary", "id")
 DEFAULT_MAX_DOCUMENT_CHARS = 4000
@@ -62,22 +62,16 @@ class JsonlSummarizationConfig(tfds.core.BuilderConfig):
     split_paths: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-class JsonlSummarization(tfds.core.GeneratorBasedBuilder):
+class JsonlSummarization(local.LocalBuilder):
     """XSum-format dataset from local JSON-lines files. Records with an empty document or summary are
     skipped and counted in `info.metadata` ("skipped_empty_<split>"); a line that is not a JSON object
     with the three string fields raises ValueError naming the file and line."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [JsonlSummarizationConfig(name="default")]
+    DESCRIPTION = "Summarization records in XSum's format from local JSON-lines files."
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Summarization records in XSum's format from local JSON-lines files.",
-            features=xsum_features(),
-            metadata=tfds.core.MetadataDict(),
-        )
+    def _features(self) -> tfds.features.FeaturesDict:
+        return xsum_features()
 
     def _split_generators(self, dl_manager):
         del dl_manager  # local files only

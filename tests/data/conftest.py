@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from bond_jax.data import chitchat
+from bond_jax.data import chitchat, local
 from bond_jax.data.tokenizer import train_bpe_tokenizer
 
 TOKENIZER_CONVERSATIONS = 600  # first N conversations train the tokenizer; later ones are held out
@@ -36,11 +36,11 @@ def tfds_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def dialogue_builder(tfds_dir):
     config = chitchat.ChitchatDialogueConfig(name="small", max_conversations=300)
-    return chitchat.prepare(chitchat.ChitchatDialogue, tfds_dir, config)
+    return local.prepare(chitchat.ChitchatDialogue, tfds_dir, config)
 
 
 @pytest.fixture(scope="session")
 def preference_builder(tfds_dir):
     # 2,000 conversations cover every starter prompt; 20 pairs per prompt keep the build fast.
     config = chitchat.ChitchatPreferencesConfig(name="small", max_conversations=2000, max_pairs_per_prompt=20)
-    return chitchat.prepare(chitchat.ChitchatPreferences, tfds_dir, config)
+    return local.prepare(chitchat.ChitchatPreferences, tfds_dir, config)

@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from bond_jax.data import chitchat
+from bond_jax.data import chitchat, local
 
 
 def _ids(source, key):
@@ -122,7 +122,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     config = chitchat.ChitchatPreferencesConfig(
         name="fake", source_path=str(path), split_fractions=(1.0, 0.0, 0.0), max_pairs_per_prompt=None
     )
-    builder = chitchat.prepare(chitchat.ChitchatPreferences, str(tmp_path / "tfds"), config)
+    builder = local.prepare(chitchat.ChitchatPreferences, str(tmp_path / "tfds"), config)
     meta = builder.info.metadata
     assert (meta["skipped_invalid_utf8"], meta["skipped_no_turns"]) == (1, 2)
     # ratings 1, 4, 7 twice each -> pairs differing by >= 2: 3 * (2 * 2) = 12 of the 15 pairs.
@@ -134,7 +134,7 @@ def test_dialogue_builder_on_fake_source_counts_skips(tmp_path):
     path = tmp_path / "fake.json"
     path.write_text(json.dumps({"a": _conversation("hi"), "b": {"messages": [], "prompt": "", "ratings": None}}))
     config = chitchat.ChitchatDialogueConfig(name="fake", source_path=str(path), split_fractions=(1.0, 0.0, 0.0))
-    builder = chitchat.prepare(chitchat.ChitchatDialogue, str(tmp_path / "tfds"), config)
+    builder = local.prepare(chitchat.ChitchatDialogue, str(tmp_path / "tfds"), config)
     assert builder.info.metadata["skipped_no_turns"] == 1
     source = builder.as_data_source("train")
     assert sorted(int(source[i]["turn_index"]) for i in range(len(source))) == [0, 1]

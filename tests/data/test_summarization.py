@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from bond_jax.data import chitchat, pipeline, summarization
+from bond_jax.data import chitchat, local, pipeline, summarization
 
 ARTICLES = [
     {
@@ -28,7 +28,7 @@ def xsum_like(tmp_path_factory):
         with open(paths[split], "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
     config = summarization.JsonlSummarizationConfig(name="fake", split_paths=paths)
-    return chitchat.prepare(summarization.JsonlSummarization, str(root / "tfds"), config)
+    return local.prepare(summarization.JsonlSummarization, str(root / "tfds"), config)
 
 
 def test_builds_with_xsum_features_and_reads_back(xsum_like):
