@@ -10,20 +10,18 @@ Neither direction needs torch or transformers: tensors go through safetensors' F
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.flax import load_file, save_file
 
 from bond_jax import sharding
-from bond_jax.models import reward, transformer
+from bond_jax.models import params as params_lib
 from bond_jax.models.config import ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "gemma")
@@ -331,7 +329,6 @@ def import_params(model_dir: str, mesh: Mesh | None = None, kind: str | None = N
       raise ValueError(f"{model_dir}: a reward model needs score.weight of shape (1, {cfg.d_model}) "
                        f"(num_labels=1); found {None if head is None else tuple(head.shape)}")
     params = {"backbone": backbone, "head": head[0].astype(cfg.params_dtype)}
-    init_fn = reward.init_boxed
   else:
     params = backbone
     if not cfg.tie_embeddings:
@@ -339,8 +336,6 @@ def import_params(model_dir: str, mesh: Mesh | None = None, kind: str | None = N
       if lm_head is None:
         raise ValueError(f"{model_dir}: tie_word_embeddings is false but lm_head.weight is missing")
       params["lm_head"] = lm_head.T.astype(cfg.params_dtype)
-    init_fn = transformer.init_boxed
   if mesh is not None:
-    logical = sharding.logical_specs(jax.eval_shape(lambda r: init_fn(cfg, r), jax.random.key(0)))
-    params = sharding.place(params, logical, mesh)
+    params = sharding.place(params, params_lib.logical_axes(cfg, kind), mesh)
   return params, cfg

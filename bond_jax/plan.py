@@ -94,47 +94,27 @@ def resolve_mesh(mesh_shape: Mapping[str, int], num_devices: int | None = None) 
 
 
 def model_config(config: Any):
-  """The run's ModelConfig: presets.get(model.preset, **model.overrides) (vocab from the preset unless
-  overridden; a tokenizer trained here has data.vocab_size pieces, equal to the tiny/small presets')."""
+  """The run's ModelConfig (presets.from_config; vocab from the preset unless overridden: a tokenizer
+  trained here has data.vocab_size pieces, equal to the tiny/small presets')."""
   from bond_jax.models import presets
-  overrides = dict(config.model.overrides.to_dict()) if config.model.get("overrides") else {}
-  return presets.get(config.model.preset, **overrides)
+  return presets.from_config(config.model)
 
 
-def _param_shapes(cfg, reward_model: bool) -> list[tuple[tuple[int, ...], tuple]]:
-  """(shape, logical names) of every parameter of the real module (abstractly, via jax.eval_shape);
-  layer parameters are stacked on a leading 'layers' axis."""
-  import flax.linen as nn
+def _param_shapes(cfg, kind: str) -> list[tuple[tuple[int, ...], tuple]]:
+  """(shape, logical names) of every parameter of `kind` (models/params.py, shapes only); layer
+  parameters are stacked on a leading 'layers' axis."""
   import jax
-  import jax.numpy as jnp
-  from bond_jax.models import reward, transformer
+  from bond_jax.models import params as params_lib
   cfg = cfg.replace(scan_layers=True)  # same parameters, stacked on a leading 'layers' axis
-  module = reward.RewardModel(cfg) if reward_model else transformer.Transformer(cfg)
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), tokens, jnp.ones((1, 4), bool)))
-  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  out = []
-  for leaf in leaves:
-    if isinstance(leaf, nn.LogicallyPartitioned):
-      out.append((tuple(leaf.value.shape), tuple(leaf.names)))
-    else:
-      out.append((tuple(leaf.shape), (None,) * len(leaf.shape)))
-  return out
+  shapes = jax.tree.leaves(params_lib.shapes(cfg, kind))
+  names = jax.tree.leaves(params_lib.logical_axes(cfg, kind), is_leaf=lambda x: isinstance(x, tuple) or x is None)
+  return [(tuple(s.shape), n or (None,) * len(s.shape)) for s, n in zip(shapes, names)]
 
 
 def _shard_elements(shapes, mesh: Mapping[str, int]) -> float:
-  """Elements per device of a parameter list sharded by LOGICAL_AXIS_RULES over `mesh`."""
-  from bond_jax.sharding import LOGICAL_AXIS_RULES
-  rules = dict(LOGICAL_AXIS_RULES)
-  total = 0
-  for shape, names in shapes:
-    count = 1
-    for dim, name in zip(shape, names):
-      axes = rules.get(name) if name else None
-      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-      count *= dim // math.prod(mesh[a] for a in axes)
-    total += count
-  return total
+  """Elements per device of a parameter list placed by sharding.py's rules on a mesh of these sizes."""
+  from bond_jax import sharding
+  return sum(math.prod(sharding.local_shape(shape, names, mesh)) for shape, names in shapes)
 
 
 def check_mesh(cfg, config: Any, mesh: Mapping[str, int]) -> None:
@@ -174,8 +154,8 @@ def plan(config: Any, mesh_shape: Mapping[str, int], num_devices: int | None = N
   P, T = max(config.data.prompt_buckets), config.sampling.max_new_tokens
   L = P + T
   b = B // m // dp
-  lm = _param_shapes(cfg, reward_model=False)
-  rm = _param_shapes(cfg, reward_model=True)
+  lm = _param_shapes(cfg, "lm")
+  rm = _param_shapes(cfg, "reward")
   lm_elems, rm_elems = _shard_elements(lm, mesh), _shard_elements(rm, mesh)
   params_how = f"embed/fsdp={fsdp}, heads/kv/mlp/vocab/tensor={t}"
   rows_how = f"rows/(data*fsdp)={dp}"

@@ -80,11 +80,19 @@ def logical_to_spec(logical_axes: Sequence[str | None]) -> PartitionSpec:
   return PartitionSpec(*out)
 
 
-def _mesh_size(mesh, axes) -> int:
+def _mesh_size(mesh: Any, axes) -> int:
+  """The number of devices along mesh axes `axes` (a name, a tuple of names, or None); mesh: a Mesh, an
+  AbstractMesh or an {axis: size} mapping (a plan for a mesh that is not here)."""
   if axes is None:
     return 1
+  sizes = getattr(mesh, "shape", mesh)  # a Mesh, an AbstractMesh (inside jit) or a plain mapping
   axes = (axes,) if isinstance(axes, str) else axes
-  return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(sizes[a] for a in axes)
+
+
+def local_shape(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Any) -> tuple[int, ...]:
+  """The per-device shape of an array of `shape` placed by its logical names (LOGICAL_AXIS_RULES)."""
+  return tuple(dim // _mesh_size(mesh, _RULES[name] if name else None) for dim, name in zip(shape, logical_axes))
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

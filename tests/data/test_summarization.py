@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from bond_jax.data import chitchat, local, pipeline, summarization
+from bond_jax.data import local, pipeline, summarization
 
 ARTICLES = [
     {
