@@ -89,10 +89,13 @@ def get(name: str) -> Algorithm:
 def validate(bond: ml_collections.ConfigDict) -> None:
   """The algorithm's name and hyperparameters (one-line errors naming the value)."""
   algorithm = get(bond.algorithm)
-  objectives.validate_hparams(beta=bond.beta, eta=bond.eta, gamma=bond.gamma, k=bond.k, beta_rl=bond.beta_rl,
-                              anchor_period=bond.anchor_period)
-  if algorithm.rollout is _bond_rollout:
-    objectives.validate_hparams(n=bond.n)
+  try:  # objectives names the hyperparameter; the config key is bond.<name>
+    objectives.validate_hparams(beta=bond.beta, eta=bond.eta, gamma=bond.gamma, k=bond.k, beta_rl=bond.beta_rl,
+                                anchor_period=bond.anchor_period)
+    if algorithm.rollout is _bond_rollout:
+      objectives.validate_hparams(n=bond.n)
+  except ValueError as error:
+    raise ValueError(f"bond.{error}") from None
     if bond.k < bond.n:
       raise ValueError(f"bond.k={bond.k} reference samples cannot supply a Best-of-{bond.n}: need bond.k >= "
                        "bond.n")

@@ -105,6 +105,10 @@ def _model_of(source: str, kind: str, key: str) -> ModelConfig:
   _require(os.path.isdir(source), f"{key}={source!r} is not a directory (a workdir, a stage checkpoint "
                                   "directory or a Hugging Face model directory)")
   if artifacts.is_hf_dir(source):
+    try:
+      hf.check_kind(source, kind)
+    except ValueError as error:
+      raise ValueError(f"{key}={source!r}: {error}") from None
     return hf.load_config(source)[0]
   directory = artifacts.stage_checkpoints(source, kind)
   _require(directory is not None, f"{key}={source!r} holds no {kind!r} checkpoint and no Hugging Face model")

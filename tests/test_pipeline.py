@@ -54,9 +54,9 @@ def _tree_hashes(root: pathlib.Path) -> dict[str, str]:
 
 BAD_CONFIGS = [
     ("bond.algorithm", "ppo", r"bond.algorithm='ppo'; allowed: jbond, bond, iterative_bond, reinforce"),
-    ("bond.eta", 1.5, r"eta=1.5"),
-    ("bond.beta", -0.1, r"beta=-0.1"),
-    ("bond.gamma", -1.0, r"gamma=-1.0"),
+    ("bond.eta", 1.5, r"bond.eta=1.5"),
+    ("bond.beta", -0.1, r"bond.beta=-0.1"),
+    ("bond.gamma", -1.0, r"bond.gamma=-1.0"),
     ("sampling.temperature", 0.7, r"BOND's losses need samples from pi itself"),
     ("sampling.max_new_tokens", 0, r"sampling.max_new_tokens=0 must be an integer >= 1"),
     ("sampling.max_new_tokens", 400, r"data.prompt_buckets up to 64 \+ sampling.max_new_tokens=400 = 464 exceeds "

@@ -218,3 +218,60 @@ def test_the_best_of_n_each_algorithm_aims_at():
   bond.update(n=4)
   assert aims("bond", 50) == 4.0
   assert aims("reinforce", 50) is None
+
+
+def _hashes(root):
+  import hashlib
+  return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+          for d, _, names in os.walk(root) for f in names}
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_models(tmp_path_factory):
+  """A tiny random policy (vocab 512) and a reward model with ANOTHER vocabulary (256), as HF dirs."""
+  from bond_jax.models import params as params_lib, presets
+  root = tmp_path_factory.mktemp("hf_models")
+  mesh = sharding.make_mesh({}, jax.devices()[:1])
+  for name, kind, vocab in (("policy", "lm", 512), ("rm256", "reward", 256)):
+    cfg = presets.get("micro", vocab_size=vocab)
+    hf.export(params_lib.init_sharded(cfg, kind, jax.random.key(0), mesh), cfg, str(root / name), kind=kind,
+              pad_id=0)
+  return root
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--config.bond.eta=2"], "bond.eta=2.0 is out of range"),
+    (["--config.optimizer.learning_rate=-1e-4"], "optimizer.learning_rate=-0.0001 must be > 0"),
+    (["--config.sft.warmup_steps=-3"], "sft.warmup_steps=-3 must be an integer >= 0"),
+    (["--config.model.preset=huge"], "model.preset='huge'; allowed:"),
+    (["--config.sampling.max_new_tokens=500"], "exceeds the model's context max_seq_len=512"),
+    (["--config.reference=/wrong/path"], "reference='/wrong/path' is not a directory"),
+    (["--config.reward_model={hf}/rm256", "--config.reference={hf}/policy"],
+     "has vocab_size=256 but the policy has 512"),
+    (["--config.reward_model={hf}/policy", "--config.reference={hf}/policy"], "expected a reward model"),
+    (["--config=configs/nope.py"], "--config file configs/nope.py"),
+    (["--config=configs/dialogue.py:nope"], "unknown preset 'nope'"),
+    (["--workdir={file}/run"], "cannot be created"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_bad_input_is_one_line_exit_2_within_seconds_and_touches_nothing(flags, message, tiny_hf_models, tmp_path):
+  """Each bad input of the default config: one line on stderr, exit 2, before any compute, and an existing
+  workdir's files stay byte-identical (a bad first run must not poison it)."""
+  workdir = tmp_path / "existing"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("a user's file")
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  flags = [f.format(hf=tiny_hf_models, file=blocker) for f in flags]
+  if not any(f.startswith("--config=") for f in flags):
+    flags = ["--config=configs/dialogue.py", *flags]
+  if not any(f.startswith("--workdir=") for f in flags):
+    flags.append(f"--workdir={workdir}")
+  before = _hashes(workdir)
+  start = time.time()
+  proc = subprocess.run([sys.executable, "-m", "bond_jax.train", *flags], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+  took = time.time() - start
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+  assert _hashes(workdir) == before and took < 5, took
