@@ -23,13 +23,12 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from bond_jax import loop, sharding, update
+from bond_jax import loop, scoring, sharding, update
 from bond_jax.data import pipeline, prepare
 from bond_jax.data.tokenizer import Tokenizer
 from bond_jax.models import params as params_lib
-from bond_jax.models import presets, transformer
+from bond_jax.models import presets
 from bond_jax.models.config import ModelConfig
 from bond_jax.stages.context import Context
 
@@ -61,21 +60,17 @@ def sft_batches(source: Sequence[dict], tokenizer: Tokenizer, *, batch_size: int
                                                                  batch_fn=collate)
 
 
-def token_nll(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(sum of -log p(tokens[:, t] | tokens[:, :t]) over loss_mask[:, 1:], number of such tokens).
-
-  logits [B, L, V] float32, tokens [B, L], loss_mask [B, L].
-  """
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
-  weight = loss_mask[:, 1:].astype(jnp.float32)
-  return jnp.sum(nll * weight), jnp.sum(weight)
+def response_nll(cfg: ModelConfig, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """(sum of -log p(tokens[:, t] | tokens[:, :t]) over loss_mask[:, 1:], number of such tokens) of a batch
+  of sft_batches (tokens, mask, loss_mask [B, L]); the log-probs are scoring.token_logprobs' (chunked)."""
+  logp = scoring.token_logprobs(cfg, params, batch["tokens"], batch["mask"], batch["loss_mask"])
+  return -jnp.sum(logp), jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
 
 
 def loss_fn(cfg: ModelConfig):
   """(params, batch) -> (mean response-token NLL, metrics)."""
   def fn(params, batch):
-    logits = transformer.forward(cfg, params, batch["tokens"], batch["mask"])
-    total, count = token_nll(logits, batch["tokens"], batch["loss_mask"])
+    total, count = response_nll(cfg, params, batch)
     return total / jnp.maximum(count, 1.0), {"loss_tokens": count}
   return fn
 
@@ -103,12 +98,9 @@ def make_evaluate(cfg: ModelConfig, mesh, param_shardings, batches: Sequence[dic
   """params -> {val_loss, val_ppl, unigram_ppl, val_tokens} over the fixed validation batches."""
   replicated = sharding.replicated(mesh)
 
-  def nll(params, batch):
-    return token_nll(transformer.forward(cfg, params, batch["tokens"], batch["mask"]), batch["tokens"],
-                     batch["loss_mask"])
-
-  nll = jax.jit(nll, in_shardings=(param_shardings, {k: sharding.batch_sharding(mesh, n) for k, n in NDIMS.items()}),
-                out_shardings=replicated)
+  batch_shardings = {k: sharding.batch_sharding(mesh, n) for k, n in NDIMS.items()}
+  nll = jax.jit(lambda params, batch: response_nll(cfg, params, batch),
+                in_shardings=(param_shardings, batch_shardings), out_shardings=replicated)
   placed = [sharding.shard_batch(b, mesh) for b in batches]
 
   def evaluate(params, final: bool = True) -> dict[str, float]:

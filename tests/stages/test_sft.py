@@ -4,8 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from bond_jax import checkpoint, loop, metrics, pipeline, workdir as wd
+from bond_jax import checkpoint, loop, metrics, pipeline, sharding, workdir as wd
 from bond_jax.data import prepare
+from bond_jax.models import params as params_lib
+from bond_jax.models import presets, transformer
 from bond_jax.stages import sft
 from bond_jax.data.tokenizer import EOS_ID
 from configs import dialogue
@@ -25,11 +27,14 @@ def tiny_config(steps):
   return c
 
 
-def test_token_nll_counts_only_loss_tokens():
-  logits = np.log(np.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3] * 3]], np.float32))
-  tokens = np.array([[0, 1, 2]])
-  total, count = sft.token_nll(logits, tokens, np.array([[False, True, False]]))
-  np.testing.assert_allclose([total, count], [-np.log(0.25), 1.0], rtol=1e-6)
+def test_response_nll_counts_only_loss_tokens():
+  cfg = presets.get("micro", vocab_size=16, num_layers=1)
+  params = params_lib.init_sharded(cfg, "lm", jax.random.key(0), sharding.make_mesh({}, jax.devices()[:1]))
+  tokens = np.array([[2, 5, 7, 1, 0]])
+  mask, loss_mask = np.array([[1, 1, 1, 1, 0]], bool), np.array([[0, 0, 1, 1, 0]], bool)
+  total, count = sft.response_nll(cfg, params, dict(tokens=tokens, mask=mask, loss_mask=loss_mask))
+  logp = jax.nn.log_softmax(transformer.forward(cfg, params, tokens, mask)[0], axis=-1)
+  np.testing.assert_allclose([total, count], [-(logp[1, 7] + logp[2, 1]), 2.0], rtol=1e-5)
 
 
 def test_unigram_is_add_one_smoothed():
