@@ -143,9 +143,13 @@ def test_only_skipped_steps_since_a_checkpoint_never_rotate_it_away(trained, tmp
   assert _steps(target, "sft") == [1, 2]  # steps 3-5 were all skipped: nothing saved, nothing rotated
 
 
-def _flip_bytes_in_the_largest_array_file(step_dir):
+def _largest_array_file(step_dir):
   files = [os.path.join(d, f) for d, _, names in os.walk(step_dir) if os.path.basename(d) == "d" for f in names]
-  path = max(files, key=os.path.getsize)
+  return max(files, key=os.path.getsize)
+
+
+def _flip_bytes(step_dir):
+  path = _largest_array_file(step_dir)
   size = os.path.getsize(path)
   with open(path, "r+b") as f:
     f.seek(size // 2)
@@ -155,9 +159,23 @@ def _flip_bytes_in_the_largest_array_file(step_dir):
   assert os.path.getsize(path) == size
 
 
+def _empty_state_dir(step_dir):
+  shutil.rmtree(os.path.join(step_dir, "state"))
+  os.mkdir(os.path.join(step_dir, "state"))
+
+
+DAMAGES = {  # what is done to the newest checkpoint -> what its one-line report says
+    "flipped_bytes": (_flip_bytes, "checksum mismatch"),
+    "truncated_file": (lambda d: os.truncate(_largest_array_file(d), os.path.getsize(_largest_array_file(d)) // 2),
+                       "is damaged"),
+    "no_METADATA": (lambda d: os.remove(os.path.join(d, "state", "_METADATA")), "_METADATA"),
+    "empty_state_dir": (_empty_state_dir, "is damaged"),
+}
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(prepared, tmp_path):
-  """21 bytes flipped inside the newest SFT checkpoint: the run says so in one line, sets the step aside and
-  resumes from the one before, ending bitwise where a run resumed from that one by hand ends."""
+  """The newest SFT checkpoint damaged four ways: each run says so in one line naming the step, sets it
+  aside and resumes from the one before, ending bitwise where a run resumed from that one by hand ends."""
   cache, base = str(tmp_path / "jax_cache"), str(tmp_path / "base")
   shutil.copytree(prepared, base)
   flags = ["--until=sft", "--config.sft.checkpoint_every=2", "--config.sft.keep_checkpoints=3"]
@@ -167,19 +185,22 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(prepared, tm
       env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, PYTHONPATH=REPO))
   first = run(base, 6)
   assert first.returncode == 0 and _steps(base, "sft") == [2, 4, 6], first.stdout[-2000:] + first.stderr[-2000:]
-  damaged, by_hand = str(tmp_path / "damaged"), str(tmp_path / "by_hand")
-  shutil.copytree(base, damaged)
+  by_hand = str(tmp_path / "by_hand")
   shutil.copytree(base, by_hand)
-  _flip_bytes_in_the_largest_array_file(os.path.join(workdir_lib.checkpoint_dir(damaged, "sft"), "6"))
   shutil.rmtree(os.path.join(workdir_lib.checkpoint_dir(by_hand, "sft"), "6"))
-  a, b = run(damaged, 10), run(by_hand, 10)
-  assert a.returncode == b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
-  reports = [line for line in (a.stdout + a.stderr).splitlines() if " is damaged " in line]
-  assert len(reports) == 1 and "step 6" in reports[0] and "checksum mismatch" in reports[0], reports
-  assert "Traceback" not in a.stderr and "[sft] resumed from" in a.stdout
-  kept = os.listdir(workdir_lib.checkpoint_dir(damaged, "sft"))
-  assert "6.corrupt" in kept and _steps(damaged, "sft") == [6, 8, 10]  # set aside, never deleted
-  x, _, step_x = checkpoint.restore_arrays(workdir_lib.checkpoint_dir(damaged, "sft"))
-  y, _, step_y = checkpoint.restore_arrays(workdir_lib.checkpoint_dir(by_hand, "sft"))
-  assert step_x == step_y == 10
-  jax.tree.map(np.testing.assert_array_equal, x, y)
+  assert run(by_hand, 10).returncode == 0
+  expected, _, _ = checkpoint.restore_arrays(workdir_lib.checkpoint_dir(by_hand, "sft"))
+  for name, (damage, said) in DAMAGES.items():
+    damaged = str(tmp_path / name)
+    shutil.copytree(base, damaged)
+    damage(os.path.join(workdir_lib.checkpoint_dir(damaged, "sft"), "6"))
+    proc = run(damaged, 10)
+    assert proc.returncode == 0, (name, proc.stderr[-2000:])
+    reports = [line for line in (proc.stdout + proc.stderr).splitlines() if " is damaged " in line]
+    assert len(reports) == 1 and "step 6" in reports[0] and said in reports[0], (name, reports)
+    assert "Traceback" not in proc.stderr and "[sft] resumed from" in proc.stdout
+    kept = os.listdir(workdir_lib.checkpoint_dir(damaged, "sft"))
+    assert "6.corrupt" in kept and _steps(damaged, "sft") == [6, 8, 10]  # set aside, never deleted
+    got, _, step = checkpoint.restore_arrays(workdir_lib.checkpoint_dir(damaged, "sft"))
+    assert step == 10, name
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
