@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bond_jax import hf, sampling, sharding
-from bond_jax.models import presets, transformer
+from bond_jax.models import decode, presets, transformer
+from bond_jax.models import layers as model_layers
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -91,22 +92,22 @@ def weight_products_floor(cfg, params, rows: int, steps: int, mesh):
   the sampler's own decode matrices (fused q/k/v and gate/up, the [D, V] head), so the floor differs from
   a decode step only by what a step does besides these products.
   """
-  params = sampling._cast_weights(params, cfg.dtype)
-  layers = sampling._layer_params(cfg, params)
+  weights = decode.decode_weights(cfg, params, fuse=True)
+  layers = weights.layers
   if cfg.scan_layers:
     layers = [jax.tree.map(lambda w, i=i: w[i], layers) for i in range(cfg.num_layers)]
-  layers = [sampling._decode_weights(p, fuse=True) for p in layers]
-  head = sampling._decode_head(cfg, params)
+  head = weights.head
   attn_width = cfg.num_heads * cfg.head_dim
 
   @jax.jit
   def run(layers, head, x):
     def step(_, x):
       for p in layers:
-        heads = sampling._dense(x, p["attn"]["qkv"])[:, :attn_width].reshape(-1, cfg.num_heads, cfg.head_dim)
-        x = x + sampling._dense(heads, p["attn"]["o"], "rhk,hkd->rd")
-        x = x + sampling._mlp(cfg, p["mlp"], x)
-      logits = sampling._lm_logits(cfg, head, x)
+        heads = model_layers.dense(x, p["attn"]["qkv"])[:, :attn_width].reshape(-1, cfg.num_heads,
+                                                                                cfg.head_dim)
+        x = x + model_layers.dense(heads, p["attn"]["o"], "rhk,hkd->rd")
+        x = x + decode.mlp(cfg, p["mlp"], x)
+      logits = decode.lm_logits(head, x)
       return x + (1e-3 * logits[:, :cfg.d_model]).astype(x.dtype)  # keeps the head's product live
     return jax.lax.fori_loop(0, steps, step, x)
 

@@ -7,7 +7,7 @@ Prompts are LEFT-padded ([B, P] tokens + mask, real tokens at the right end). Re
 `tokens[b, n, :lengths[b, n]]` is the response, its last token is an EOS id when the sample stopped, and
 everything after it is `pad_id` with mask False (EOS itself is in the response, mask True).
 
-How `generate` spends its FLOPs (see DESIGN.md, "Sampling speed"):
+How `generate` spends its FLOPs (the decode step and its cache layout are models/decode.py's):
 - ONE prefill per prompt. Its KV cache is never copied: the N samples of a prompt attend to the shared
   prompt cache (per layer: keys [B, K, Dh, P], values [B, K, P, Dh]) plus their own cache of generated
   tokens (per layer: keys and values [R, K, S, Dh]).
@@ -15,11 +15,11 @@ How `generate` spends its FLOPs (see DESIGN.md, "Sampling speed"):
   chunk c reads only the generated-cache slots that can be filled by then (one block per chunk), not the
   whole preallocated buffer. Each step writes its token's k, v into the carried block before reading it,
   and q, k, v (and gate, up) come from one fused matmul: BENCHMARKS.md says why each of these matters.
-- Every product takes compute-dtype operands and accumulates in float32 (`_dense`): in bfloat16 that is
+- Every product takes compute-dtype operands and accumulates in float32 (`layers.dense`): in bfloat16 that is
   the native AMX / AVX512_BF16 / MXU product, where a bf16-out dot is widened to f32 by XLA CPU.
 - Sampling is by inverse CDF (one uniform per token; a block of the vocabulary, then a token in it): exact,
   and cheaper than a full-vocabulary cumulative sum, which XLA CPU runs as a slow scan.
-- RoPE angles of all decode steps are computed once before the loop (see _generate_body).
+- RoPE angles of all decode steps are computed once before the loop (decode.rope_by_position).
 - Prompt widths are bucketed (`bucket_length`), so a run compiles once per bucket, not once per batch.
 
 Randomness: row r's uniforms come from fold_in(rng, r) alone, so a prompt's samples depend only on
@@ -42,10 +42,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bond_jax import objectives, sharding
-from bond_jax.models import reward, transformer
+from bond_jax.models import decode, reward, transformer
 from bond_jax.models.config import ModelConfig
 
-_NEG_INF = -1e30  # finite: a fully masked score row stays NaN-free (as in transformer.py)
 MIN_BUCKET = 16
 
 # Incremented each time generate's jitted body is traced (i.e. compiled); tests read it.
@@ -251,272 +250,12 @@ def row_uniforms(rng: jax.Array, num_rows: int, num_tokens: int) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decode step with a shared prompt cache.
+# generate (the decode step and its cache layout are in models/decode.py)
 
 
-def _layer_params(cfg: ModelConfig, params: Any) -> list[Any] | Any:
-  """Per-layer param dicts (a list), or the stacked [L, ...] dict when the model scans its layers."""
-  if cfg.scan_layers:
-    return params["layers"]["block"]
-  return [params[f"layer_{i}"] for i in range(cfg.num_layers)]
-
-
-def _per_layer(cfg: ModelConfig, stacked: jax.Array) -> list[jax.Array] | jax.Array:
-  """[L, ...] -> a list of L arrays (unrolled layers), or unchanged (scanned layers).
-
-  Done once, outside the decode loop: XLA CPU copies every slice x[i] it feeds to a matmul, so a loop body
-  that indexes stacked caches pays a copy per layer per step.
-  """
-  return stacked if cfg.scan_layers else [stacked[i] for i in range(cfg.num_layers)]
-
-
-def _cast_weights(params: Any, dtype) -> Any:
-  """Matrices in the compute dtype once, outside the loop (norm scales keep their dtype and math)."""
-  return jax.tree.map(lambda w: w.astype(dtype) if w.ndim >= 2 else w, params)
-
-
-def _decode_weights(p: Any, fuse: bool) -> Any:
-  """A layer's params (or the stacked [L, ...] ones) for the decode step, built once per call.
-
-  Always: q's weights carry the 1/sqrt(Dh) score scale (RoPE is linear, so scaling the weights once equals
-  scaling q every step).
-  fuse: q, k, v as ONE [D, (H + 2K) * Dh] matrix and gate, up as ONE [D, 2M] matrix, so each step runs
-  two matmuls where it would run five: at decode sizes the per-op overhead, not the FLOPs, sets the pace.
-  Not done when heads are sharded over 'tensor' (a fused matrix would mix the head shards).
-  """
-  attn, mlp = p["attn"], p["mlp"]
-  q = attn["q"] * jnp.asarray(attn["q"].shape[-1] ** -0.5, attn["q"].dtype)
-  if not fuse:
-    return dict(p, attn=dict(attn, q=q))
-  flat = lambda w: w.reshape(*w.shape[:-2], -1)  # [..., D, heads, Dh] -> [..., D, heads * Dh]
-  qkv = jnp.concatenate([flat(q), flat(attn["k"]), flat(attn["v"])], axis=-1)
-  return dict(p, attn={"qkv": qkv, "o": attn["o"]},
-              mlp={"gate_up": jnp.concatenate([mlp["gate"], mlp["up"]], axis=-1), "down": mlp["down"]})
-
-
-def _norm(cfg: ModelConfig, scale: jax.Array, x: jax.Array) -> jax.Array:
-  return transformer.RMSNorm(cfg).apply({"params": {"scale": scale}}, x)
-
-
-def _dense(x: jax.Array, w: jax.Array, spec: str = "rd,df->rf", out_dtype=None) -> jax.Array:
-  """A weight product x @ w in the compute dtype, accumulated in float32 and rounded once at the end.
-
-  Asking for the float32 result is what keeps a bfloat16 product bfloat16 on XLA CPU: a bf16 x bf16 -> bf16
-  dot is not native there, so XLA widens both operands (the weights too, every step) and runs it in f32,
-  ~3-4x slower than the native bf16 x bf16 -> f32 product (AMX/AVX512_BF16; BENCHMARKS.md). It is also
-  what TPUs and GPUs do natively; for float32 it changes nothing. out_dtype: the result's dtype (default
-  x's).
-  """
-  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
-
-
-def _project_qkv(cfg: ModelConfig, p: Any, x: jax.Array, rope):
-  """x [R, D] -> q [R, H, Dh], k [R, K, Dh] (both rotated), v [R, K, Dh], from _decode_weights' params
-  (q's scale is in its weights). Fused weights: one matmul, and q, k rotated as one [R, H + K, Dh] array
-  (one RoPE op per layer, not two).
-  """
-  h, kv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  if "qkv" not in p:
-    q, k, v = (_dense(x, p[name], "rd,dhk->rhk") for name in ("q", "k", "v"))
-    return transformer.rotate(q, *rope), transformer.rotate(k, *rope), v
-  qkv = _dense(x, p["qkv"])
-  qk = transformer.rotate(qkv[:, :(h + kv) * dh].reshape(-1, h + kv, dh), *rope)
-  return qk[:, :h], qk[:, h:], qkv[:, (h + kv) * dh:].reshape(-1, kv, dh)
-
-
-def _attention(cfg: ModelConfig, p: Any, x, rope, prompt_kv, prompt_valid, earlier, current, slot,
-               num_samples: int):
-  """One decode token per row, softmax over prompt slots + generated slots (float32).
-
-  x [R, D]; rope: transformer.rope_table of the rows' positions; prompt_kv: keys [B, K, Dh, P], values
-  [B, K, P, Dh] and prompt_valid [B, P]; earlier: a list of (keys [R, K, S_c, Dh], values [R, K, S_c,
-  Dh], valid [R, S_c]) holding the tokens of finished chunks; current: (keys, values [R, K, S, Dh]) of
-  this chunk, whose slots < `slot` are filled. This token's k, v go to slot `slot` FIRST and are then
-  read back with the rest: written after the read, the carried buffers would be copied twice per step by
-  the while loop. Returns (out [R, D], updated current (keys, values)).
-  Heads-before-slots layouts make every product a batched matmul, which XLA CPU runs far faster than
-  reductions over a non-minor axis. The shared prompt keys are stored transposed ([Dh, P]: written once,
-  read as a plain [contraction, cols] operand); the generated keys are not ([S, Dh]), so that each step's
-  write is one contiguous Dh-row per head instead of a strided column (BENCHMARKS.md: faster in bfloat16,
-  equal in float32, at 16-slot blocks). Each block is read whole (a slice of a bigger buffer would be
-  copied first).
-  """
-  dt, f32 = cfg.dtype, jnp.float32
-  rows = x.shape[0]
-  batch = rows // num_samples
-  k_heads, groups, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-  q, k, v = _project_qkv(cfg, p, x, rope)
-  current = (jax.lax.dynamic_update_slice(current[0], k[:, :, None].astype(dt), (0, 0, slot, 0)),
-             jax.lax.dynamic_update_slice(current[1], v[:, :, None].astype(dt), (0, 0, slot, 0)))
-  span = current[1].shape[2]
-  blocks = earlier + [(current[0], current[1], jnp.broadcast_to(jnp.arange(span) <= slot, (rows, span)))]
-  q = sharding.constrain(q.reshape(rows, k_heads, groups, dh), ("act_batch", "act_kv_heads", None, None))
-  # prompt: the N samples of prompt b share its cache -> one [N*g, Dh] x [Dh, P] product per (b, kv head)
-  q_by_prompt = q.reshape(batch, num_samples, k_heads, groups, dh).transpose(0, 2, 1, 3, 4).reshape(
-      batch, k_heads, num_samples * groups, dh)
-  s_prompt = jnp.einsum("bkmd,bkdp->bkmp", q_by_prompt, prompt_kv[0], preferred_element_type=f32)
-  s_prompt = jnp.where(prompt_valid[:, None, None, :], s_prompt, _NEG_INF)
-  s_gen = [jnp.where(valid[:, None, None, :],
-                     jnp.einsum("rkgd,rksd->rkgs", q, gk, preferred_element_type=f32), _NEG_INF)
-           for gk, _, valid in blocks]
-
-  by_row = lambda t: t.reshape(batch, k_heads, num_samples, groups, *t.shape[3:]).swapaxes(1, 2).reshape(
-      rows, k_heads, groups, *t.shape[3:])  # [B, K, N*g, ...] -> [R, K, g, ...]
-  top = by_row(jnp.max(s_prompt, axis=-1))
-  for scores in s_gen:
-    top = jnp.maximum(top, jnp.max(scores, axis=-1))
-  top_by_prompt = top.reshape(batch, num_samples, k_heads, groups).transpose(0, 2, 1, 3).reshape(
-      batch, k_heads, num_samples * groups, 1)
-  e_prompt = jnp.exp(s_prompt - top_by_prompt)
-  denom = by_row(jnp.sum(e_prompt, axis=-1))
-  total = by_row(jnp.einsum("bkmp,bkpd->bkmd", e_prompt.astype(dt), prompt_kv[1], preferred_element_type=f32))
-  for scores, (_, gv, _) in zip(s_gen, blocks):
-    e_gen = jnp.exp(scores - top[..., None])
-    denom = denom + jnp.sum(e_gen, axis=-1)
-    total = total + jnp.einsum("rkgs,rksd->rkgd", e_gen.astype(dt), gv, preferred_element_type=f32)
-  out = (total / denom[..., None]).astype(dt).reshape(rows, cfg.num_heads, dh)
-  out = _dense(out, p["o"], "rhk,hkd->rd")
-  return sharding.constrain(out, ("act_batch", "act_embed")), current
-
-
-def _mlp(cfg: ModelConfig, p: Any, x: jax.Array) -> jax.Array:
-  """x [R, D] -> [R, D]. The activation runs on the float32 products (XLA CPU's bfloat16 exp is slow)."""
-  f32 = jnp.float32
-  if "gate_up" in p:
-    g, up = jnp.split(_dense(x, p["gate_up"], out_dtype=f32), 2, axis=-1)
-  else:
-    g, up = _dense(x, p["gate"], out_dtype=f32), _dense(x, p["up"], out_dtype=f32)
-  act = jax.nn.gelu(g, approximate=True) if cfg.family == "gemma" else jax.nn.silu(g)
-  h = sharding.constrain((act * up).astype(x.dtype), ("act_batch", "act_mlp"))
-  return _dense(h, p["down"])
-
-
-def _block(cfg, p, x, rope, prompt_kv, prompt_valid, earlier, current, slot, num_samples):
-  h, current = _attention(cfg, p["attn"], _norm(cfg, p["attn_norm"]["scale"], x), rope, prompt_kv,
-                          prompt_valid, earlier, current, slot, num_samples)
-  x = x + h
-  x = x + _mlp(cfg, p["mlp"], _norm(cfg, p["mlp_norm"]["scale"], x))
-  return sharding.constrain(x, ("act_batch", "act_embed")), current
-
-
-def _embed(cfg: ModelConfig, params: Any, tokens: jax.Array) -> jax.Array:
-  x = jnp.take(params["embedding"], tokens, axis=0).astype(cfg.dtype)
-  if cfg.family == "gemma":
-    x = x * jnp.asarray(cfg.d_model ** 0.5, dtype=cfg.dtype)
-  return x
-
-
-def _decode_head(cfg: ModelConfig, params: Any) -> jax.Array:
-  """The LM head as a contiguous [D, V] matrix, built once per call: a tied head used as embedding.T inside
-  the loop is a transposed-operand matmul, ~20% slower on XLA CPU than the plain [R, D] x [D, V] one."""
-  head = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
-  return head.astype(cfg.dtype)
-
-
-def _lm_logits(cfg: ModelConfig, head: jax.Array, hidden: jax.Array) -> jax.Array:
-  logits = jnp.dot(hidden, head, preferred_element_type=jnp.float32)
-  return sharding.constrain(logits, ("act_batch", "act_vocab"))
-
-
-def _decode_logits(cfg, params, layers, head, tokens, rope, prompt_cache, earlier, current, slot,
-                   num_samples):
-  """tokens [R] -> (logits [R, V] float32, current block with these tokens' k, v at `slot`).
-
-  head: _decode_head's [D, V] matrix (built outside the loop). rope: (cos, sin) [R, 1, Dh/2] of the rows'
-  positions, gathered from a table built before the loop (see _generate_body).
-
-  Per-layer arrays come as lists of L arrays (unrolled layers) or stacked [L, ...] (scanned layers), see
-  _per_layer: prompt_cache k, v per layer; earlier: a list of (k, v per layer, valid [R, S_c]) with the
-  tokens of finished chunks; current: {'k', 'v'} per layer (shapes and layouts: see _attention).
-  """
-  x = _embed(cfg, params, tokens)
-  pk, pv, p_valid = prompt_cache["k"], prompt_cache["v"], prompt_cache["valid"]
-  earlier_kv = [(k, v) for k, v, _ in earlier]
-  with_valid = lambda layer_kv: [(k, v, valid) for (k, v), (_, _, valid) in zip(layer_kv, earlier)]
-  if cfg.scan_layers:
-    def body(x, xs):
-      p, lpk, lpv, layer_kv, ck, cv = xs
-      return _block(cfg, p, x, rope, (lpk, lpv), p_valid, with_valid(layer_kv), (ck, cv), slot,
-                    num_samples)
-    x, (new_k, new_v) = jax.lax.scan(body, x, (layers, pk, pv, earlier_kv, current["k"], current["v"]))
-  else:
-    new_k, new_v = [], []
-    for i, p in enumerate(layers):
-      layer_kv = [(k[i], v[i]) for k, v in earlier_kv]
-      x, (k, v) = _block(cfg, p, x, rope, (pk[i], pv[i]), p_valid, with_valid(layer_kv),
-                         (current["k"][i], current["v"][i]), slot, num_samples)
-      new_k.append(k)
-      new_v.append(v)
-  x = _norm(cfg, params["final_norm"]["scale"], x)
-  return _lm_logits(cfg, head, x), {"k": new_k, "v": new_v}
-
-
-def _chunks(num_steps: int) -> tuple[int, list[tuple[int, int]]]:
-  """(slots, [start, stop) ranges of decode steps): chunk c writes its own cache block of `slots` slots.
-
-  Chunk c attends to the blocks of chunks 0..c whole, so it reads only slots that can be filled by then.
-  slots is the smallest multiple of 16 that needs at most 8 chunks (each chunk is a compiled copy of the
-  step); only the last chunk can stop short of its block. Why multiples of 16: YNNPACK's batched score
-  products (measured with keys then stored [Dh, S]) run ~2x faster per slot at S = 16 or 32 than at S = 21
-  (isolated), and a tiny / small generate of 64 tokens with 16-slot blocks took 0.93x / 0.92x the time of
-  three 21-slot blocks (median paired ratios over 20 / 12 alternating rounds, BENCHMARKS.md). On a Zen 5
-  VM, with keys [S, Dh], blocks of 24, 32 or 64 slots were no faster than 16 (1.01-1.05x its time).
-  """
-  if num_steps <= 0:
-    return 0, []
-  slots = 16 * -(-num_steps // (16 * 8))
-  return slots, [(start, min(start + slots, num_steps)) for start in range(0, num_steps, slots)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# generate
-
-
-def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, temperature, top_p, eos_mask,
-                   pad_id, *, num_samples: int, max_new_tokens: int, mode: dict[str, Any],
-                   fuse: bool) -> Samples:
-  """The jitted generate. temperature, top_p: float32 []; eos_mask [V] bool; pad_id int32 [] (traced, so
-  changing them does not recompile); mode: _static_mode's decisions (compiled in); fuse: see
-  _decode_weights."""
-  TRACE_COUNT["generate"] += 1
-  batch, width = prompts.shape
-  rows, steps = batch * num_samples, max_new_tokens
-  sample = lambda logits, uniforms: _choose(logits, uniforms, temperature, top_p, **mode)
-  model = transformer.Transformer(cfg)
-  params = _cast_weights(params, cfg.dtype)
-
-  # prefill: one pass per prompt into a cache of exactly `width` slots
-  hidden, prompt_cache = model.apply({"params": params}, prompts, prompt_mask,
-                                     transformer.init_cache(cfg, batch, width), method="hidden")
-  first_logits = model.apply({"params": params}, hidden[:, -1:], method="logits")[:, 0]
-  # Per layer: keys [B, K, Dh, P], values [B, K, P, Dh], so that both attention products are plain
-  # [rows, contraction] x [contraction, cols] matmuls (see _attention).
-  prompt_cache = {"k": _per_layer(cfg, prompt_cache["k"].transpose(0, 1, 3, 4, 2)),
-                  "v": _per_layer(cfg, prompt_cache["v"].swapaxes(2, 3)),
-                  "valid": prompt_cache["valid"]}
-  prompt_lengths = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
-  row_prompt_lengths = jnp.repeat(prompt_lengths, num_samples)
-  uniforms = sharding.constrain(row_uniforms(rng, rows, steps), ("act_batch", None))
-  # RoPE (cos, sin) [P + T, 1, Dh/2] of every position a decode step can reach, built once and gathered
-  # per step: computed inside the step, XLA fuses cos/sin into each layer's rotation and evaluates them per
-  # head and element (~13% of a tiny step).
-  rope_by_position = transformer.rope_table(jnp.arange(width + steps, dtype=jnp.int32),
-                                            transformer.rope_inverse_frequencies(cfg), cfg.dtype)
-
-  def emit(state, step, logits):
-    tokens, sample_lp, model_lp = sample(logits, uniforms[:, step])
-    live = ~state["done"]
-    put = lambda buf, val: jax.lax.dynamic_update_slice(buf, val[:, None], (0, step))
-    state = dict(state,
-                 tokens=put(state["tokens"], jnp.where(live, tokens, pad_id)),
-                 mask=put(state["mask"], live),
-                 sample_lp=put(state["sample_lp"], jnp.where(live, sample_lp, 0.0)),
-                 model_lp=put(state["model_lp"], jnp.where(live, model_lp, 0.0)),
-                 last=tokens,
-                 done=state["done"] | (live & eos_mask[tokens]))
-    return state
-
-  state = {
+def _empty_state(rows: int, steps: int, pad_id) -> dict[str, jax.Array]:
+  """The loop's per-row outputs [R, T] (filled by _emit), the last token fed [R] and whether a row is done."""
+  return {
       "tokens": jnp.full((rows, steps), pad_id, jnp.int32),
       "mask": jnp.zeros((rows, steps), bool),
       "sample_lp": jnp.zeros((rows, steps), jnp.float32),
@@ -524,42 +263,67 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
       "last": jnp.zeros((rows,), jnp.int32),
       "done": jnp.zeros((rows,), bool),
   }
-  state = emit(state, 0, jnp.repeat(first_logits, num_samples, axis=0))  # forks the prompt N ways
-  head = _decode_head(cfg, params)
-  layers = _layer_params(cfg, params)
-  layers = (_decode_weights(layers, fuse) if cfg.scan_layers else [_decode_weights(p, fuse) for p in layers])
 
-  # Step s (1 <= s < T) feeds token s-1 (cache slot s-1, position prompt_length + s - 1), samples token s.
-  # The generated-token cache is one block of S slots per chunk (see _chunks), keys and values
-  # [R, K, S, Dh] per layer: finished blocks are full loop invariants of later chunks, the current
-  # one is carried and written in place (its slots past the step are masked in _attention).
-  slots, chunks = _chunks(steps - 1)
-  all_valid = jnp.ones((rows, slots), bool)
-  layer_axis = ((cfg.num_layers,), ("layers",)) if cfg.scan_layers else ((), ())
-  block_shape = layer_axis[0] + (rows, cfg.num_kv_heads, slots, cfg.head_dim)
-  block_axes = layer_axis[1] + ("act_batch", "act_kv_heads", "cache_length", "head_dim")
-  zeros = lambda: sharding.constrain(jnp.zeros(block_shape, cfg.dtype), block_axes)
-  per_layer = (lambda make: make()) if cfg.scan_layers else (lambda make: [make() for _ in layers])
+
+def _emit(state, step, chosen, eos_mask, pad_id):
+  """Writes step's chosen (tokens, sample log-probs, model log-probs) [R]; rows already done get padding."""
+  tokens, sample_lp, model_lp = chosen
+  live = ~state["done"]
+  put = lambda buf, val: jax.lax.dynamic_update_slice(buf, val[:, None], (0, step))
+  return dict(state,
+              tokens=put(state["tokens"], jnp.where(live, tokens, pad_id)),
+              mask=put(state["mask"], live),
+              sample_lp=put(state["sample_lp"], jnp.where(live, sample_lp, 0.0)),
+              model_lp=put(state["model_lp"], jnp.where(live, model_lp, 0.0)),
+              last=tokens,
+              done=state["done"] | (live & eos_mask[tokens]))
+
+
+def _decode_chunks(cfg: ModelConfig, weights, prompt_cache, rope, row_lengths, state, emit, *, steps: int,
+                   num_samples: int):
+  """Steps 1..T-1 as one lax.while_loop per chunk (decode.chunks), each stopping once every row is done.
+
+  Step s feeds token s-1 (cache slot s-1, position prompt_length + s - 1) and samples token s. A chunk's
+  block is carried and written in place; finished blocks are loop invariants of the later chunks.
+  """
+  slots, spans = decode.chunks(steps - 1)
   finished = []
-  for start, stop in chunks:
-    block = {"k": per_layer(zeros), "v": per_layer(zeros)}
-    earlier = [(b["k"], b["v"], all_valid) for b in finished]
-
+  for start, stop in spans:
     def cond(carry, stop=stop):
       step, _, state = carry
       return (step <= stop) & ~jnp.all(state["done"])
 
-    def body(carry, start=start, earlier=earlier):
+    def body(carry, start=start, earlier=list(finished)):
       step, block, state = carry
-      positions = row_prompt_lengths + step - 1
-      rope = tuple(jnp.take(table, positions, axis=0) for table in rope_by_position)  # [R, 1, Dh/2]
-      logits, block = _decode_logits(cfg, params, layers, head, state["last"], rope, prompt_cache, earlier,
-                                     block, step - 1 - start, num_samples)
+      logits, block = decode.step(cfg, weights, rope, prompt_cache, earlier, block, state["last"],
+                                  row_lengths + step - 1, step - 1 - start, num_samples)
       return step + 1, block, emit(state, step, logits)
 
+    block = decode.empty_block(cfg, row_lengths.shape[0], slots)
     _, block, state = jax.lax.while_loop(cond, body, (jnp.int32(start + 1), block, state))
     finished.append(block)
+  return state
 
+
+def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, temperature, top_p, eos_mask,
+                   pad_id, *, num_samples: int, max_new_tokens: int, mode: dict[str, Any],
+                   fuse: bool) -> Samples:
+  """The jitted generate. temperature, top_p: float32 []; eos_mask [V] bool; pad_id int32 [] (traced, so
+  changing them does not recompile); mode: _static_mode's decisions (compiled in); fuse: see
+  decode.fuse_layer."""
+  TRACE_COUNT["generate"] += 1
+  batch, width = prompts.shape
+  rows, steps = batch * num_samples, max_new_tokens
+  params = decode.cast_weights(params, cfg.dtype)  # once, for the prefill and the decode weights
+  first_logits, prompt_cache = decode.prefill(cfg, params, prompts, prompt_mask)
+  weights = decode.decode_weights(cfg, params, fuse)
+  uniforms = sharding.constrain(row_uniforms(rng, rows, steps), ("act_batch", None))
+  emit = lambda state, step, logits: _emit(
+      state, step, _choose(logits, uniforms[:, step], temperature, top_p, **mode), eos_mask, pad_id)
+  state = emit(_empty_state(rows, steps, pad_id), 0, jnp.repeat(first_logits, num_samples, axis=0))
+  row_lengths = jnp.repeat(jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32), num_samples)
+  state = _decode_chunks(cfg, weights, prompt_cache, decode.rope_by_position(cfg, width + steps), row_lengths,
+                         state, emit, steps=steps, num_samples=num_samples)
   shape = (batch, num_samples, steps)
   return Samples(tokens=state["tokens"].reshape(shape), mask=state["mask"].reshape(shape),
                  lengths=jnp.sum(state["mask"], axis=-1, dtype=jnp.int32).reshape(shape[:2]),

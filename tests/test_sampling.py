@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from bond_jax import sampling, sharding
-from bond_jax.models import transformer
+from bond_jax.models import decode, transformer
 from bond_jax.models.config import ModelConfig
 
 VOCAB, PAD = 32, 0
@@ -159,7 +159,7 @@ def test_bfloat16_decode_products_take_bf16_operands_and_accumulate_in_float32()
 
 @pytest.mark.parametrize("num_steps", [1, 15, 16, 17, 63, 128, 129, 1000])
 def test_cache_chunks_cover_the_steps_with_16_aligned_blocks(num_steps):
-  slots, chunks = sampling._chunks(num_steps)
+  slots, chunks = decode.chunks(num_steps)
   assert slots % 16 == 0 and 1 <= len(chunks) <= 8 and slots - 16 < -(-num_steps // 8)  # smallest such
   assert [start for start, _ in chunks] == list(range(0, num_steps, slots))
   assert chunks[-1][1] == num_steps and all(stop - start == slots for start, stop in chunks[:-1])

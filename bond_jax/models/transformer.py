@@ -10,22 +10,25 @@ Pad tokens are never attended to; their own outputs are garbage and must be igno
 KV cache (init_cache): {'k','v': [L, B, S, K, Dh], 'valid': [B, S] bool, 'index': int32 []}. A call
 with a cache writes its T tokens at slots [index, index + T) and attends to every valid slot up to its
 own. Prefill = one call with the whole prompt; decode = calls with T = 1.
+
+The math of a block (RMSNorm, RoPE, the MLP activation, the score scale and mask, the embedding, the LM
+head) is layers.py's, shared with the sampler's fused one-token decode step (decode.py), so a family or
+architecture difference is written once.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bond_jax.models import layers
 from bond_jax.models.config import ModelConfig
 from bond_jax.sharding import constrain
 
 Cache = dict[str, jax.Array]
-_NEG_INF = -1e30  # finite, so a row with nothing to attend to (a left pad) gives no NaN
 
 
 def _param(module: nn.Module, name: str, init, shape, names, dtype):
@@ -38,38 +41,9 @@ def positions_from_mask(token_mask: jax.Array, offset: jax.Array | int = 0) -> j
   return jnp.where(token_mask, positions, 0)
 
 
-def rope_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
-  """[Dh / 2] rotary inverse frequencies, with Llama 3 scaling when configured."""
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
-  if cfg.rope_llama3_scaling is None:
-    return inv_freq
-  factor, low_freq_factor, high_freq_factor, original_context = cfg.rope_llama3_scaling
-  wavelength = 2 * math.pi / inv_freq
-  long_wavelength = original_context / low_freq_factor
-  short_wavelength = original_context / high_freq_factor
-  scaled = jnp.where(wavelength > long_wavelength, inv_freq / factor, inv_freq)
-  ramp = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
-  smoothed = (1 - ramp) * scaled / factor + ramp * scaled
-  in_between = (wavelength >= short_wavelength) & (wavelength <= long_wavelength)
-  return jnp.where(in_between, smoothed, scaled)
-
-
-def rope_table(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """(cos, sin) [*positions.shape, 1, Dh/2] in `dtype`: computed once, shared by every head (and, in the
-  sampler's decode step, by every layer)."""
-  angles = positions[..., None, None].astype(jnp.float32) * inv_freq
-  return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
-
-
-def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Split-half rotary embedding (the Hugging Face layout) of x [..., heads, Dh] with a rope_table."""
-  first, second = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-
-
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
   """Rotary embedding of x [B, T, heads, Dh] at positions [B, T]."""
-  return rotate(x, *rope_table(positions, inv_freq, x.dtype))
+  return layers.rotate(x, *layers.rope_table(positions, inv_freq, x.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -77,14 +51,9 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    gemma = self.cfg.family == "gemma"
-    init = nn.initializers.zeros if gemma else nn.initializers.ones
-    scale = _param(self, "scale", init, (self.cfg.d_model,), ("embed",), self.cfg.params_dtype)
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-    if gemma:  # Gemma scales in float32 by (1 + w), then casts
-      return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
-    return scale.astype(x.dtype) * normed.astype(x.dtype)  # Llama casts first, then scales
+    scale = _param(self, "scale", layers.norm_init(self.cfg), (self.cfg.d_model,), ("embed",),
+                   self.cfg.params_dtype)
+    return layers.rms_norm(self.cfg, scale, x)
 
 
 class Attention(nn.Module):
@@ -103,7 +72,7 @@ class Attention(nn.Module):
                 ("embed", "kv_heads", "head_dim"), cfg.params_dtype)
     wo = _param(self, "o", nn.initializers.normal(stddev=(cfg.num_heads * cfg.head_dim) ** -0.5),
                 (cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"), cfg.params_dtype)
-    inv_freq = rope_inverse_frequencies(cfg)
+    inv_freq = layers.rope_inverse_frequencies(cfg)
     q = apply_rope(jnp.einsum("btd,dhk->bthk", x, wq.astype(dt)), positions, inv_freq)
     k = apply_rope(jnp.einsum("btd,dhk->bthk", x, wk.astype(dt)), positions, inv_freq)
     v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
@@ -118,8 +87,8 @@ class Attention(nn.Module):
     batch, length = q.shape[:2]
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt)).astype(jnp.float32) * cfg.head_dim ** -0.5
-    scores = jnp.where(attend[:, None, None, :, :], scores, _NEG_INF)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt)).astype(jnp.float32) * layers.query_scale(cfg)
+    scores = layers.mask_scores(scores, attend[:, None, None, :, :])
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(batch, length, cfg.num_heads,
                                                                         cfg.head_dim)
@@ -138,9 +107,8 @@ class Mlp(nn.Module):
     up = _param(self, "up", init_in, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), cfg.params_dtype)
     down = _param(self, "down", nn.initializers.normal(stddev=cfg.mlp_dim ** -0.5),
                   (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), cfg.params_dtype)
-    g = x @ gate.astype(dt)
-    act = jax.nn.gelu(g, approximate=True) if cfg.family == "gemma" else jax.nn.silu(g)
-    h = constrain(act * (x @ up.astype(dt)), ("act_batch", "act_length", "act_mlp"))
+    h = layers.gated(cfg, x @ gate.astype(dt), x @ up.astype(dt))
+    h = constrain(h, ("act_batch", "act_length", "act_mlp"))
     return h @ down.astype(dt)
 
 
@@ -193,11 +161,8 @@ class Transformer(nn.Module):
 
   def hidden(self, tokens: jax.Array, token_mask: jax.Array, cache: Cache | None = None):
     """tokens, token_mask [B, T] -> (hidden [B, T, D] after the final norm, new cache or None)."""
-    cfg, dt = self.cfg, self.cfg.dtype
-    x = jnp.take(self.embedding, tokens, axis=0).astype(dt)
-    if cfg.family == "gemma":
-      x = x * jnp.asarray(cfg.d_model ** 0.5, dtype=dt)
-    x = constrain(x, ("act_batch", "act_length", "act_embed"))
+    cfg = self.cfg
+    x = constrain(layers.embed(cfg, self.embedding, tokens), ("act_batch", "act_length", "act_embed"))
     length = tokens.shape[1]
     if cache is None:
       positions = positions_from_mask(token_mask)
@@ -230,9 +195,8 @@ class Transformer(nn.Module):
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden [B, T, D] -> float32 logits [B, T, V]."""
-    dt = self.cfg.dtype
-    head = self.embedding.T if self.cfg.tie_embeddings else self.lm_head
-    logits = (hidden @ head.astype(dt)).astype(jnp.float32)
+    head = layers.head_matrix(self.cfg, self.embedding, getattr(self, "lm_head", None))
+    logits = (hidden @ head.astype(self.cfg.dtype)).astype(jnp.float32)
     return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
   def __call__(self, tokens: jax.Array, token_mask: jax.Array, cache: Cache | None = None):
@@ -247,12 +211,6 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
   shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
           "valid": jnp.zeros((batch, length), bool), "index": jnp.zeros((), jnp.int32)}
-
-
-def cache_logical_axes() -> dict[str, tuple]:
-  """Logical names of the cache arrays, for shardings (rows on the batch axes, kv heads on tensor)."""
-  kv = ("layers", "act_batch", "cache_length", "act_kv_heads", "head_dim")
-  return {"k": kv, "v": kv, "valid": ("act_batch", "cache_length"), "index": ()}
 
 
 def forward(cfg: ModelConfig, params: Any, tokens: jax.Array, token_mask: jax.Array) -> jax.Array:

@@ -1,0 +1,299 @@
+"""The sampler's fused one-token decode step and its cache layout.
+
+Shapes: B prompts, N samples per prompt, R = B * N rows (row r = b * N + n), P prompt slots, S slots of one
+generated-token block, L layers, D d_model, H query heads, K kv heads, g = H / K, Dh head_dim, M mlp_dim,
+V vocab.
+
+This is the model's only block math besides transformer.py's forward. Both are written with the building
+blocks of layers.py (RMSNorm, RoPE, the MLP activation, the score scale and mask, the embedding, the LM
+head), so an architecture change is written once; tests/models/test_decode.py pins this step to the forward
+at every step.
+
+Cache layout (what `prefill` and `empty_block` build):
+- The prompt cache, written once per prompt by the forward and shared by its N samples, per layer: keys
+  [B, K, Dh, P] (transposed: read as a plain [contraction, cols] operand), values [B, K, P, Dh], and its
+  mask valid [B, P].
+- The generated tokens: one block of S slots per chunk of steps (`chunks`), keys and values [R, K, S, Dh]
+  per layer. Finished blocks are loop invariants of later chunks (full: read unmasked); the current one is
+  carried and written in place, its slots past the step masked.
+Per-layer arrays are lists of L arrays (unrolled layers; see per_layer) or stacked [L, ...] (scanned).
+
+Weights (`decode_weights`, built once per call, outside the loop): matrices cast to the compute dtype, q's
+weights carrying the 1/sqrt(Dh) score scale, q/k/v fused into one [D, (H + 2K) * Dh] matrix and gate/up into
+one [D, 2M] matrix, the LM head a contiguous [D, V] matrix. Every product takes compute-dtype operands and
+accumulates in float32 (layers.dense). BENCHMARKS.md measures why each of these choices matters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bond_jax import sharding
+from bond_jax.models import layers, transformer
+from bond_jax.models.config import ModelConfig
+
+
+class PromptCache(NamedTuple):
+  """The prompt cache shared by each prompt's N samples (a pytree): k [B, K, Dh, P] and v [B, K, P, Dh]
+  per layer, valid [B, P] bool."""
+  k: Any
+  v: Any
+  valid: jax.Array
+
+
+class DecodeWeights(NamedTuple):
+  """What a decode step reads (a pytree): embedding [V, D] and head [D, V] in the compute dtype,
+  final_norm [D], layers: per-layer param dicts from fuse_layer (a list, or one stacked [L, ...] dict)."""
+  embedding: jax.Array
+  layers: Any
+  final_norm: jax.Array
+  head: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights and caches, built once per call (outside the decode loop).
+
+
+def cast_weights(params: Any, dtype) -> Any:
+  """Matrices in the compute dtype once, outside the loop (norm scales keep their dtype and math)."""
+  return jax.tree.map(lambda w: w.astype(dtype) if w.ndim >= 2 else w, params)
+
+
+def layer_params(cfg: ModelConfig, params: Any) -> list[Any] | Any:
+  """Per-layer param dicts (a list), or the stacked [L, ...] dict when the model scans its layers."""
+  if cfg.scan_layers:
+    return params["layers"]["block"]
+  return [params[f"layer_{i}"] for i in range(cfg.num_layers)]
+
+
+def per_layer(cfg: ModelConfig, stacked: jax.Array) -> list[jax.Array] | jax.Array:
+  """[L, ...] -> a list of L arrays (unrolled layers), or unchanged (scanned layers).
+
+  Done once, outside the decode loop: XLA CPU copies every slice x[i] it feeds to a matmul, so a loop body
+  that indexes stacked caches pays a copy per layer per step.
+  """
+  return stacked if cfg.scan_layers else [stacked[i] for i in range(cfg.num_layers)]
+
+
+def fuse_layer(cfg: ModelConfig, p: Any, fuse: bool) -> Any:
+  """A layer's params (or the stacked [L, ...] ones) for the decode step.
+
+  Always: q's weights carry the score scale (RoPE is linear, so scaling the weights once equals scaling q
+  every step).
+  fuse: q, k, v as ONE [D, (H + 2K) * Dh] matrix and gate, up as ONE [D, 2M] matrix, so each step runs
+  two matmuls where it would run five: at decode sizes the per-op overhead, not the FLOPs, sets the pace.
+  Not done when heads are sharded over 'tensor' (a fused matrix would mix the head shards).
+  """
+  attn, mlp = p["attn"], p["mlp"]
+  q = attn["q"] * jnp.asarray(layers.query_scale(cfg), attn["q"].dtype)
+  if not fuse:
+    return dict(p, attn=dict(attn, q=q))
+  flat = lambda w: w.reshape(*w.shape[:-2], -1)  # [..., D, heads, Dh] -> [..., D, heads * Dh]
+  qkv = jnp.concatenate([flat(q), flat(attn["k"]), flat(attn["v"])], axis=-1)
+  return dict(p, attn={"qkv": qkv, "o": attn["o"]},
+              mlp={"gate_up": jnp.concatenate([mlp["gate"], mlp["up"]], axis=-1), "down": mlp["down"]})
+
+
+def decode_weights(cfg: ModelConfig, params: Any, fuse: bool) -> DecodeWeights:
+  """The decode step's weights from the model's params tree (see the module docstring; fuse: fuse_layer).
+
+  The head is a contiguous [D, V] matrix: a tied head used as embedding.T inside the loop is a
+  transposed-operand matmul, ~20% slower on XLA CPU than the plain [R, D] x [D, V] one.
+  """
+  params = cast_weights(params, cfg.dtype)
+  stacked_or_list = layer_params(cfg, params)
+  fused = (fuse_layer(cfg, stacked_or_list, fuse) if cfg.scan_layers
+           else [fuse_layer(cfg, p, fuse) for p in stacked_or_list])
+  head = layers.head_matrix(cfg, params["embedding"], params.get("lm_head")).astype(cfg.dtype)
+  return DecodeWeights(embedding=params["embedding"], layers=fused, final_norm=params["final_norm"]["scale"],
+                       head=head)
+
+
+def prefill(cfg: ModelConfig, params: Any, prompts: jax.Array,
+            prompt_mask: jax.Array) -> tuple[jax.Array, PromptCache]:
+  """The forward over left-padded prompts [B, P] into a cache of exactly P slots: (logits [B, V] float32
+  of each prompt's next token, its PromptCache). params: the model's tree (cast_weights' output saves the
+  forward its casts)."""
+  model = transformer.Transformer(cfg)
+  hidden, cache = model.apply({"params": params}, prompts, prompt_mask,
+                              transformer.init_cache(cfg, *prompts.shape), method="hidden")
+  logits = model.apply({"params": params}, hidden[:, -1:], method="logits")[:, 0]
+  # keys [B, K, Dh, P], values [B, K, P, Dh], so that both attention products are plain
+  # [rows, contraction] x [contraction, cols] matmuls (see _attend)
+  return logits, PromptCache(k=per_layer(cfg, cache["k"].transpose(0, 1, 3, 4, 2)),
+                             v=per_layer(cfg, cache["v"].swapaxes(2, 3)), valid=cache["valid"])
+
+
+def rope_by_position(cfg: ModelConfig, length: int) -> tuple[jax.Array, jax.Array]:
+  """RoPE (cos, sin) [length, 1, Dh/2] of positions 0..length-1, built once and gathered per step: computed
+  inside the step, XLA fuses cos/sin into each layer's rotation and evaluates them per head and element
+  (~13% of a tiny step)."""
+  return layers.rope_table(jnp.arange(length, dtype=jnp.int32), layers.rope_inverse_frequencies(cfg),
+                           cfg.dtype)
+
+
+def chunks(num_steps: int) -> tuple[int, list[tuple[int, int]]]:
+  """(slots, [start, stop) ranges of decode steps): chunk c writes its own cache block of `slots` slots.
+
+  Chunk c attends to the blocks of chunks 0..c whole, so it reads only slots that can be filled by then.
+  slots is the smallest multiple of 16 that needs at most 8 chunks (each chunk is a compiled copy of the
+  step); only the last chunk can stop short of its block. Why multiples of 16: YNNPACK's batched score
+  products (measured with keys then stored [Dh, S]) run ~2x faster per slot at S = 16 or 32 than at S = 21
+  (isolated), and a tiny / small generate of 64 tokens with 16-slot blocks took 0.93x / 0.92x the time of
+  three 21-slot blocks (median paired ratios over 20 / 12 alternating rounds, BENCHMARKS.md). On a Zen 5
+  VM, with keys [S, Dh], blocks of 24, 32 or 64 slots were no faster than 16 (1.01-1.05x its time).
+  """
+  if num_steps <= 0:
+    return 0, []
+  slots = 16 * -(-num_steps // (16 * 8))
+  return slots, [(start, min(start + slots, num_steps)) for start in range(0, num_steps, slots)]
+
+
+def empty_block(cfg: ModelConfig, rows: int, slots: int) -> dict[str, Any]:
+  """A chunk's generated-token block: {'k', 'v'} of zeros [R, K, S, Dh] per layer."""
+  layer_axis = ((cfg.num_layers,), ("layers",)) if cfg.scan_layers else ((), ())
+  shape = layer_axis[0] + (rows, cfg.num_kv_heads, slots, cfg.head_dim)
+  axes = layer_axis[1] + ("act_batch", "act_kv_heads", "cache_length", "head_dim")
+  zeros = lambda: sharding.constrain(jnp.zeros(shape, cfg.dtype), axes)
+  if cfg.scan_layers:
+    return {"k": zeros(), "v": zeros()}
+  return {"k": [zeros() for _ in range(cfg.num_layers)], "v": [zeros() for _ in range(cfg.num_layers)]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The step (inside the loop).
+
+
+def _project_qkv(cfg: ModelConfig, p: Any, x: jax.Array, rope):
+  """x [R, D] -> q [R, H, Dh], k [R, K, Dh] (both rotated), v [R, K, Dh], from fuse_layer's params
+  (q's scale is in its weights). Fused weights: one matmul, and q, k rotated as one [R, H + K, Dh] array
+  (one RoPE op per layer, not two).
+  """
+  h, kv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  if "qkv" not in p:
+    q, k, v = (layers.dense(x, p[name], "rd,dhk->rhk") for name in ("q", "k", "v"))
+    return layers.rotate(q, *rope), layers.rotate(k, *rope), v
+  qkv = layers.dense(x, p["qkv"])
+  qk = layers.rotate(qkv[:, :(h + kv) * dh].reshape(-1, h + kv, dh), *rope)
+  return qk[:, :h], qk[:, h:], qkv[:, (h + kv) * dh:].reshape(-1, kv, dh)
+
+
+def _attend(cfg: ModelConfig, q, prompt_kv, prompt_valid, blocks, num_samples: int) -> jax.Array:
+  """Softmax (float32) of q [R, K, g, Dh] over the prompt slots and the generated blocks -> [R, H, Dh].
+
+  prompt_kv: keys [B, K, Dh, P], values [B, K, P, Dh]; prompt_valid [B, P]; blocks: (keys, values
+  [R, K, S_c, Dh], valid [R, S_c] or None for a full block). The N samples of prompt b share its cache:
+  one [N*g, Dh] x [Dh, P] product per (b, kv head).
+  """
+  dt, f32 = cfg.dtype, jnp.float32
+  rows, k_heads, groups, dh = q.shape
+  batch = rows // num_samples
+  q_by_prompt = q.reshape(batch, num_samples, k_heads, groups, dh).transpose(0, 2, 1, 3, 4).reshape(
+      batch, k_heads, num_samples * groups, dh)
+  s_prompt = jnp.einsum("bkmd,bkdp->bkmp", q_by_prompt, prompt_kv[0], preferred_element_type=f32)
+  s_prompt = layers.mask_scores(s_prompt, prompt_valid[:, None, None, :])
+  s_gen = [jnp.einsum("rkgd,rksd->rkgs", q, gk, preferred_element_type=f32) for gk, _, _ in blocks]
+  s_gen = [s if valid is None else layers.mask_scores(s, valid[:, None, None, :])
+           for s, (_, _, valid) in zip(s_gen, blocks)]
+
+  by_row = lambda t: t.reshape(batch, k_heads, num_samples, groups, *t.shape[3:]).swapaxes(1, 2).reshape(
+      rows, k_heads, groups, *t.shape[3:])  # [B, K, N*g, ...] -> [R, K, g, ...]
+  top = by_row(jnp.max(s_prompt, axis=-1))
+  for scores in s_gen:
+    top = jnp.maximum(top, jnp.max(scores, axis=-1))
+  top_by_prompt = top.reshape(batch, num_samples, k_heads, groups).transpose(0, 2, 1, 3).reshape(
+      batch, k_heads, num_samples * groups, 1)
+  e_prompt = jnp.exp(s_prompt - top_by_prompt)
+  denom = by_row(jnp.sum(e_prompt, axis=-1))
+  total = by_row(jnp.einsum("bkmp,bkpd->bkmd", e_prompt.astype(dt), prompt_kv[1], preferred_element_type=f32))
+  for scores, (_, gv, _) in zip(s_gen, blocks):
+    e_gen = jnp.exp(scores - top[..., None])
+    denom = denom + jnp.sum(e_gen, axis=-1)
+    total = total + jnp.einsum("rkgs,rksd->rkgd", e_gen.astype(dt), gv, preferred_element_type=f32)
+  return (total / denom[..., None]).astype(dt).reshape(rows, cfg.num_heads, dh)
+
+
+def _attention(cfg: ModelConfig, p: Any, x, rope, prompt_kv, prompt_valid, earlier, current, slot,
+               num_samples: int):
+  """One decode token per row: x [R, D] -> (out [R, D], current (keys, values) with this token at `slot`).
+
+  rope: (cos, sin) [R, 1, Dh/2] of the rows' positions; earlier: (keys, values [R, K, S, Dh]) of the
+  finished chunks; current: this chunk's (keys, values), whose slots < `slot` are filled. This token's k, v
+  go to slot `slot` FIRST and are then read back with the rest: written after the read, the carried
+  buffers would be copied twice per step by the while loop. Heads-before-slots layouts make every product
+  a batched matmul, which XLA CPU runs far faster than reductions over a non-minor axis. The generated keys
+  are not transposed ([S, Dh], unlike the prompt's), so that each step's write is one contiguous Dh-row per
+  head instead of a strided column (BENCHMARKS.md: faster in bfloat16, equal in float32, at 16-slot
+  blocks). Each block is read whole (a slice of a bigger buffer would be copied first).
+  """
+  dt = cfg.dtype
+  rows = x.shape[0]
+  q, k, v = _project_qkv(cfg, p, x, rope)
+  current = (jax.lax.dynamic_update_slice(current[0], k[:, :, None].astype(dt), (0, 0, slot, 0)),
+             jax.lax.dynamic_update_slice(current[1], v[:, :, None].astype(dt), (0, 0, slot, 0)))
+  span = current[1].shape[2]
+  blocks = [(gk, gv, None) for gk, gv in earlier] + [
+      (current[0], current[1], jnp.broadcast_to(jnp.arange(span) <= slot, (rows, span)))]
+  q = q.reshape(rows, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+  q = sharding.constrain(q, ("act_batch", "act_kv_heads", None, None))
+  out = layers.dense(_attend(cfg, q, prompt_kv, prompt_valid, blocks, num_samples), p["o"], "rhk,hkd->rd")
+  return sharding.constrain(out, ("act_batch", "act_embed")), current
+
+
+def mlp(cfg: ModelConfig, p: Any, x: jax.Array) -> jax.Array:
+  """x [R, D] -> [R, D] with fuse_layer's params. The activation runs on the float32 products (XLA CPU's
+  bfloat16 exp is slow)."""
+  f32 = jnp.float32
+  if "gate_up" in p:
+    g, up = jnp.split(layers.dense(x, p["gate_up"], out_dtype=f32), 2, axis=-1)
+  else:
+    g, up = layers.dense(x, p["gate"], out_dtype=f32), layers.dense(x, p["up"], out_dtype=f32)
+  h = sharding.constrain(layers.gated(cfg, g, up).astype(x.dtype), ("act_batch", "act_mlp"))
+  return layers.dense(h, p["down"])
+
+
+def _block(cfg, p, x, rope, prompt_kv, prompt_valid, earlier, current, slot, num_samples):
+  """Pre-norm residual block (transformer.Block) of one token per row: x [R, D] -> (x, current)."""
+  h, current = _attention(cfg, p["attn"], layers.rms_norm(cfg, p["attn_norm"]["scale"], x), rope,
+                          prompt_kv, prompt_valid, earlier, current, slot, num_samples)
+  x = x + h
+  x = x + mlp(cfg, p["mlp"], layers.rms_norm(cfg, p["mlp_norm"]["scale"], x))
+  return sharding.constrain(x, ("act_batch", "act_embed")), current
+
+
+def lm_logits(head: jax.Array, hidden: jax.Array) -> jax.Array:
+  """hidden [R, D] x head [D, V] (decode_weights' contiguous head) -> float32 logits [R, V]."""
+  logits = jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+  return sharding.constrain(logits, ("act_batch", "act_vocab"))
+
+
+def step(cfg: ModelConfig, weights: DecodeWeights, rope_table, prompt_cache: PromptCache, earlier, current,
+         tokens: jax.Array, positions: jax.Array, slot, num_samples: int) -> tuple[jax.Array, Any]:
+  """Feed tokens [R] at positions [R] -> (logits [R, V] float32 of the next tokens, updated current block).
+
+  rope_table: rope_by_position's (cos, sin), gathered here at positions. earlier: the finished chunks'
+  blocks; current: this chunk's block, whose slots < slot (int32 []) hold its earlier tokens and whose slot
+  `slot` receives these (blocks: see empty_block).
+  """
+  rope = tuple(jnp.take(table, positions, axis=0) for table in rope_table)  # [R, 1, Dh/2]
+  x = layers.embed(cfg, weights.embedding, tokens)
+  pk, pv, p_valid = prompt_cache
+  earlier_kv = [(b["k"], b["v"]) for b in earlier]
+  if cfg.scan_layers:
+    def body(x, xs):
+      p, lpk, lpv, layer_kv, ck, cv = xs
+      return _block(cfg, p, x, rope, (lpk, lpv), p_valid, layer_kv, (ck, cv), slot, num_samples)
+    x, (new_k, new_v) = jax.lax.scan(body, x, (weights.layers, pk, pv, earlier_kv, current["k"],
+                                               current["v"]))
+  else:
+    new_k, new_v = [], []
+    for i, p in enumerate(weights.layers):
+      x, (k, v) = _block(cfg, p, x, rope, (pk[i], pv[i]), p_valid, [(k[i], v[i]) for k, v in earlier_kv],
+                         (current["k"][i], current["v"][i]), slot, num_samples)
+      new_k.append(k)
+      new_v.append(v)
+  x = layers.rms_norm(cfg, weights.final_norm, x)
+  return lm_logits(weights.head, x), {"k": new_k, "v": new_v}
