@@ -18,7 +18,7 @@ Phases (a run's peak is persistent + max(sampling, update): the KV cache is gone
   the larger: its prompt cache is shared by the 2 samples (sampling.py), so the KV cache holds
   layers * 2 (k, v) * K/t * Dh * s * (B * P + 2 * B * (T - 1)) / (data * fsdp) bytes; that is less than
   the naive 3 * B rows * (P + T) slots. Plus a compute-dtype copy of the sampled weights when
-  param_dtype != compute_dtype (sampling._cast_weights). Reward scoring (no gradient) is smaller than
+  param_dtype != compute_dtype (decode.cast_weights). Reward scoring (no gradient) is smaller than
   the update and not listed.
 - update (update.jbond_loss_fn): two calls with gradient (policy samples, best anchor samples, b rows
   each) and up to two without (anchor, reference). Forward tensors of one layer on r rows:

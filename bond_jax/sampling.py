@@ -41,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bond_jax import objectives, sharding
-from bond_jax.models import decode, reward, transformer
+from bond_jax import sharding
+from bond_jax.models import decode
+from bond_jax.models import params as params_lib
 from bond_jax.models.config import ModelConfig
 
 MIN_BUCKET = 16
@@ -342,28 +343,14 @@ def _mesh_of(params: Any, mesh: Mesh | None) -> Mesh:
   return sharding.make_mesh({"data": 1}, [device])
 
 
-def _fitted(mesh: Mesh, shape: Sequence[int], logical: Sequence[str | None]) -> NamedSharding:
-  """NamedSharding by logical names, dropping mesh axes that do not divide a dimension."""
-  spec = sharding.logical_to_spec(logical)
-  sizes = lambda axes: math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-  return NamedSharding(mesh, PartitionSpec(*[
-      axes if axes is not None and dim % sizes(axes) == 0 else None for dim, axes in zip(shape, spec)]))
-
-
-@functools.lru_cache(maxsize=None)
-def _param_logical(cfg: ModelConfig, kind: str) -> Any:
-  init = reward.init_boxed if kind == "reward" else transformer.init_boxed
-  return sharding.logical_specs(jax.eval_shape(lambda r: init(cfg, r), jax.random.key(0)))
-
-
 @functools.lru_cache(maxsize=None)
 def _jitted_generate(cfg: ModelConfig, mesh: Mesh, batch: int, num_samples: int, max_new_tokens: int,
                      mode: tuple[tuple[str, Any], ...]):
   """One jax.jit per (config, mesh, static options, batch); jit's own cache keys the prompt bucket."""
-  param_shardings = sharding.tree_shardings(_param_logical(cfg, "lm"), mesh)
-  prompt_sharding = _fitted(mesh, (batch, 1), ("act_batch", None))
-  out_3d = _fitted(mesh, (batch, num_samples, 1), ("act_batch", None, None))
-  out_2d = _fitted(mesh, (batch, num_samples), ("act_batch", None))
+  param_shardings = sharding.tree_shardings(params_lib.logical_axes(cfg, "lm"), mesh)
+  prompt_sharding = sharding.fitted(mesh, (batch, 1), ("act_batch", None))
+  out_3d = sharding.fitted(mesh, (batch, num_samples, 1), ("act_batch", None, None))
+  out_2d = sharding.fitted(mesh, (batch, num_samples), ("act_batch", None))
   body = functools.partial(_generate_body, cfg, num_samples=num_samples, max_new_tokens=max_new_tokens,
                            mode=dict(mode), fuse=mesh.shape.get("tensor", 1) == 1)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -416,7 +403,7 @@ def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax
                         tuple(sorted(_static_mode(temperature, top_k, top_p).items())))
   # jit refuses committed arguments on another layout (e.g. prompts replicated over a multi-process mesh)
   prompts, prompt_mask = jax.device_put((prompts, prompt_mask),
-                                        _fitted(mesh, (prompts.shape[0], 1), ("act_batch", None)))
+                                        sharding.fitted(mesh, (prompts.shape[0], 1), ("act_batch", None)))
   with jax.set_mesh(mesh):
     return fn(params, prompts, prompt_mask, rng, np.float32(max(temperature, 1e-30)), np.float32(top_p),
               eos_mask, np.int32(pad_id))

@@ -104,9 +104,18 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
+  return jax.lax.with_sharding_constraint(x, _fitted_spec(mesh, x.shape, logical_axes))
+
+
+def _fitted_spec(mesh: Any, shape: Sequence[int], logical_axes: Sequence[str | None]) -> PartitionSpec:
   spec = logical_to_spec(logical_axes)
-  fitted = [axes if dim % _mesh_size(mesh, axes) == 0 else None for dim, axes in zip(x.shape, spec)]
-  return jax.lax.with_sharding_constraint(x, PartitionSpec(*fitted))
+  return PartitionSpec(*[axes if dim % _mesh_size(mesh, axes) == 0 else None for dim, axes in zip(shape, spec)])
+
+
+def fitted(mesh: Mesh, shape: Sequence[int], logical_axes: Sequence[str | None]) -> NamedSharding:
+  """NamedSharding of an activation of `shape` by its logical names, dropping mesh axes that do not divide
+  a dimension (as `constrain` does)."""
+  return NamedSharding(mesh, _fitted_spec(mesh, shape, logical_axes))
 
 
 def logical_specs(boxed_tree: Any) -> Any:

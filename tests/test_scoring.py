@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bond_jax import sampling, scoring
-from bond_jax.models import reward, transformer
+from bond_jax.models import decode, reward, transformer
 from bond_jax.models.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
@@ -187,7 +187,7 @@ def test_generate_logprobs_equal_teacher_forced_logprobs_gemma_scanned_long():
   prompts, mask = _prompts(3, lengths=(2, 8), width=8)
   out = sampling.generate(cfg, params, prompts, mask, jax.random.key(1), num_samples=2, max_new_tokens=40,
                           temperature=0.8, pad_id=PAD)
-  assert sampling._chunks(39) == (16, [(0, 16), (16, 32), (32, 39)])
+  assert decode.chunks(39) == (16, [(0, 16), (16, 32), (32, 39)])
   assert (np.asarray(out.lengths) == 40).all()  # no EOS: every row runs through all 3 chunks, the last partly
   _check_logprobs(cfg, params, prompts, mask, out, temperature=0.8)
 
