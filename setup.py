@@ -7,8 +7,9 @@ from setuptools import find_packages, setup
 
 def _requirements(name):
   lines = pathlib.Path(__file__).with_name(name).read_text().splitlines()
-  return [line.split("#")[0].strip() for line in lines
-          if line.split("#")[0].strip() and not line.startswith("-r")]
+  return [
+      line.split("#")[0].strip() for line in lines if line.split("#")[0].strip() and not line.startswith("-r")
+  ]
 
 
 setup(

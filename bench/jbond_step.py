@@ -50,16 +50,21 @@ def run_preset(name: str, batch: int, prompt_len: int, new_tokens: int, repeats:
   frozen = FrozenModels(policy_cfg=cfg, reference_params=policy, reward_cfg=cfg, reward_params=rm, eos_ids=(),
                         pad_id=0, mesh=mesh)
   with jax.set_mesh(mesh):
-    optimizer = update.make_optimizer(update.OptimizerConfig.from_section(config.optimizer, config.train.steps))
+    optimizer = update.make_optimizer(
+        update.OptimizerConfig.from_section(config.optimizer, config.train.steps))
     state = update.new_state(jax.tree.map(jnp.copy, policy), optimizer, mesh, policy)
     key = jax.random.key(3)
-    t_policy = _best_time(lambda: jax.block_until_ready(
-        sampling.generate(cfg, state.params, prompts, prompt_mask, key, num_samples=1, **opts)), repeats)
-    t_anchor = _best_time(lambda: jax.block_until_ready(
-        sampling.generate(cfg, state.anchor_params, prompts, prompt_mask, key, num_samples=2, **opts)), repeats)
+    t_policy = _best_time(
+        lambda: jax.block_until_ready(
+            sampling.generate(cfg, state.params, prompts, prompt_mask, key, num_samples=1, **opts)), repeats)
+    t_anchor = _best_time(
+        lambda: jax.block_until_ready(
+            sampling.generate(cfg, state.anchor_params, prompts, prompt_mask, key, num_samples=2, **opts)),
+        repeats)
     pol = sampling.generate(cfg, state.params, prompts, prompt_mask, key, num_samples=3, **opts)
-    t_score = _best_time(lambda: jax.block_until_ready(
-        scoring.rewards(cfg, rm, prompts, prompt_mask, pol.tokens, pol.mask)), repeats)
+    t_score = _best_time(
+        lambda: jax.block_until_ready(scoring.rewards(cfg, rm, prompts, prompt_mask, pol.tokens, pol.mask)),
+        repeats)
     batch_tree, _ = rollout.jbond(frozen, state.params, state.anchor_params, prompts, prompt_mask, key,
                                   new_tokens)
     # the J-BOND update as the distillation stage builds it (algorithms.py), on scoring's chunked log-probs
@@ -75,10 +80,18 @@ def run_preset(name: str, batch: int, prompt_len: int, new_tokens: int, repeats:
 
     t_update = _best_time(run_update, repeats)
   length = prompt_len + new_tokens
-  update_flops = (3 * forward_flops(cfg, 2 * batch, length)  # policy on y and y'_best, fwd + bwd
-                  + 2 * forward_flops(cfg, batch, length))   # anchor and reference on y, no grad
-  return {"preset": name, "params": cfg.num_params(), "policy": t_policy, "anchor": t_anchor, "score": t_score,
-          "update": t_update, "update_flops": update_flops}
+  update_flops = (
+      3 * forward_flops(cfg, 2 * batch, length)  # policy on y and y'_best, fwd + bwd
+      + 2 * forward_flops(cfg, batch, length))  # anchor and reference on y, no grad
+  return {
+      "preset": name,
+      "params": cfg.num_params(),
+      "policy": t_policy,
+      "anchor": t_anchor,
+      "score": t_score,
+      "update": t_update,
+      "update_flops": update_flops
+  }
 
 
 def main():
@@ -90,19 +103,25 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
   peak = matmul_peak(jnp.float32)
-  print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; f32 matmul peak {peak / 1e9:.0f} GFLOP/s")
-  print(f"B={args.batch} prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens; 1 policy + 2 anchor "
-        "samples per prompt\n")
-  print("| preset | params | policy sampling | anchor sampling | reward scoring | update | step | update GFLOP/s | "
-        "update MFU |")
+  print(
+      f"devices: {jax.device_count()} x {jax.devices()[0].platform}; f32 matmul peak {peak / 1e9:.0f} GFLOP/s"
+  )
+  print(
+      f"B={args.batch} prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens; 1 policy + 2 anchor "
+      "samples per prompt\n")
+  print(
+      "| preset | params | policy sampling | anchor sampling | reward scoring | update | step | update GFLOP/s | "
+      "update MFU |")
   print("|---|---|---|---|---|---|---|---|---|")
   for name in args.presets.split(","):
     r = run_preset(name, args.batch, args.prompt_len, args.new_tokens, args.repeats)
     total = r["policy"] + r["anchor"] + r["score"] + r["update"]
     cell = lambda t: f"{t * 1e3:.0f} ms ({100 * t / total:.0f}%)"
     rate = r["update_flops"] / r["update"]
-    print(f"| {name} | {r['params'] / 1e6:.1f}M | {cell(r['policy'])} | {cell(r['anchor'])} | {cell(r['score'])} | "
-          f"{cell(r['update'])} | {total * 1e3:.0f} ms | {rate / 1e9:.1f} | {100 * rate / peak:.0f}% |", flush=True)
+    print(
+        f"| {name} | {r['params'] / 1e6:.1f}M | {cell(r['policy'])} | {cell(r['anchor'])} | {cell(r['score'])} | "
+        f"{cell(r['update'])} | {total * 1e3:.0f} ms | {rate / 1e9:.1f} | {100 * rate / peak:.0f}% |",
+        flush=True)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def matmul_peak(dtype, mesh=None, size: int = 2048, repeats: int = 5) -> float:
   b = jnp.asarray(np.random.default_rng(1).standard_normal((size, size)), dtype)
   f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   seconds = _best_time(lambda: f(a, b).block_until_ready(), repeats)
-  return 2 * size ** 3 / seconds
+  return 2 * size**3 / seconds
 
 
 def decode_flops(cfg, batch: int, num_samples: int, prompt_len: int, new_tokens: int) -> float:
@@ -101,14 +101,16 @@ def weight_products_floor(cfg, params, rows: int, steps: int, mesh):
 
   @jax.jit
   def run(layers, head, x):
+
     def step(_, x):
       for p in layers:
-        heads = model_layers.dense(x, p["attn"]["qkv"])[:, :attn_width].reshape(-1, cfg.num_heads,
-                                                                                cfg.head_dim)
+        heads = model_layers.dense(x,
+                                   p["attn"]["qkv"])[:, :attn_width].reshape(-1, cfg.num_heads, cfg.head_dim)
         x = x + model_layers.dense(heads, p["attn"]["o"], "rhk,hkd->rd")
         x = x + decode.mlp(cfg, p["mlp"], x)
       logits = decode.lm_logits(head, x)
       return x + (1e-3 * logits[:, :cfg.d_model]).astype(x.dtype)  # keeps the head's product live
+
     return jax.lax.fori_loop(0, steps, step, x)
 
   x = sharding.shard_batch(np.full((rows, cfg.d_model), 0.01, jnp.dtype(cfg.dtype)), mesh)
@@ -128,8 +130,12 @@ def run_preset(name: str, dtypes, batch: int, num_samples: int, prompt_len: int,
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     hf.export(params, cfg, os.path.join(tmp, "m"), bos_id=2, eos_id=1, pad_id=0)
-    models = {dtype: transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.join(tmp, "m"), dtype=getattr(torch, dtype)).eval() for dtype in dtypes}
+    models = {
+        dtype:
+            transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "m"),
+                                                              dtype=getattr(torch, dtype)).eval()
+        for dtype in dtypes
+    }
 
     def theirs(dtype):
       model = models[dtype]
@@ -142,8 +148,9 @@ def run_preset(name: str, dtypes, batch: int, num_samples: int, prompt_len: int,
     torch.manual_seed(0)
     tokens = batch * num_samples * new_tokens
     for dtype in dtypes:
-      rows.append(_time_dtype(cfg, params, prompts, mask, dtype, functools.partial(theirs, dtype), name, batch,
-                              num_samples, prompt_len, new_tokens, repeats, tokens))
+      rows.append(
+          _time_dtype(cfg, params, prompts, mask, dtype, functools.partial(theirs, dtype), name, batch,
+                      num_samples, prompt_len, new_tokens, repeats, tokens))
   return rows
 
 
@@ -155,20 +162,21 @@ def _time_dtype(cfg, params, prompts, mask, dtype, theirs, name, batch, num_samp
   peak = matmul_peak(jnp.float32 if dtype == "float32" else jnp.bfloat16, mesh)
 
   def ours(p=prompts, m=mask, n=num_samples):
-    out = sampling.generate(cfg_d, params, p, m, jax.random.key(1), num_samples=n,
-                            max_new_tokens=new_tokens, temperature=1.0)
+    out = sampling.generate(cfg_d, params, p, m, jax.random.key(1), num_samples=n, max_new_tokens=new_tokens,
+                            temperature=1.0)
     out.tokens.block_until_ready()
 
   rep_p, rep_m = np.repeat(prompts, num_samples, 0), np.repeat(mask, num_samples, 0)
   floor = weight_products_floor(cfg_d, params, batch * num_samples, new_tokens - 1, mesh)
   times_theirs, times_ours, times_repeat, times_floor = _alternating_times(
       [theirs, ours, lambda: ours(rep_p, rep_m, 1), floor], repeats)
-  t_theirs, t_ours, t_repeat, t_floor = (min(t) for t in (times_theirs, times_ours, times_repeat, times_floor))
+  t_theirs, t_ours, t_repeat, t_floor = (
+      min(t) for t in (times_theirs, times_ours, times_repeat, times_floor))
   flops = decode_flops(cfg, batch, num_samples, prompt_len, new_tokens)
   return dict(preset=name, dtype=dtype, theirs=tokens / t_theirs, ours=tokens / t_ours,
               ratio=t_theirs / t_ours, paired=[a / b for a, b in zip(times_theirs, times_ours)],
-              fork_gain=t_repeat / t_ours, flops=flops / t_ours, peak=peak,
-              products_share=t_floor / t_ours, ceiling=t_theirs / t_floor)
+              fork_gain=t_repeat / t_ours, flops=flops / t_ours, peak=peak, products_share=t_floor / t_ours,
+              ceiling=t_theirs / t_floor)
 
 
 def main():
@@ -181,9 +189,10 @@ def main():
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
-  parser.add_argument("--cpu_devices", type=int, default=None,
-                      help="JAX CPU devices to split the host into (default: as the environment sets it, "
-                           "1 unless XLA_FLAGS says otherwise); ours runs its rows over all devices")
+  parser.add_argument(
+      "--cpu_devices", type=int, default=None,
+      help="JAX CPU devices to split the host into (default: as the environment sets it, "
+      "1 unless XLA_FLAGS says otherwise); ours runs its rows over all devices")
   args = parser.parse_args()
   rows = args.batch * args.num_samples
   if args.cpu_devices is not None:
@@ -196,19 +205,21 @@ def main():
   print(f"B={args.batch} prompts x N={args.num_samples}, {args.prompt_len}-token prompts, "
         f"{args.new_tokens} new tokens, temperature 1, ours on {jax.device_count()} x "
         f"{jax.devices()[0].device_kind}, torch threads {args.threads}")
-  header = ("| preset | compute | transformers tok/s | bond_jax tok/s | ratio | paired median | fork vs repeat | "
-            "decode GFLOP/s | of matmul peak | products share | ceiling | paired ratios |")
+  header = (
+      "| preset | compute | transformers tok/s | bond_jax tok/s | ratio | paired median | fork vs repeat | "
+      "decode GFLOP/s | of matmul peak | products share | ceiling | paired ratios |")
   print(header)
   print("|---" * (header.count("|") - 1) + "|")
   for name in args.presets.split(","):
     for row in run_preset(name, args.dtypes.split(","), args.batch, args.num_samples, args.prompt_len,
                           args.new_tokens, args.repeats, args.threads):
-      print(f"| {row['preset']} | {row['dtype']} | {row['theirs']:,.0f} | {row['ours']:,.0f} | "
-            f"{row['ratio']:.2f}x | {np.median(row['paired']):.2f}x | {row['fork_gain']:.2f}x | "
-            f"{row['flops'] / 1e9:.1f} | "
-            f"{row['flops'] / row['peak']:.0%} of {row['peak'] / 1e9:.0f} | "
-            f"{row['products_share']:.0%} | {row['ceiling']:.2f}x | "
-            f"{' '.join(f'{r:.2f}' for r in row['paired'])} |", flush=True)
+      print(
+          f"| {row['preset']} | {row['dtype']} | {row['theirs']:,.0f} | {row['ours']:,.0f} | "
+          f"{row['ratio']:.2f}x | {np.median(row['paired']):.2f}x | {row['fork_gain']:.2f}x | "
+          f"{row['flops'] / 1e9:.1f} | "
+          f"{row['flops'] / row['peak']:.0%} of {row['peak'] / 1e9:.0f} | "
+          f"{row['products_share']:.0%} | {row['ceiling']:.2f}x | "
+          f"{' '.join(f'{r:.2f}' for r in row['paired'])} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ from bond_jax.frozen import FrozenModels
 
 # (bond config, frozen models, state, prompts [B, P], prompt mask [B, P], rng, max_new_tokens)
 #   -> (update batch, rollout.Stats)
-Rollout = Callable[[ml_collections.ConfigDict, FrozenModels, update.TrainState, jax.Array, jax.Array, jax.Array,
-                    int], tuple[Any, rollout.Stats]]
+Rollout = Callable[
+    [ml_collections.ConfigDict, FrozenModels, update.TrainState, jax.Array, jax.Array, jax.Array, int],
+    tuple[Any, rollout.Stats]]
 # (bond config, sequence_logprob_fn, optimizer, build_update_step's options) -> jitted step
-StepBuilder = Callable[[ml_collections.ConfigDict, update.SequenceLogprobFn, optax.GradientTransformation,
-                        dict[str, Any]], Callable]
+StepBuilder = Callable[
+    [ml_collections.ConfigDict, update.SequenceLogprobFn, optax.GradientTransformation, dict[str,
+                                                                                             Any]], Callable]
 
 PROGRESS_KEYS = ("reward_mean", "kl_policy_ref", "kl_policy_anchor", "penalty_rate", "loss")
 POLICY_SAMPLES = 2  # per prompt for BOND and RLOO: the fewest a leave-one-out baseline needs
@@ -59,25 +61,35 @@ def _reinforce_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
                            num_policy_samples=POLICY_SAMPLES)
 
 
-ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
-    Algorithm("jbond", uses_anchor=True, rollout=_jbond_rollout,
-              make_step=lambda b, fn, opt, options: update.make_jbond_step(
-                  fn, opt, beta=b.beta, gamma=b.gamma, eta=b.eta, **options),
-              # the EMA anchor makes each step distil Best-of-2 of an anchor that is itself ahead of pi_ref
-              target_best_of=lambda b, step: float(2.0 ** (b.eta * step))),
-    Algorithm("bond", uses_anchor=False, rollout=_bond_rollout,
-              make_step=lambda b, fn, opt, options: update.make_bond_step(fn, opt, n=b.n, beta=b.beta, **options),
-              target_best_of=lambda b, step: float(b.n)),
-    Algorithm("iterative_bond", uses_anchor=True, rollout=_bond_rollout,
-              make_step=lambda b, fn, opt, options: update.make_bond_step(
-                  fn, opt, n=b.n, beta=b.beta, anchor_period=b.anchor_period, **options),
-              # n^(M + 1) after M hard anchor updates
-              target_best_of=lambda b, step: float(objectives.iterative_best_of(b.n, step // b.anchor_period + 1))),
-    Algorithm("reinforce", uses_anchor=False, rollout=_reinforce_rollout,
-              make_step=lambda b, fn, opt, options: update.make_reinforce_step(fn, opt, beta_rl=b.beta_rl,
-                                                                               **options),
-              target_best_of=lambda b, step: None),
-)}
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a for a in (
+        Algorithm(
+            "jbond",
+            uses_anchor=True,
+            rollout=_jbond_rollout,
+            make_step=lambda b, fn, opt, options: update.make_jbond_step(fn, opt, beta=b.beta, gamma=b.gamma,
+                                                                         eta=b.eta, **options),
+            # the EMA anchor makes each step distil Best-of-2 of an anchor that is itself ahead of pi_ref
+            target_best_of=lambda b, step: float(2.0**(b.eta * step))),
+        Algorithm(
+            "bond", uses_anchor=False,
+            rollout=_bond_rollout, make_step=lambda b, fn, opt, options: update.make_bond_step(
+                fn, opt, n=b.n, beta=b.beta, **options), target_best_of=lambda b, step: float(b.n)),
+        Algorithm(
+            "iterative_bond",
+            uses_anchor=True,
+            rollout=_bond_rollout,
+            make_step=lambda b, fn, opt, options: update.make_bond_step(
+                fn, opt, n=b.n, beta=b.beta, anchor_period=b.anchor_period, **options),
+            # n^(M + 1) after M hard anchor updates
+            target_best_of=lambda b, step: float(
+                objectives.iterative_best_of(b.n, step // b.anchor_period + 1))),
+        Algorithm(
+            "reinforce", uses_anchor=False,
+            rollout=_reinforce_rollout, make_step=lambda b, fn, opt, options: update.make_reinforce_step(
+                fn, opt, beta_rl=b.beta_rl, **options), target_best_of=lambda b, step: None),
+    )
+}
 
 
 def get(name: str) -> Algorithm:
@@ -90,8 +102,8 @@ def validate(bond: ml_collections.ConfigDict) -> None:
   """The algorithm's name and hyperparameters (one-line errors naming the value)."""
   algorithm = get(bond.algorithm)
   try:  # objectives names the hyperparameter; the config key is bond.<name>
-    objectives.validate_hparams(beta=bond.beta, eta=bond.eta, gamma=bond.gamma, k=bond.k, beta_rl=bond.beta_rl,
-                                anchor_period=bond.anchor_period)
+    objectives.validate_hparams(beta=bond.beta, eta=bond.eta, gamma=bond.gamma, k=bond.k,
+                                beta_rl=bond.beta_rl, anchor_period=bond.anchor_period)
     if algorithm.rollout is _bond_rollout:
       objectives.validate_hparams(n=bond.n)
   except ValueError as error:

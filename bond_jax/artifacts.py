@@ -31,8 +31,9 @@ def is_hf_dir(path: str) -> bool:
 
 def stage_checkpoints(source: str, kind: str) -> str | None:
   """The Orbax directory of `kind` under `source`: a workdir, a stage dir, or a checkpoints dir."""
-  for candidate in (workdir_lib.checkpoint_dir(source, workdir_lib.KINDS[kind]),
-                    os.path.join(source, "checkpoints"), source):
+  for candidate in (workdir_lib.checkpoint_dir(source,
+                                               workdir_lib.KINDS[kind]), os.path.join(source,
+                                                                                      "checkpoints"), source):
     if os.path.isdir(candidate) and any(name.isdigit() for name in os.listdir(candidate)):
       return candidate
   return None

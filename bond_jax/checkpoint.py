@@ -152,8 +152,8 @@ def _scan(tree: Any) -> dict[str, tuple[str, bool]]:
   jax.block_until_ready(tree)  # nor while the (collective) step that computed the state still runs
   for name, x in _named_leaves(tree):
     sharding = getattr(x, "sharding", None)
-    replicated = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-                  if isinstance(sharding, jax.sharding.NamedSharding) else None)
+    replicated = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()) if isinstance(
+        sharding, jax.sharding.NamedSharding) else None)
     # One leaf at a time, each fetched before the next is dispatched: many collective programs in flight
     # at once deadlock XLA's CPU backend, and one program over the whole tree compiles for seconds.
     a, b, finite = (int(v) for v in np.asarray(_scan_fn(replicated)(x).addressable_data(0)))
@@ -190,8 +190,8 @@ def _public(meta: dict[str, Any]) -> dict[str, Any]:
 # Save and restore.
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any], *,
-         force: bool = False, all_skipped: bool = False) -> bool:
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any], *, force: bool = False,
+         all_skipped: bool = False) -> bool:
   """Save (asynchronously when the manager is async). Returns whether a save was started.
 
   force: save even if the step is off the save interval (preemption, end of run).
@@ -221,10 +221,12 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any
 
 def abstract_like(state: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a live state: the restore target of the same layout."""
+
   def spec(x):
     if _is_key(x):
       x = jax.random.key_data(x)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
   return jax.tree.map(spec, state)
 
 
@@ -398,11 +400,11 @@ def restore_arrays(directory: str, step: int | None = None) -> tuple[Any, dict[s
   if step is None:
     raise ValueError(f"no checkpoint in {directory!r}")
   metadata = mngr.item_metadata(step)["state"]
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                                       sharding=jax.sharding.SingleDeviceSharding(
-                                                           jax.devices()[0])), metadata)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                       meta=ocp.args.JsonRestore()))
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices(
+      )[0])), metadata)
+  restored = mngr.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   mngr.close()
   meta = dict(restored["meta"])
   _verify(restored["state"], meta, step, mngr.directory)

@@ -71,7 +71,7 @@ def _config_file_error(error: BaseException) -> str:
   """ml_collections' report of a config file that did not load, as '--config file PATH: what is wrong'.
 
   Its text lists the attempts and ends with the OSError's own line, e.g. "[Errno 2] No such file or
-  directory: 'configs/nope.py'".
+  directory: 'my_config.py'".
   """
   last = _last_line(str(error))
   match = re.fullmatch(r"\[Errno \d+\] (.+?): '(.*)'", last)
@@ -185,8 +185,8 @@ def quiet_console() -> None:
   _reword_local_builds(tfds.core.DatasetBuilder)
 
 
-def entry(main: Callable[[list[str]], Any], *,
-          flags_parser: Callable[[list[str]], list[str]] = parse_flags) -> None:
+def entry(main: Callable[[list[str]], Any], *, flags_parser: Callable[[list[str]],
+                                                                      list[str]] = parse_flags) -> None:
   """Run `main(argv)` as the program through absl's app.run: a quiet console, user errors as one line on
   stderr with exit status 2, and any other exception (a bug) with its traceback."""
 

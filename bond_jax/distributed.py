@@ -94,9 +94,11 @@ def resolve(mode: str, coordinator_address: str | None = None, num_processes: in
   if mode not in MODES:
     raise ValueError(f"distributed mode {mode!r} is not known; allowed: {', '.join(MODES)}")
   if mode in ("none", "auto"):
-    given = [name for name, value in (("coordinator_address", coordinator_address),
-                                      ("num_processes", num_processes), ("process_id", process_id))
-             if value is not None]
+    given = [
+        name for name, value in (("coordinator_address", coordinator_address),
+                                 ("num_processes", num_processes), ("process_id", process_id))
+        if value is not None
+    ]
     if given:
       raise ValueError(f"{given[0]} is only used by modes 'explicit' and 'slurm', not {mode!r}")
     return Resolved(mode)

@@ -4,7 +4,8 @@ On held-out prompts x [B, P]: M policy samples y per prompt, K reference samples
 scored by the reward model. pi_ref is frozen, so its K samples and their rewards are drawn once per run
 (`reference_pool`, a fixed seed: a resumed run draws the same ones) and every evaluation reuses them. From
 these:
-- the policy's reference quantile u = (#{r(y_i) < r(y)} + #{r(y_i) = r(y)} / 2) / K (a BoN-of-N sample has u ~ Beta(N, 1):
+- the policy's reference quantile u = (#{r(y_i) < r(y)} + #{r(y_i) = r(y)} / 2) / K (a BoN-of-N sample has
+  u ~ Beta(N, 1):
   density N u^(N-1), mean N/(N+1)); the policy's "effective N" solves N/(N+1) = mean u;
 - the mean reward of Best-of-N of the reference for each N, by the unbiased order-statistics estimator
   over the K samples (no resampling noise): E[max of N] = sum_i r_(i) C(i-1, N-1) / C(K, N);
@@ -67,26 +68,43 @@ def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_
   effective_n = mean_u / max(1.0 - mean_u, 1e-6)
   log_ratio = (np.asarray(policy_logprobs) - np.asarray(ref_logprobs)).ravel()
   out = {
-      "policy_reward": float(np.mean(policy_rewards)),
-      "policy_quantile_mean": mean_u,
-      "policy_quantile_stderr": float(np.std(quantile) / np.sqrt(len(quantile))),
-      "policy_log_quantile_mean": float(np.mean(np.log(np.maximum(quantile, 1.0 / reference_rewards.shape[1])))),
-      "policy_win_rate_vs_ref": mean_u,
-      "policy_effective_n": effective_n,
-      "kl_policy_ref": float(np.mean(log_ratio)),
-      "kl_policy_ref_stderr": float(np.std(log_ratio) / np.sqrt(len(log_ratio))),
-      "kl_bon_at_effective_n": bon_kl_bound(max(effective_n, 1.0)),
-      "reward_ties_fraction": float(np.mean(ties)),
-      "reference_reward": float(np.mean(reference_rewards)),
-      "best_of_n": {str(n): {"reward": float(np.mean(best_of_n_mean(reference_rewards, n))),
-                             "quantile_mean": n / (n + 1), "win_rate_vs_ref": n / (n + 1),
-                             "kl_bound": bon_kl_bound(n)} for n in best_of},
-      "policy_quantiles": quantile.tolist(),
+      "policy_reward":
+          float(np.mean(policy_rewards)),
+      "policy_quantile_mean":
+          mean_u,
+      "policy_quantile_stderr":
+          float(np.std(quantile) / np.sqrt(len(quantile))),
+      "policy_log_quantile_mean":
+          float(np.mean(np.log(np.maximum(quantile, 1.0 / reference_rewards.shape[1])))),
+      "policy_win_rate_vs_ref":
+          mean_u,
+      "policy_effective_n":
+          effective_n,
+      "kl_policy_ref":
+          float(np.mean(log_ratio)),
+      "kl_policy_ref_stderr":
+          float(np.std(log_ratio) / np.sqrt(len(log_ratio))),
+      "kl_bon_at_effective_n":
+          bon_kl_bound(max(effective_n, 1.0)),
+      "reward_ties_fraction":
+          float(np.mean(ties)),
+      "reference_reward":
+          float(np.mean(reference_rewards)),
+      "best_of_n": {
+          str(n): {
+              "reward": float(np.mean(best_of_n_mean(reference_rewards, n))),
+              "quantile_mean": n / (n + 1),
+              "win_rate_vs_ref": n / (n + 1),
+              "kl_bound": bon_kl_bound(n)
+          } for n in best_of
+      },
+      "policy_quantiles":
+          quantile.tolist(),
   }
   if reference_lengths is not None:
     for n in best_of:
-      out["best_of_n"][str(n)]["response_length"] = float(np.mean(
-          best_of_n_mean(reference_rewards, n, values=reference_lengths)))
+      out["best_of_n"][str(n)]["response_length"] = float(
+          np.mean(best_of_n_mean(reference_rewards, n, values=reference_lengths)))
   return out
 
 
@@ -120,10 +138,10 @@ def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, promp
     raise ValueError(f"best_of={tuple(best_of)} needs at least {max(best_of)} reference samples per prompt; "
                      f"the pool has {reference.rewards.shape[1]}")
   policy = rollout.sample(frozen, policy_params, prompts, prompt_mask, rng, policy_samples, max_new_tokens)
-  policy_rewards = scoring.rewards(frozen.reward_cfg, frozen.reward_params, prompts, prompt_mask, policy.tokens,
-                                   policy.mask)
-  _, ref_logprobs = scoring.sequence_logprobs(frozen.policy_cfg, frozen.reference_params, prompts, prompt_mask,
-                                              policy.tokens, policy.mask)
+  policy_rewards = scoring.rewards(frozen.reward_cfg, frozen.reward_params, prompts, prompt_mask,
+                                   policy.tokens, policy.mask)
+  _, ref_logprobs = scoring.sequence_logprobs(frozen.policy_cfg, frozen.reference_params, prompts,
+                                              prompt_mask, policy.tokens, policy.mask)
   policy_logprobs = jnp.sum(policy.model_logprobs, axis=-1)
   out = summarize(_host(policy_rewards), reference.rewards, _host(policy_logprobs), _host(ref_logprobs),
                   best_of=best_of, reference_lengths=reference.lengths)
@@ -132,7 +150,8 @@ def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, promp
   return out
 
 
-def write(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict[str, Any]] = ()) -> list[str]:
+def write(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict[str,
+                                                                                  Any]] = ()) -> list[str]:
   """Write eval_<step>.json and PNG plots (BoN curve, quantile histogram, progress over training)."""
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, f"eval_{step:06d}.json"), "w") as f:
@@ -141,16 +160,27 @@ def write(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dic
 
 
 def plot(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict[str, Any]]) -> list[str]:
+  """eval_latest.png (reward vs N, the quantile histogram, KL vs N) and, given a history, progress.png."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  paths = [os.path.join(out_dir, "eval_latest.png")]
+  _plot_evaluation(plt, result, step, paths[0])
+  if history:
+    paths.append(os.path.join(out_dir, "progress.png"))
+    _plot_progress(plt, history, paths[-1])
+  return paths
+
+
+def _plot_evaluation(plt, result: dict[str, Any], step: int, path: str) -> None:
   ns = sorted(int(n) for n in result["best_of_n"])
   bon = [result["best_of_n"][str(n)] for n in ns]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
   ax = axes[0]
   ax.plot(ns, [b["reward"] for b in bon], "o-", label="Best-of-N of pi_ref")
-  ax.axhline(result["policy_reward"], color="C3", label=f"policy, 1 sample (N_eff={result['policy_effective_n']:.2f})")
+  ax.axhline(result["policy_reward"], color="C3",
+             label=f"policy, 1 sample (N_eff={result['policy_effective_n']:.2f})")
   ax.set(xscale="log", xlabel="N", ylabel="mean reward", title=f"reward, step {step}")
   _integer_ticks(ax, ns)
   ax.legend(fontsize=8)
@@ -159,7 +189,7 @@ def plot(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict
   ax.hist(u, bins=10, range=(0, 1), density=True, alpha=0.5, color="C3", label="policy")
   grid = np.linspace(0, 1, 101)
   for n in (1, 2, 4):
-    ax.plot(grid, n * grid ** (n - 1), label=f"BoN-{n}: {n} u^{n - 1}")
+    ax.plot(grid, n * grid**(n - 1), label=f"BoN-{n}: {n} u^{n - 1}")
   ax.set(xlabel="reference quantile u", ylabel="density", title="quantile of the policy's sample")
   ax.legend(fontsize=8)
   ax = axes[2]
@@ -173,43 +203,42 @@ def plot(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict
   _integer_ticks(ax, ns)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  paths = [os.path.join(out_dir, "eval_latest.png")]
-  fig.savefig(paths[0], dpi=90)
+  fig.savefig(path, dpi=90)
   plt.close(fig)
-  if history:
-    steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    axes[0].errorbar(steps, [h["policy_quantile_mean"] for h in history],
-                     yerr=[2 * h.get("policy_quantile_stderr", 0.0) for h in history], fmt="o-", color="C3",
-                     label="policy (+-2 SE)")
-    has_target = all("target_best_of" in h for h in history)
-    if has_target:
-      axes[0].plot(steps, [h["target_best_of"] / (h["target_best_of"] + 1) for h in history], ":",
-                   color="C2", label="the Best-of-N the algorithm aims at")
-    axes[0].legend(fontsize=8)
-    for n in (1, 2, 4):
-      axes[0].axhline(n / (n + 1), ls="--", color="gray")
-      axes[0].text(steps[0], n / (n + 1), f" BoN-{n}", va="bottom", fontsize=8)
-    axes[0].set(xlabel="step", ylabel="mean reference quantile", title="policy vs Best-of-N")
-    axes[1].errorbar(steps, [h["kl_policy_ref"] for h in history],
-                     yerr=[2 * h.get("kl_policy_ref_stderr", 0.0) for h in history], fmt="o-", color="C3",
-                     label="policy (+-2 SE)")
-    if has_target:
-      axes[1].plot(steps, [bon_kl_bound(h["target_best_of"]) for h in history], ":", color="C2",
-                   label="the Best-of-N the algorithm aims at")
-    if all("kl_bon_at_effective_n" in h for h in history):
-      axes[1].plot(steps, [h["kl_bon_at_effective_n"] for h in history], "s--", color="C0",
-                   label="BoN at the policy's N_eff")
-    axes[1].legend(fontsize=8)
-    for n in (2, 4):
-      axes[1].axhline(bon_kl_bound(n), ls="--", color="gray")
-      axes[1].text(steps[0], bon_kl_bound(n), f" BoN-{n} KL", va="bottom", fontsize=8)
-    axes[1].set(xlabel="step", ylabel="KL(pi || pi_ref) nats", title="KL to the reference")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "progress.png"))
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
-  return paths
+
+
+def _plot_progress(plt, history: Sequence[dict[str, Any]], path: str) -> None:
+  steps = [h["step"] for h in history]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  axes[0].errorbar(steps, [h["policy_quantile_mean"] for h in history],
+                   yerr=[2 * h.get("policy_quantile_stderr", 0.0) for h in history], fmt="o-", color="C3",
+                   label="policy (+-2 SE)")
+  has_target = all("target_best_of" in h for h in history)
+  if has_target:
+    axes[0].plot(steps, [h["target_best_of"] / (h["target_best_of"] + 1) for h in history], ":", color="C2",
+                 label="the Best-of-N the algorithm aims at")
+  axes[0].legend(fontsize=8)
+  for n in (1, 2, 4):
+    axes[0].axhline(n / (n + 1), ls="--", color="gray")
+    axes[0].text(steps[0], n / (n + 1), f" BoN-{n}", va="bottom", fontsize=8)
+  axes[0].set(xlabel="step", ylabel="mean reference quantile", title="policy vs Best-of-N")
+  axes[1].errorbar(steps, [h["kl_policy_ref"] for h in history],
+                   yerr=[2 * h.get("kl_policy_ref_stderr", 0.0) for h in history], fmt="o-", color="C3",
+                   label="policy (+-2 SE)")
+  if has_target:
+    axes[1].plot(steps, [bon_kl_bound(h["target_best_of"]) for h in history], ":", color="C2",
+                 label="the Best-of-N the algorithm aims at")
+  if all("kl_bon_at_effective_n" in h for h in history):
+    axes[1].plot(steps, [h["kl_bon_at_effective_n"] for h in history], "s--", color="C0",
+                 label="BoN at the policy's N_eff")
+  axes[1].legend(fontsize=8)
+  for n in (2, 4):
+    axes[1].axhline(bon_kl_bound(n), ls="--", color="gray")
+    axes[1].text(steps[0], bon_kl_bound(n), f" BoN-{n} KL", va="bottom", fontsize=8)
+  axes[1].set(xlabel="step", ylabel="KL(pi || pi_ref) nats", title="KL to the reference")
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
 
 
 def _integer_ticks(ax, ns):

@@ -32,8 +32,8 @@ flags.mark_flags_as_required(["workdir", "out"])
 _STAGES = {
     "policy": ("bond", "train first, or export --which=reference"),
     "anchor": ("bond", "train first, or export --which=reference"),
-    "reference": (workdir_lib.KINDS["lm"],
-                  "its SFT stage has not run (a run given config.reference has none)"),
+    "reference":
+        (workdir_lib.KINDS["lm"], "its SFT stage has not run (a run given config.reference has none)"),
     "reward": (workdir_lib.KINDS["reward"],
                "its reward-model stage has not run (a run given config.reward_model has none)"),
 }

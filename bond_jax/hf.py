@@ -25,34 +25,53 @@ from bond_jax.models import params as params_lib
 from bond_jax.models.config import ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "gemma")
-_ARCHITECTURES = {("llama", "lm"): "LlamaForCausalLM", ("gemma", "lm"): "GemmaForCausalLM",
-                  ("llama", "reward"): "LlamaForSequenceClassification",
-                  ("gemma", "reward"): "GemmaForSequenceClassification"}
+_ARCHITECTURES = {
+    ("llama", "lm"): "LlamaForCausalLM",
+    ("gemma", "lm"): "GemmaForCausalLM",
+    ("llama", "reward"): "LlamaForSequenceClassification",
+    ("gemma", "reward"): "GemmaForSequenceClassification"
+}
 _ACTIVATIONS = {"llama": ("silu",), "gemma": ("gelu_pytorch_tanh", "gelu", "gelu_tanh")}
-
 
 # --------------------------------------------------------------------------- configs
 
-def config_to_hf(cfg: ModelConfig, kind: str = "lm", *, bos_id: int | None = None,
-                 eos_id: int | None = None, pad_id: int | None = None) -> dict[str, Any]:
+
+def config_to_hf(cfg: ModelConfig, kind: str = "lm", *, bos_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None) -> dict[str, Any]:
   """config.json contents for `cfg`; kind 'lm' (causal LM) or 'reward' (sequence classifier)."""
   if kind not in ("lm", "reward"):
     raise ValueError(f"kind={kind!r}; allowed: 'lm', 'reward'")
   rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   if cfg.rope_llama3_scaling is not None:
     factor, low, high, original = cfg.rope_llama3_scaling
-    rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": factor, "low_freq_factor": low,
-            "high_freq_factor": high, "original_max_position_embeddings": original}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": cfg.rope_theta,
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original
+    }
   out = {
-      "architectures": [_ARCHITECTURES[(cfg.family, kind)]], "model_type": cfg.family,
-      "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
-      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+      "architectures": [_ARCHITECTURES[(cfg.family, kind)]],
+      "model_type": cfg.family,
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model,
+      "intermediate_size": cfg.mlp_dim,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
       "hidden_act": "silu" if cfg.family == "llama" else "gelu_pytorch_tanh",
-      "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-      "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings,
-      "attention_bias": False, "attention_dropout": 0.0,
-      "torch_dtype": cfg.param_dtype, "bos_token_id": bos_id, "eos_token_id": eos_id,
+      "max_position_embeddings": cfg.max_seq_len,
+      "rms_norm_eps": cfg.norm_eps,
+      "rope_parameters": rope,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "attention_bias": False,
+      "attention_dropout": 0.0,
+      "torch_dtype": cfg.param_dtype,
+      "bos_token_id": bos_id,
+      "eos_token_id": eos_id,
       "pad_token_id": pad_id,
   }
   if cfg.family == "llama":
@@ -83,20 +102,20 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
     llama3 = (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
               int(rope["original_max_position_embeddings"]))
   heads = hf["num_attention_heads"]
-  fields = dict(
-      family=model_type, vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-      num_layers=hf["num_hidden_layers"], num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
-      rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))), rope_llama3_scaling=llama3,
-      norm_eps=hf.get("rms_norm_eps", 1e-6),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma")),
-      max_seq_len=hf.get("max_position_embeddings", 2048))
+  fields = dict(family=model_type, vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+                num_layers=hf["num_hidden_layers"], num_heads=heads,
+                num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or
+                hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
+                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+                rope_llama3_scaling=llama3, norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(
+                    hf.get("tie_word_embeddings",
+                           model_type == "gemma")), max_seq_len=hf.get("max_position_embeddings", 2048))
   fields.update(overrides)
   return ModelConfig(**fields)
 
 
 # --------------------------------------------------------------------------- tensor names
+
 
 def _layer_params(params: dict[str, Any], cfg: ModelConfig) -> Iterator[tuple[int, dict[str, Any]]]:
   """(i, layer params) for both layouts: unrolled 'layer_i' or scanned 'layers/block' [L, ...]."""
@@ -142,18 +161,30 @@ def _from_hf_tensors(tensors: dict[str, jax.Array], cfg: ModelConfig, source: st
   for i in range(cfg.num_layers):
     p = f"model.layers.{i}."
     layers.append({
-        "attn": {"q": get(p + "self_attn.q_proj.weight", (h * hd, d)).T.reshape(d, h, hd),
-                 "k": get(p + "self_attn.k_proj.weight", (k * hd, d)).T.reshape(d, k, hd),
-                 "v": get(p + "self_attn.v_proj.weight", (k * hd, d)).T.reshape(d, k, hd),
-                 "o": get(p + "self_attn.o_proj.weight", (d, h * hd)).T.reshape(h, hd, d)},
-        "mlp": {"gate": get(p + "mlp.gate_proj.weight", (cfg.mlp_dim, d)).T,
-                "up": get(p + "mlp.up_proj.weight", (cfg.mlp_dim, d)).T,
-                "down": get(p + "mlp.down_proj.weight", (d, cfg.mlp_dim)).T},
-        "attn_norm": {"scale": get(p + "input_layernorm.weight", (d,))},
-        "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight", (d,))},
+        "attn": {
+            "q": get(p + "self_attn.q_proj.weight", (h * hd, d)).T.reshape(d, h, hd),
+            "k": get(p + "self_attn.k_proj.weight", (k * hd, d)).T.reshape(d, k, hd),
+            "v": get(p + "self_attn.v_proj.weight", (k * hd, d)).T.reshape(d, k, hd),
+            "o": get(p + "self_attn.o_proj.weight", (d, h * hd)).T.reshape(h, hd, d)
+        },
+        "mlp": {
+            "gate": get(p + "mlp.gate_proj.weight", (cfg.mlp_dim, d)).T,
+            "up": get(p + "mlp.up_proj.weight", (cfg.mlp_dim, d)).T,
+            "down": get(p + "mlp.down_proj.weight", (d, cfg.mlp_dim)).T
+        },
+        "attn_norm": {
+            "scale": get(p + "input_layernorm.weight", (d,))
+        },
+        "mlp_norm": {
+            "scale": get(p + "post_attention_layernorm.weight", (d,))
+        },
     })
-  out = {"embedding": get("model.embed_tokens.weight", (cfg.vocab_size, d)),
-         "final_norm": {"scale": get("model.norm.weight", (d,))}}
+  out = {
+      "embedding": get("model.embed_tokens.weight", (cfg.vocab_size, d)),
+      "final_norm": {
+          "scale": get("model.norm.weight", (d,))
+      }
+  }
   if cfg.scan_layers:
     out["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
   else:
@@ -162,6 +193,7 @@ def _from_hf_tensors(tensors: dict[str, jax.Array], cfg: ModelConfig, source: st
 
 
 # --------------------------------------------------------------------------- files
+
 
 def check_out_dir(out_dir: str, overwrite: bool) -> None:
   """One-line ValueError when export may not write `out_dir`: a file, or non-empty without overwrite."""
@@ -283,9 +315,15 @@ def export(params: Any, cfg: ModelConfig, out_dir: str, *, kind: str = "lm", ove
     with open(os.path.join(staging, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=2)
     if kind == "lm":
-      generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
-                    "do_sample": True, "temperature": 1.0, "top_k": 0,
-                    "top_p": 1.0}
+      generation = {
+          "bos_token_id": bos_id,
+          "eos_token_id": eos_id,
+          "pad_token_id": pad_id,
+          "do_sample": True,
+          "temperature": 1.0,
+          "top_k": 0,
+          "top_p": 1.0
+      }
       with open(os.path.join(staging, "generation_config.json"), "w") as f:
         json.dump(generation, f, indent=2)
     for name, src in (tokenizer_files or {}).items():

@@ -126,8 +126,10 @@ class Preemption:
 
 
 def _scalars(results: Mapping[str, Any]) -> dict[str, float]:
-  return {k: float(v) for k, v in results.items() if isinstance(v, (int, float, np.floating, np.integer))
-          and not isinstance(v, bool)}
+  return {
+      k: float(v) for k, v in results.items()
+      if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+  }
 
 
 def _say(text: str) -> None:
@@ -196,8 +198,8 @@ class _Run:
       self.bad_in_a_row, self.applied_since_save = 0, self.applied_since_save + 1
     if self.bad_in_a_row >= self.schedule.max_bad_steps:
       raise FloatingPointError(
-          f"[{self.stage.name}] {self.bad_in_a_row} steps in a row had a non-finite loss or gradient (last at "
-          f"step {step}); stopping without saving them. Lower the learning rate or check the inputs")
+          f"[{self.stage.name}] {self.bad_in_a_row} steps in a row had a non-finite loss or gradient "
+          f"(last at step {step}); stopping without saving them. Lower the learning rate or check the inputs")
     return metrics
 
   def close(self) -> None:

@@ -57,8 +57,13 @@ class MetricsWriter:
       return
     scalars = {k: float(v) for k, v in metrics.items() if _is_scalar(v)}
     # wall_time: seconds since the epoch when the row was written (step timing without log parsing)
-    self._jsonl.write(json.dumps({"step": step, "kind": kind, "wall_time": time.time(), **scalars},
-                                 sort_keys=True) + "\n")
+    self._jsonl.write(
+        json.dumps({
+            "step": step,
+            "kind": kind,
+            "wall_time": time.time(),
+            **scalars
+        }, sort_keys=True) + "\n")
     self._jsonl.flush()
     for name, value in scalars.items():
       self._tb.add_scalar(f"{kind}/{name}", value, step)
@@ -111,7 +116,9 @@ class Progress:
     tokens_per_s = self._tokens / elapsed if elapsed > 0 else 0.0
     eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("inf")
     shown = keys or sorted(metrics)
-    parts = [f"[{self.stage}] step {step}/{self.total}", f"{steps_per_s:.2f} step/s", f"{tokens_per_s:,.0f} tok/s",
-             f"ETA {duration(eta)}"]
+    parts = [
+        f"[{self.stage}] step {step}/{self.total}", f"{steps_per_s:.2f} step/s", f"{tokens_per_s:,.0f} tok/s",
+        f"ETA {duration(eta)}"
+    ]
     parts += [f"{k} {float(metrics[k]):.4g}" for k in shown if k in metrics]
     return " | ".join(parts), tokens_per_s

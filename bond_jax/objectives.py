@@ -34,7 +34,6 @@ Metrics = dict[str, Array]
 JBOND_PENALTY = math.log(16.0)
 BASELINES = ("none", "loo")
 
-
 # --------------------------------------------------------------------------------------------------------
 # Validation of static hyper-parameters (Python level, never inside jit).
 
@@ -63,9 +62,8 @@ def _check_baseline(baseline: str) -> None:
     raise ValueError(f"baseline={baseline!r} is unknown: allowed are {', '.join(BASELINES)}")
 
 
-def validate_hparams(*, n: Any = None, beta: Any = None, eta: Any = None, gamma: Any = None,
-                     k: Any = None, beta_rl: Any = None, baseline: str | None = None,
-                     anchor_period: Any = None) -> None:
+def validate_hparams(*, n: Any = None, beta: Any = None, eta: Any = None, gamma: Any = None, k: Any = None,
+                     beta_rl: Any = None, baseline: str | None = None, anchor_period: Any = None) -> None:
   """Raises ValueError (one line, naming the value and what is allowed) for an invalid hyper-parameter.
 
   n: Best-of-n (integer >= 2); beta: Jeffreys mix in [0, 1]; eta: EMA rate in [0, 1]; gamma: anchor-KL
@@ -137,7 +135,7 @@ def best_of_n_log_density(ref_logprobs: Array, rewards: Array, n: int) -> Array:
   _check_best_of("n", n)
   p_less, p_less_equal = exact_quantiles(ref_logprobs, rewards)
   ratio = p_less / jnp.maximum(p_less_equal, jnp.finfo(p_less_equal.dtype).tiny)
-  powers = ratio[..., None] ** jnp.arange(n, dtype=ratio.dtype)
+  powers = ratio[..., None]**jnp.arange(n, dtype=ratio.dtype)
   correction = jnp.sum(powers, axis=-1)  # in [1, n]
   return ref_logprobs + (n - 1) * jnp.log(p_less_equal) + jnp.log(correction)
 
@@ -272,8 +270,11 @@ def backward_kl_loss(policy_logprobs: Array, base_logprobs: Array, log_quantiles
   log_ratio = jax.lax.stop_gradient(policy_logprobs - base_logprobs)
   returns = (n - 1) * log_quantiles - log_ratio
   loss = _policy_gradient_surrogate(policy_logprobs, _advantage(returns, baseline))
-  metrics = {"return_mean": jnp.mean(returns), "kl_estimate": jnp.mean(log_ratio),
-             "mean_log_quantile": jnp.mean(log_quantiles)}
+  metrics = {
+      "return_mean": jnp.mean(returns),
+      "kl_estimate": jnp.mean(log_ratio),
+      "mean_log_quantile": jnp.mean(log_quantiles)
+  }
   return loss, _stop(metrics)
 
 
@@ -339,10 +340,9 @@ def anchor_kl_regularizer(policy_logprobs: Array, anchor_logprobs: Array) -> Arr
   return jnp.mean(policy_logprobs * log_ratio)
 
 
-def jbond_loss(policy_logprobs: Array, anchor_logprobs: Array, policy_rewards: Array,
-               anchor_rewards: Array, best_anchor_logprobs: Array, *, beta: float, gamma: float = 0.0,
-               baseline: str = "loo", penalty: float = JBOND_PENALTY,
-               ref_logprobs: Array | None = None) -> tuple[Array, Metrics]:
+def jbond_loss(policy_logprobs: Array, anchor_logprobs: Array, policy_rewards: Array, anchor_rewards: Array,
+               best_anchor_logprobs: Array, *, beta: float, gamma: float = 0.0, baseline: str = "loo",
+               penalty: float = JBOND_PENALTY, ref_logprobs: Array | None = None) -> tuple[Array, Metrics]:
   """J-BOND loss (Algorithm 2): 1 policy sample and 2 anchor samples per prompt.
 
       forward:  loss_fw  = -mean(log pi(y'_best)),   y'_best = better of the 2 anchor samples
@@ -418,9 +418,14 @@ def reinforce_loss(policy_logprobs: Array, ref_logprobs: Array, rewards: Array, 
   returns = rewards - beta_rl * log_ratio
   loss = _policy_gradient_surrogate(policy_logprobs, _advantage(returns, baseline))
   reward_mean, reward_std = _mean_std(rewards)
-  metrics = {"loss_pg": loss, "kl_policy_ref": jnp.mean(log_ratio), "return_mean": jnp.mean(returns),
-             "reward_mean": reward_mean, "reward_std": reward_std,
-             "entropy_estimate": -jnp.mean(policy_logprobs)}
+  metrics = {
+      "loss_pg": loss,
+      "kl_policy_ref": jnp.mean(log_ratio),
+      "return_mean": jnp.mean(returns),
+      "reward_mean": reward_mean,
+      "reward_std": reward_std,
+      "entropy_estimate": -jnp.mean(policy_logprobs)
+  }
   return loss, _stop(metrics)
 
 
@@ -449,4 +454,4 @@ def hard_anchor_update(anchor_params: Any, params: Any, step: Array, period: int
 def iterative_best_of(n: int, num_anchor_updates: int) -> int:
   """Best-of-n distilled M times in a row is Best-of-(n^M) of pi_ref (the max of maxes is a max)."""
   _check_best_of("n", n)
-  return int(n) ** int(num_anchor_updates)
+  return int(n)**int(num_anchor_updates)

@@ -39,11 +39,19 @@ import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
-GIB = 2 ** 30
+GIB = 2**30
 MESH_AXES = ("data", "fsdp", "tensor")
 # Per-device HBM in GiB (None: no limit checked).
 ACCELERATORS: dict[str, float | None] = {
-    "v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "a100": 80, "h100": 80, "h200": 141, "cpu": None}
+    "v4": 32,
+    "v5e": 16,
+    "v5p": 95,
+    "v6e": 32,
+    "a100": 80,
+    "h100": 80,
+    "h200": 141,
+    "cpu": None
+}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -107,7 +115,8 @@ def _param_shapes(cfg, kind: str) -> list[tuple[tuple[int, ...], tuple]]:
   from bond_jax.models import params as params_lib
   cfg = cfg.replace(scan_layers=True)  # same parameters, stacked on a leading 'layers' axis
   shapes = jax.tree.leaves(params_lib.shapes(cfg, kind))
-  names = jax.tree.leaves(params_lib.logical_axes(cfg, kind), is_leaf=lambda x: isinstance(x, tuple) or x is None)
+  names = jax.tree.leaves(params_lib.logical_axes(cfg, kind),
+                          is_leaf=lambda x: isinstance(x, tuple) or x is None)
   return [(tuple(s.shape), n or (None,) * len(s.shape)) for s, n in zip(shapes, names)]
 
 
@@ -126,9 +135,9 @@ def check_mesh(cfg, config: Any, mesh: Mapping[str, int]) -> None:
         f"shard kv_heads over 'tensor' and sharding.check_divisible rejects these k/v params (kv heads are "
         f"not replicated); use a tensor size dividing {cfg.num_kv_heads} (e.g. tensor=1) and more fsdp")
   for name, dim, axis, size in (("d_model (embed)", cfg.d_model, "fsdp", mesh["fsdp"]),
-                                ("num_heads", cfg.num_heads, "tensor", t),
-                                ("mlp_dim", cfg.mlp_dim, "tensor", t),
-                                ("vocab_size", cfg.vocab_size, "tensor", t)):
+                                ("num_heads", cfg.num_heads, "tensor", t), ("mlp_dim", cfg.mlp_dim, "tensor",
+                                                                            t), ("vocab_size", cfg.vocab_size,
+                                                                                 "tensor", t)):
     if dim % size:
       raise ValueError(f"{name}={dim} ({config.model.preset}) is not divisible by {axis}={size}; "
                        f"use a {axis} size that divides {dim}")
@@ -174,8 +183,7 @@ def plan(config: Any, mesh_shape: Mapping[str, int], num_devices: int | None = N
   rows.append(Row("kv cache (anchor, n=2)", kv, "sampling", f"{rows_how}, kv_heads/tensor={t}"))
 
   def forward_tensors(r: float) -> float:
-    return (r * L * s * (4 * D + 2 * (H + K) * Dh / t + 3 * M / t)
-            + r * (H / t) * L * L * (4 + s))
+    return (r * L * s * (4 * D + 2 * (H + K) * Dh / t + 3 * M / t) + r * (H / t) * L * L * (4 + s))
 
   if cfg.remat:
     acts = layers * 2 * b * L * D * s + 2 * forward_tensors(b)
@@ -204,8 +212,7 @@ def peak_bytes(rows: Sequence[Row]) -> float:
 
 def format_table(rows: Sequence[Row], mesh: Mapping[str, int], accelerator: str = "cpu") -> str:
   """The plan as text: one line per component, the peak, and a WARNING when it exceeds the HBM."""
-  lines = [f"{'component':<28}{'GiB/device':>11}  {'phase':<11}sharded over",
-           "-" * 90]
+  lines = [f"{'component':<28}{'GiB/device':>11}  {'phase':<11}sharded over", "-" * 90]
   lines += [f"{r.component:<28}{r.gib:>11.2f}  {r.phase:<11}{r.sharding}" for r in rows]
   for phase in ("persistent", "sampling", "update"):
     lines.append(f"{'  subtotal ' + phase:<28}{sum(r.gib for r in rows if r.phase == phase):>11.2f}")

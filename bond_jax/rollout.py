@@ -53,12 +53,13 @@ def jbond(frozen: FrozenModels, policy_params: Any, anchor_params: Any, prompts:
   rows = scoring.join(prompts, prompt_mask, responses, response_mask)
   tokens, mask = rows.tokens, rows.response_mask
   batch = update.JBondBatch(policy_tokens=tokens[:, 0], policy_mask=mask[:, 0], policy_rewards=rewards[:, 0],
-                            anchor_tokens=tokens[:, 1:], anchor_mask=mask[:, 1:], anchor_rewards=rewards[:, 1:])
+                            anchor_tokens=tokens[:, 1:], anchor_mask=mask[:, 1:], anchor_rewards=rewards[:,
+                                                                                                         1:])
   return batch, Stats(jnp.concatenate([policy.lengths, anchor.lengths], axis=1))
 
 
-def bond(frozen: FrozenModels, policy_params: Any, base_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
-         rng: jax.Array, max_new_tokens: int, *, n: int, k: int,
+def bond(frozen: FrozenModels, policy_params: Any, base_params: Any, prompts: jax.Array,
+         prompt_mask: jax.Array, rng: jax.Array, max_new_tokens: int, *, n: int, k: int,
          num_policy_samples: int) -> tuple[update.BondBatch, Stats]:
   """BOND / iterative BOND: M policy samples; k samples of the base (pi_ref, or the anchor) give the
   quantiles, and the best of the first n of them is the forward-KL target."""
@@ -73,13 +74,15 @@ def bond(frozen: FrozenModels, policy_params: Any, base_params: Any, prompts: ja
   best_rows = scoring.join(prompts, prompt_mask, pick(base.tokens), pick(base.mask))
   rows = scoring.join(prompts, prompt_mask, policy.tokens, policy.mask)
   batch = update.BondBatch(policy_tokens=rows.tokens, policy_mask=rows.response_mask,
-                           policy_rewards=_rewards(frozen, prompts, prompt_mask, policy), base_rewards=base_rewards,
+                           policy_rewards=_rewards(frozen, prompts, prompt_mask,
+                                                   policy), base_rewards=base_rewards,
                            best_tokens=best_rows.tokens[:, 0], best_mask=best_rows.response_mask[:, 0])
   return batch, Stats(policy.lengths)
 
 
 def reinforce(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
-              rng: jax.Array, max_new_tokens: int, *, num_policy_samples: int) -> tuple[update.ReinforceBatch, Stats]:
+              rng: jax.Array, max_new_tokens: int, *,
+              num_policy_samples: int) -> tuple[update.ReinforceBatch, Stats]:
   """RLOO: M policy samples per prompt with their rewards."""
   policy = sample(frozen, policy_params, prompts, prompt_mask, rng, num_policy_samples, max_new_tokens)
   rows = scoring.join(prompts, prompt_mask, policy.tokens, policy.mask)

@@ -146,10 +146,11 @@ def main(argv):
   mask = np.ones_like(prompt, bool)
   eos = () if ids["eos"] is None else (ids["eos"],)
   pad = ids["pad"] if ids["pad"] is not None else 0
-  out = jax.device_get(sampling.generate(
-      cfg, params, prompt, mask, jax.random.key(_SEED.value), num_samples=_NUM_SAMPLES.value,
-      max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-      top_p=_TOP_P.value, eos_ids=eos, pad_id=pad))
+  out = jax.device_get(
+      sampling.generate(cfg, params, prompt, mask, jax.random.key(_SEED.value),
+                        num_samples=_NUM_SAMPLES.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+                        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, eos_ids=eos,
+                        pad_id=pad))
   if rm_cfg is not None:
     rm_params, rm_cfg = hf.import_params(_REWARD_MODEL.value, mesh, kind="reward")
     rewards = np.asarray(scoring.rewards(rm_cfg, rm_params, prompt, mask, out.tokens, out.mask))[0]

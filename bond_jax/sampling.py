@@ -271,13 +271,12 @@ def _emit(state, step, chosen, eos_mask, pad_id):
   tokens, sample_lp, model_lp = chosen
   live = ~state["done"]
   put = lambda buf, val: jax.lax.dynamic_update_slice(buf, val[:, None], (0, step))
-  return dict(state,
-              tokens=put(state["tokens"], jnp.where(live, tokens, pad_id)),
-              mask=put(state["mask"], live),
-              sample_lp=put(state["sample_lp"], jnp.where(live, sample_lp, 0.0)),
-              model_lp=put(state["model_lp"], jnp.where(live, model_lp, 0.0)),
-              last=tokens,
-              done=state["done"] | (live & eos_mask[tokens]))
+  return dict(state, tokens=put(state["tokens"], jnp.where(live, tokens,
+                                                           pad_id)), mask=put(state["mask"], live),
+              sample_lp=put(state["sample_lp"],
+                            jnp.where(live, sample_lp, 0.0)), model_lp=put(state["model_lp"],
+                                                                           jnp.where(live, model_lp, 0.0)),
+              last=tokens, done=state["done"] | (live & eos_mask[tokens]))
 
 
 def _decode_chunks(cfg: ModelConfig, weights, prompt_cache, rope, row_lengths, state, emit, *, steps: int,
@@ -290,6 +289,7 @@ def _decode_chunks(cfg: ModelConfig, weights, prompt_cache, rope, row_lengths, s
   slots, spans = decode.chunks(steps - 1)
   finished = []
   for start, stop in spans:
+
     def cond(carry, stop=stop):
       step, _, state = carry
       return (step <= stop) & ~jnp.all(state["done"])
@@ -307,8 +307,8 @@ def _decode_chunks(cfg: ModelConfig, weights, prompt_cache, rope, row_lengths, s
 
 
 def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, temperature, top_p, eos_mask,
-                   pad_id, *, num_samples: int, max_new_tokens: int, mode: dict[str, Any],
-                   fuse: bool) -> Samples:
+                   pad_id, *, num_samples: int, max_new_tokens: int, mode: dict[str,
+                                                                                Any], fuse: bool) -> Samples:
   """The jitted generate. temperature, top_p: float32 []; eos_mask [V] bool; pad_id int32 [] (traced, so
   changing them does not recompile); mode: _static_mode's decisions (compiled in); fuse: see
   decode.fuse_layer."""
@@ -360,8 +360,8 @@ def _jitted_generate(cfg: ModelConfig, mesh: Mesh, batch: int, num_samples: int,
 
 def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
              num_samples: int, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0,
-             mesh: Mesh | None = None, prompt_width: int | None = None) -> Samples:
+             top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0, mesh: Mesh | None = None,
+             prompt_width: int | None = None) -> Samples:
   """Sample N responses per prompt.
 
   Args:

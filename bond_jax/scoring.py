@@ -73,8 +73,10 @@ def _head_logprobs(model: transformer.Transformer, params: Any, hidden: jax.Arra
     chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return chosen - jax.nn.logsumexp(logits, axis=-1)
 
-  pieces = [chunk_logprobs(params, hidden[:, start:start + chunk], targets[:, start:start + chunk])
-            for start in range(0, hidden.shape[1], chunk)]
+  pieces = [
+      chunk_logprobs(params, hidden[:, start:start + chunk], targets[:, start:start + chunk])
+      for start in range(0, hidden.shape[1], chunk)
+  ]
   return jnp.concatenate(pieces, axis=1) if pieces else jnp.zeros(targets.shape, jnp.float32)
 
 
@@ -116,6 +118,7 @@ def sequence_logprob_fn(cfg: ModelConfig, pad_id: int, chunk: int = 128) -> Sequ
   `(tokens != pad_id) | response_mask`, so the pad id must never be produced for real text (our
   SentencePiece models reserve it). Temperature 1: BOND's math needs log pi of the sampled law.
   """
+
   def fn(params: Any, tokens: jax.Array, response_mask: jax.Array) -> jax.Array:
     attend = (tokens != pad_id) | response_mask
     return jnp.sum(token_logprobs(cfg, params, tokens, attend, response_mask, chunk=chunk), axis=-1)

@@ -66,8 +66,7 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
                      f"{len(devices)} are available; make the sizes multiply to {len(devices)} or use -1")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices)
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None]) -> PartitionSpec:
@@ -92,7 +91,8 @@ def _mesh_size(mesh: Any, axes) -> int:
 
 def local_shape(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Any) -> tuple[int, ...]:
   """The per-device shape of an array of `shape` placed by its logical names (LOGICAL_AXIS_RULES)."""
-  return tuple(dim // _mesh_size(mesh, _RULES[name] if name else None) for dim, name in zip(shape, logical_axes))
+  return tuple(
+      dim // _mesh_size(mesh, _RULES[name] if name else None) for dim, name in zip(shape, logical_axes))
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
@@ -109,7 +109,8 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
 def _fitted_spec(mesh: Any, shape: Sequence[int], logical_axes: Sequence[str | None]) -> PartitionSpec:
   spec = logical_to_spec(logical_axes)
-  return PartitionSpec(*[axes if dim % _mesh_size(mesh, axes) == 0 else None for dim, axes in zip(shape, spec)])
+  return PartitionSpec(
+      *[axes if dim % _mesh_size(mesh, axes) == 0 else None for dim, axes in zip(shape, spec)])
 
 
 def fitted(mesh: Mesh, shape: Sequence[int], logical_axes: Sequence[str | None]) -> NamedSharding:
@@ -141,9 +142,9 @@ def check_divisible(shapes: Any, logical: Any, mesh: Mesh) -> None:
 
 def tree_shardings(logical: Any, mesh: Mesh) -> Any:
   """NamedShardings for a tree of logical-name tuples (None leaves -> replicated)."""
-  return jax.tree.map(
-      lambda names: NamedSharding(mesh, logical_to_spec(names) if names else PartitionSpec()),
-      logical, is_leaf=lambda x: isinstance(x, tuple) or x is None)
+  return jax.tree.map(lambda names: NamedSharding(mesh,
+                                                  logical_to_spec(names) if names else PartitionSpec()),
+                      logical, is_leaf=lambda x: isinstance(x, tuple) or x is None)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -160,12 +161,14 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
 
   Single process: device_put. Several processes: each passes its local rows and gets a global array.
   """
+
   def put(x):
     x = np.asarray(x)
     sharding = batch_sharding(mesh, x.ndim)
     if jax.process_count() == 1:
       return jax.device_put(x, sharding)
     return jax.make_array_from_process_local_data(sharding, x)
+
   return jax.tree.map(put, tree)
 
 
@@ -181,10 +184,12 @@ def to_host(tree: Any) -> Any:
 
   jax.device_get fails on an array sharded over other processes' devices; those are all-gathered.
   """
+
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
   return jax.tree.map(get, tree)
 
 
@@ -221,10 +226,12 @@ def abstract_on_mesh(shapes: Any, logical: Any, mesh: Mesh) -> Any:
 def on_mesh(tree: Any, mesh: Mesh) -> Any:
   """Arrays not yet spread over the whole mesh (e.g. optimizer counters made on one device) become
   replicated on it; arrays already on every device of the mesh are kept as they are."""
+
   def put(x):
     if isinstance(x, jax.Array) and len(x.sharding.device_set) == mesh.size:
       return x
     return jax.device_put(x, replicated(mesh))
+
   return jax.tree.map(put, tree)
 
 

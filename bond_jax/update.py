@@ -98,7 +98,6 @@ class OptimizerConfig:
   weight_decay: float = 0.0
   max_grad_norm: float = 1.0
 
-
   @classmethod
   def from_section(cls, section: Any, total_steps: int) -> "OptimizerConfig":
     """The optimizer of a config section (config.sft, config.reward_training or config.optimizer: each has
@@ -106,9 +105,9 @@ class OptimizerConfig:
     decays over the steps after warm-up; warm-up is capped at the stage's steps."""
     warmup = min(int(section.warmup_steps), total_steps)
     return cls(learning_rate=section.learning_rate, warmup_steps=warmup, schedule=section.schedule,
-               decay_steps=max(total_steps - warmup, 0), end_lr_fraction=section.end_lr_fraction,
-               b1=section.b1, b2=section.b2, weight_decay=section.weight_decay,
-               max_grad_norm=section.clip_norm)
+               decay_steps=max(total_steps - warmup,
+                               0), end_lr_fraction=section.end_lr_fraction, b1=section.b1, b2=section.b2,
+               weight_decay=section.weight_decay, max_grad_norm=section.clip_norm)
 
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -136,9 +135,8 @@ def make_schedule(config: OptimizerConfig) -> optax.Schedule:
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   """clip_by_global_norm -> adam(w) with `make_schedule(config)`."""
   schedule = make_schedule(config)
-  adam = (optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                      weight_decay=config.weight_decay) if config.weight_decay > 0 else
-          optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps))
+  adam = (optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
+          if config.weight_decay > 0 else optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps))
   if config.max_grad_norm > 0:
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adam)
   return adam
@@ -149,8 +147,8 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation,
   """A fresh state. The anchor is copied, so donating the state never donates one buffer twice; params
   are not (a model's worth of memory): once a donating step has run, the caller's params are gone."""
   anchor = None if anchor_params is None else jax.tree.map(jnp.copy, anchor_params)
-  return TrainState(params=params, opt_state=optimizer.init(params), anchor_params=anchor,
-                    step=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
+  return TrainState(params=params, opt_state=optimizer.init(params), anchor_params=anchor, step=jnp.zeros(
+      (), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
 
 
 def new_state(params: Any, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
@@ -165,8 +163,7 @@ def new_state(params: Any, optimizer: optax.GradientTransformation, mesh: jax.sh
 # Losses over batches (policy-generic), built from objectives.
 
 
-def _flat_logprobs(sequence_logprob_fn: SequenceLogprobFn, params: Any, tokens: Array,
-                   mask: Array) -> Array:
+def _flat_logprobs(sequence_logprob_fn: SequenceLogprobFn, params: Any, tokens: Array, mask: Array) -> Array:
   """Sequence log-probs of tokens [..., T] -> [...] through a [rows, T] -> [rows] function."""
   lead = tokens.shape[:-1]
   rows = sequence_logprob_fn(params, tokens.reshape(-1, tokens.shape[-1]), mask.reshape(-1, mask.shape[-1]))
@@ -193,15 +190,14 @@ def bond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, n: int, beta: float,
     if use_anchor and ref_params is not None:
       ref_logprobs = _constant_logprobs(sequence_logprob_fn, ref_params, tokens, mask)
     best_logprobs = _flat_logprobs(sequence_logprob_fn, params, batch.best_tokens, batch.best_mask)
-    return objectives.bond_loss(policy_logprobs, base_logprobs, batch.policy_rewards,
-                                batch.base_rewards, best_logprobs, n=n, beta=beta, baseline=baseline,
-                                ref_logprobs=ref_logprobs)
+    return objectives.bond_loss(policy_logprobs, base_logprobs, batch.policy_rewards, batch.base_rewards,
+                                best_logprobs, n=n, beta=beta, baseline=baseline, ref_logprobs=ref_logprobs)
 
   return loss_fn
 
 
-def jbond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta: float, gamma: float,
-                  baseline: str = "loo", penalty: float = objectives.JBOND_PENALTY) -> LossFn:
+def jbond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta: float, gamma: float, baseline: str = "loo",
+                  penalty: float = objectives.JBOND_PENALTY) -> LossFn:
   """J-BOND on a batch: selects the better anchor sample (lowest index on ties) and scores it."""
   objectives.validate_hparams(beta=beta, gamma=gamma, baseline=baseline)
 
@@ -215,11 +211,11 @@ def jbond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta: float, gamma:
     pick = lambda x: jnp.take_along_axis(x, best_index[:, None, None], axis=1)[:, 0]
     best_logprobs = _flat_logprobs(sequence_logprob_fn, params, pick(batch.anchor_tokens),
                                    pick(batch.anchor_mask))
-    ref_logprobs = (None if ref_params is None else
-                    _constant_logprobs(sequence_logprob_fn, ref_params, tokens, mask))
-    return objectives.jbond_loss(policy_logprobs, anchor_logprobs, batch.policy_rewards,
-                                 batch.anchor_rewards, best_logprobs, beta=beta, gamma=gamma,
-                                 baseline=baseline, penalty=penalty, ref_logprobs=ref_logprobs)
+    ref_logprobs = (None if ref_params is None else _constant_logprobs(sequence_logprob_fn, ref_params,
+                                                                       tokens, mask))
+    return objectives.jbond_loss(policy_logprobs, anchor_logprobs, batch.policy_rewards, batch.anchor_rewards,
+                                 best_logprobs, beta=beta, gamma=gamma, baseline=baseline, penalty=penalty,
+                                 ref_logprobs=ref_logprobs)
 
   return loss_fn
 
@@ -236,8 +232,8 @@ def reinforce_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta_rl: float,
     tokens, mask = batch.policy_tokens, batch.policy_mask
     policy_logprobs = _flat_logprobs(sequence_logprob_fn, params, tokens, mask)
     ref_logprobs = _constant_logprobs(sequence_logprob_fn, ref_params, tokens, mask)
-    return objectives.reinforce_loss(policy_logprobs, ref_logprobs, batch.policy_rewards,
-                                     beta_rl=beta_rl, baseline=baseline)
+    return objectives.reinforce_loss(policy_logprobs, ref_logprobs, batch.policy_rewards, beta_rl=beta_rl,
+                                     baseline=baseline)
 
   return loss_fn
 
@@ -263,8 +259,7 @@ def _loss_and_grads(loss_fn: LossFn, params, anchor_params, ref_params, batch, n
 
   # Shapes of one microbatch's outputs give the zero carry without running the loss twice.
   first = jax.tree.map(lambda x: split(x)[0], batch)
-  (loss_shape, metrics_shape), grads_shape = jax.eval_shape(grad_fn, params, anchor_params, ref_params,
-                                                            first)
+  (loss_shape, metrics_shape), grads_shape = jax.eval_shape(grad_fn, params, anchor_params, ref_params, first)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_shape, metrics_shape, grads_shape))
   total, _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, batch))
   # Each microbatch loss is a mean, so the mean of the microbatch gradients is the full-batch gradient
@@ -282,8 +277,9 @@ def build_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, 
   """jit(step(state, ref_params, batch) -> (state, metrics)) for any loss_fn.
 
   Gradients are averaged over `num_microbatches` slices of the batch (lax.scan, one optimizer update per
-  call). If the loss, a gradient, an update or a float input of the batch is non-finite, the update is dropped: params, optimizer state, anchor
-  and step are returned unchanged, skipped_steps grows by 1 and metrics['step_skipped'] is 1.
+  call). If the loss, a gradient, an update or a float input of the batch is non-finite, the update is
+  dropped: params, optimizer state, anchor and step are returned unchanged, skipped_steps grows by 1 and
+  metrics['step_skipped'] is 1.
 
   Shardings: with a mesh (or any sharding given) the step is compiled with explicit in/out shardings:
   a state or ref sharding not given is replicated over the mesh, a batch sharding not given splits every
@@ -300,10 +296,8 @@ def build_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     # A norm is non-finite if any leaf is. Non-finite inputs (e.g. a broken reward model's NaN scores,
     # which comparisons silently turn into finite losses) and non-finite updates are refused too.
-    inputs_finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(batch)
-                                       if jnp.issubdtype(x.dtype, jnp.floating)] or [True]))
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
-              & inputs_finite)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates)) &
+              _floats_finite(batch))
     params = optax.apply_updates(state.params, updates)
     new_step = state.step + 1
     anchor = state.anchor_params
@@ -320,18 +314,28 @@ def build_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, 
                    skipped_steps=new_state.skipped_steps.astype(jnp.float32))
     return new_state, metrics
 
+  return _jit_step(step, mesh, (state_sharding, ref_sharding, batch_sharding), donate)
+
+
+def _floats_finite(tree: Any) -> jax.Array:
+  """Whether every float array of `tree` is finite (a bool [])."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.array(checks or [True]))
+
+
+def _jit_step(step: Callable, mesh: jax.sharding.Mesh | None, shardings: tuple[Any, Any, Any], donate: bool):
+  """jax.jit of step(state, ref_params, batch) with the shardings build_update_step documents."""
   donate_argnums = (0,) if donate else ()
-  shardings = (state_sharding, ref_sharding, batch_sharding)
   if mesh is None and all(s is None for s in shardings):
     return jax.jit(step, donate_argnums=donate_argnums)
   if mesh is None:
     mesh = next(s for s in jax.tree.leaves(shardings) if isinstance(s, NamedSharding)).mesh
   replicated = NamedSharding(mesh, PartitionSpec())
   state_in, ref_in = (replicated if s is None else s for s in shardings[:2])
-  jit = lambda batch_in: jax.jit(step, in_shardings=(state_in, ref_in, batch_in),
-                                 out_shardings=(state_in, replicated), donate_argnums=donate_argnums)
-  if batch_sharding is not None:
-    return jit(batch_sharding)
+  jit = lambda batch_in: jax.jit(step, in_shardings=(state_in, ref_in, batch_in), out_shardings=(
+      state_in, replicated), donate_argnums=donate_argnums)
+  if shardings[2] is not None:
+    return jit(shardings[2])
   # Rows over the batch axes: the shardings follow the batch's own structure and ranks, so the step is
   # compiled at its first call (a batch of another structure would be a bug, and jit would say so).
   compiled = []
@@ -344,9 +348,8 @@ def build_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, 
   return call
 
 
-def make_bond_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.GradientTransformation, *,
-                   n: int, beta: float, baseline: str = "loo", anchor_period: int | None = None,
-                   **step_options):
+def make_bond_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.GradientTransformation, *, n: int,
+                   beta: float, baseline: str = "loo", anchor_period: int | None = None, **step_options):
   """BOND (anchor_period=None: Best-of-n of pi_ref) or iterative BOND (Algorithm 1: Best-of-n of the
   anchor, which becomes the policy after every `anchor_period` updates). step_options: see
   `build_update_step`."""
@@ -372,8 +375,8 @@ def make_jbond_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.Gra
   return build_update_step(loss_fn, optimizer, anchor_update=anchor_update, **step_options)
 
 
-def make_reinforce_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.GradientTransformation,
-                        *, beta_rl: float, baseline: str = "loo", **step_options):
+def make_reinforce_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.GradientTransformation, *,
+                        beta_rl: float, baseline: str = "loo", **step_options):
   """RLOO baseline: REINFORCE on r - beta_rl * (log pi - log pi_ref)."""
   loss_fn = reinforce_loss_fn(sequence_logprob_fn, beta_rl=beta_rl, baseline=baseline)
   return build_update_step(loss_fn, optimizer, **step_options)

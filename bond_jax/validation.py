@@ -45,8 +45,9 @@ def _require(ok: bool, message: str) -> None:
 
 
 def _positive_int(key: str, value: Any) -> None:
-  _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-           f"{key}={value!r} must be an integer >= 1")
+  _require(
+      isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+      f"{key}={value!r} must be an integer >= 1")
 
 
 def _schedule(name: str, section: ml_collections.ConfigDict) -> None:
@@ -58,8 +59,9 @@ def _optimizer(name: str, section: ml_collections.ConfigDict) -> None:
   o = section
   _require(o.learning_rate > 0 and math.isfinite(o.learning_rate),
            f"{name}.learning_rate={o.learning_rate} must be > 0 and finite")
-  _require(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0,
-           f"{name}.warmup_steps={o.warmup_steps!r} must be an integer >= 0")
+  _require(
+      isinstance(o.warmup_steps, int) and o.warmup_steps >= 0,
+      f"{name}.warmup_steps={o.warmup_steps!r} must be an integer >= 0")
   _require(o.schedule in update.SCHEDULES,
            f"{name}.schedule={o.schedule!r}; allowed: {', '.join(update.SCHEDULES)}")
   _require(0 <= o.end_lr_fraction <= 1, f"{name}.end_lr_fraction={o.end_lr_fraction} must lie in [0, 1]")
@@ -71,9 +73,10 @@ def _optimizer(name: str, section: ml_collections.ConfigDict) -> None:
 
 
 def _rows_divide(key: str, batch: int, accum: int, rows: int) -> None:
-  _require(batch % (accum * rows) == 0,
-           f"{key}={batch} must be divisible by grad_accum_steps * data * fsdp = {accum} * {rows} = "
-           f"{accum * rows} (the update's rows are split over those mesh axes)")
+  _require(
+      batch % (accum * rows) == 0,
+      f"{key}={batch} must be divisible by grad_accum_steps * data * fsdp = {accum} * {rows} = "
+      f"{accum * rows} (the update's rows are split over those mesh axes)")
   _require(batch % jax.process_count() == 0,
            f"{key}={batch} must be divisible by the {jax.process_count()} processes")
 
@@ -82,13 +85,15 @@ def _data(config: ml_collections.ConfigDict) -> None:
   d = config.data
   _require(d.task in TASKS, f"data.task={d.task!r}; allowed: {', '.join(TASKS)}")
   buckets = tuple(d.prompt_buckets)
-  _require(bool(buckets) and all(isinstance(b, int) and b >= 2 for b in buckets)
-           and list(buckets) == sorted(set(buckets)),
-           f"data.prompt_buckets={buckets} must be increasing prompt widths >= 2")
+  _require(
+      bool(buckets) and all(isinstance(b, int) and b >= 2 for b in buckets) and
+      list(buckets) == sorted(set(buckets)),
+      f"data.prompt_buckets={buckets} must be increasing prompt widths >= 2")
   if d.task == "chitchat":
     _positive_int("data.response_turns", d.response_turns)
-    _require(isinstance(d.context_turns, int) and d.context_turns >= 0,
-             f"data.context_turns={d.context_turns!r} must be an integer >= 0")
+    _require(
+        isinstance(d.context_turns, int) and d.context_turns >= 0,
+        f"data.context_turns={d.context_turns!r} must be an integer >= 0")
     _require(d.max_conversations >= 0, f"data.max_conversations={d.max_conversations} must be >= 0 (0 = all)")
   if d.tokenizer:
     _require(os.path.isfile(d.tokenizer), f"data.tokenizer={d.tokenizer!r} is not a file")
@@ -102,8 +107,9 @@ def _data(config: ml_collections.ConfigDict) -> None:
 def _model_of(source: str, kind: str, key: str) -> ModelConfig:
   """The ModelConfig a given model directory holds, read from its metadata only (no weights)."""
   from bond_jax import artifacts, hf  # deferred: artifacts imports Orbax-restore paths only used here
-  _require(os.path.isdir(source), f"{key}={source!r} is not a directory (a workdir, a stage checkpoint "
-                                  "directory or a Hugging Face model directory)")
+  _require(
+      os.path.isdir(source), f"{key}={source!r} is not a directory (a workdir, a stage checkpoint "
+      "directory or a Hugging Face model directory)")
   if artifacts.is_hf_dir(source):
     try:
       hf.check_kind(source, kind)
@@ -113,7 +119,8 @@ def _model_of(source: str, kind: str, key: str) -> ModelConfig:
   directory = artifacts.stage_checkpoints(source, kind)
   _require(directory is not None, f"{key}={source!r} holds no {kind!r} checkpoint and no Hugging Face model")
   meta, _ = checkpoint.read_meta(directory)
-  _require(meta.get("kind") == kind, f"{key}={source!r} holds a {meta.get('kind')!r} checkpoint; need {kind!r}")
+  _require(
+      meta.get("kind") == kind, f"{key}={source!r} holds a {meta.get('kind')!r} checkpoint; need {kind!r}")
   return ModelConfig.from_dict(meta["model"])
 
 
@@ -128,15 +135,17 @@ def _models(config: ml_collections.ConfigDict) -> tuple[ModelConfig, ModelConfig
     policy = presets.from_config(config.model, vocab)
   rm = _model_of(config.reward_model, "reward", "reward_model") if config.reward_model else None
   if rm is not None:
-    _require(rm.vocab_size == policy.vocab_size,
-             f"reward_model={config.reward_model!r} has vocab_size={rm.vocab_size} but the policy has "
-             f"{policy.vocab_size}: it scores the policy's token ids, so the vocabularies must be the same")
+    _require(
+        rm.vocab_size == policy.vocab_size,
+        f"reward_model={config.reward_model!r} has vocab_size={rm.vocab_size} but the policy has "
+        f"{policy.vocab_size}: it scores the policy's token ids, so the vocabularies must be the same")
   if config.data.tokenizer:
     from bond_jax.data.tokenizer import load_tokenizer
     pieces = load_tokenizer(config.data.tokenizer).vocab_size
-    _require(pieces <= policy.vocab_size, f"data.tokenizer={config.data.tokenizer!r} has {pieces} pieces but the "
-                                          f"policy's vocab_size is {policy.vocab_size}; give the policy's own "
-                                          "tokenizer")
+    _require(
+        pieces <= policy.vocab_size, f"data.tokenizer={config.data.tokenizer!r} has {pieces} pieces but the "
+        f"policy's vocab_size is {policy.vocab_size}; give the policy's own "
+        "tokenizer")
   return policy, rm
 
 
@@ -170,8 +179,9 @@ def validate(config: ml_collections.ConfigDict, until: str = "bond") -> ModelCon
     _rows_divide(f"{name}.batch_size", section.batch_size, 1, rows)
   _require(config.sft.seq_len >= 2, f"sft.seq_len={config.sft.seq_len} must be >= 2")
   rt = config.reward_training
-  _require(max(rt.buckets) == rt.max_len, f"reward_training.buckets={tuple(rt.buckets)} must end at "
-                                          f"reward_training.max_len={rt.max_len}")
+  _require(
+      max(rt.buckets) == rt.max_len, f"reward_training.buckets={tuple(rt.buckets)} must end at "
+      f"reward_training.max_len={rt.max_len}")
   if until == "bond":
     _distill(config, policy, rows)
   return policy
@@ -188,14 +198,16 @@ def _distill(config: ml_collections.ConfigDict, policy: ModelConfig, rows: int) 
            "samples from pi itself; allowed for training: 1.0, 0, 1.0")
   _positive_int("sampling.max_new_tokens", s.max_new_tokens)
   widest = max(config.data.prompt_buckets)
-  _require(widest + s.max_new_tokens <= policy.max_seq_len,
-           f"data.prompt_buckets up to {widest} + sampling.max_new_tokens={s.max_new_tokens} = "
-           f"{widest + s.max_new_tokens} exceeds the model's context max_seq_len={policy.max_seq_len}")
+  _require(
+      widest + s.max_new_tokens <= policy.max_seq_len,
+      f"data.prompt_buckets up to {widest} + sampling.max_new_tokens={s.max_new_tokens} = "
+      f"{widest + s.max_new_tokens} exceeds the model's context max_seq_len={policy.max_seq_len}")
   e = config.eval
   _positive_int("eval.policy_samples", e.policy_samples)
   _positive_int("eval.quantile_samples", e.quantile_samples)
-  _require(isinstance(e.num_prompts, int) and e.num_prompts >= 0,
-           f"eval.num_prompts={e.num_prompts!r} must be an integer >= 0 (0 turns evaluation off)")
-  _require(bool(e.best_of) and all(1 <= n <= e.quantile_samples for n in e.best_of),
-           f"eval.best_of={tuple(e.best_of)}: each N must be in [1, eval.quantile_samples={e.quantile_samples}]")
-
+  _require(
+      isinstance(e.num_prompts, int) and e.num_prompts >= 0,
+      f"eval.num_prompts={e.num_prompts!r} must be an integer >= 0 (0 turns evaluation off)")
+  _require(
+      bool(e.best_of) and all(1 <= n <= e.quantile_samples for n in e.best_of),
+      f"eval.best_of={tuple(e.best_of)}: each N must be in [1, eval.quantile_samples={e.quantile_samples}]")

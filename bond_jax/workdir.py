@@ -28,10 +28,18 @@ KINDS = {"lm": "sft", "reward": "reward"}  # params kind -> the stage whose chec
 
 # Fields that fix the tokenizer, the datasets, the parameter shapes and the data order of a workdir.
 GUARDED_FIELDS = (
-    "seed", "data", "model", "reference", "reward_model",
-    "sft.batch_size", "sft.seq_len",
-    "reward_training.batch_size", "reward_training.max_len", "reward_training.buckets",
-    "reward_training.rating", "reward_training.margin",
+    "seed",
+    "data",
+    "model",
+    "reference",
+    "reward_model",
+    "sft.batch_size",
+    "sft.seq_len",
+    "reward_training.batch_size",
+    "reward_training.max_len",
+    "reward_training.buckets",
+    "reward_training.rating",
+    "reward_training.margin",
     "reward_training.max_pairs_per_prompt",
 )
 

@@ -23,21 +23,22 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.reference = ""
   c.reward_model = ""
 
-  c.data = ml_collections.ConfigDict(dict(
-      task="chitchat",           # chitchat | summarization
-      tokenizer="",              # a SentencePiece .model; '' = train a BPE one on the training split
-      vocab_size=2048,           # for a tokenizer trained here
-      context_turns=3,           # dialogue turns shown in an SFT prompt
-      # Turns in a response: what SFT teaches the policy to write before EOS, what the reward model scores
-      # and what J-BOND samples. A conversation's "interesting" rating is about the whole exchange: one
-      # opening turn carries almost none of it (held-out pairs at chance); two turns carry enough for a
-      # reward model at ~67% held-out accuracy (README, "Results"); three add little for 50% more tokens.
-      response_turns=2,
-      # Prompt widths (tokens) a batch is padded to; a longer prompt is left-truncated to the widest
-      # (the longest topic has 65). One width: one compilation of the J-BOND step.
-      prompt_buckets=(64,),
-      max_conversations=0,       # 0 = all 7,168; smaller for quick runs
-  ))
+  c.data = ml_collections.ConfigDict(
+      dict(
+          task="chitchat",  # chitchat | summarization
+          tokenizer="",  # a SentencePiece .model; '' = train a BPE one on the training split
+          vocab_size=2048,  # for a tokenizer trained here
+          context_turns=3,  # dialogue turns shown in an SFT prompt
+          # Turns in a response: what SFT teaches the policy to write before EOS, what the reward model scores
+          # and what J-BOND samples. A conversation's "interesting" rating is about the whole exchange: one
+          # opening turn carries almost none of it (held-out pairs at chance); two turns carry enough for a
+          # reward model at ~67% held-out accuracy (README, "Results"); three add little for 50% more tokens.
+          response_turns=2,
+          # Prompt widths (tokens) a batch is padded to; a longer prompt is left-truncated to the widest
+          # (the longest topic has 65). One width: one compilation of the J-BOND step.
+          prompt_buckets=(64,),
+          max_conversations=0,  # 0 = all 7,168; smaller for quick runs
+      ))
 
   # SFT / reward stages (bond_jax/sft.py, bond_jax/reward_training.py). Sized for the 2-core CPU default:
   # with data and tokenizer ~9 min in all, SFT ~5.5 of it (README "Results (embedded dialogue task)").
@@ -46,46 +47,55 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # optimizer keys as `optimizer` below (Adam, warm-up then cosine decay to end_lr_fraction, clipping).
   stage_optimizer = dict(schedule="cosine", end_lr_fraction=0.1, b1=0.9, b2=0.999, weight_decay=0.0,
                          clip_norm=1.0, grad_accum_steps=1)
-  c.sft = ml_collections.ConfigDict(dict(
-      steps=300, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=30, eval_every=100,
-      eval_batches=20, checkpoint_every=100, log_every=20, keep_checkpoints=2, max_bad_steps=5,
-      **stage_optimizer))
-  c.reward_training = ml_collections.ConfigDict(dict(
-      steps=150, batch_size=16, max_len=80, buckets=(48, 80), learning_rate=2e-3, warmup_steps=20,
-      rating="interesting", margin=2.0, max_pairs_per_prompt=200, eval_every=150, checkpoint_every=150,
-      log_every=25, keep_checkpoints=2, max_bad_steps=5, **stage_optimizer))
+  c.sft = ml_collections.ConfigDict(
+      dict(steps=300, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=30, eval_every=100,
+           eval_batches=20, checkpoint_every=100, log_every=20, keep_checkpoints=2, max_bad_steps=5,
+           **stage_optimizer))
+  c.reward_training = ml_collections.ConfigDict(
+      dict(steps=150, batch_size=16, max_len=80, buckets=(48, 80), learning_rate=2e-3, warmup_steps=20,
+           rating="interesting", margin=2.0, max_pairs_per_prompt=200, eval_every=150, checkpoint_every=150,
+           log_every=25, keep_checkpoints=2, max_bad_steps=5, **stage_optimizer))
 
   # The distribution-matching stage (docs/math.md).
-  c.bond = ml_collections.ConfigDict(dict(
-      algorithm="jbond",   # jbond | bond | iterative_bond | reinforce
-      n=2,                 # Best-of-n per anchor (J-BOND uses 2); BOND: N
-      beta=0.5,            # Jeffreys mix: (1 - beta) forward KL + beta backward KL
-      # EMA anchor rate (J-BOND). After T steps J-BOND aims at ~Best-of-2^(eta T) of pi_ref: 0.01 x 100
-      # steps = Best-of-2, whose KL (log 2 - 1/2 = 0.19) the run should stay near. At 0.05 the anchor
-      # chased the policy, and the policy reached BoN-2's quantile at ~4x BoN-2's KL (README, "Results").
-      eta=0.01,
-      # Extra KL-to-anchor weight (J-BOND), >= 0. 1.0 held the KL at step 100 to ~2/3 of gamma = 0's for
-      # the same quantile: it pulls back the drift that 16-prompt gradient noise adds.
-      gamma=1.0,
-      k=16,                # reference samples per prompt for Monte-Carlo quantiles (BOND)
-      anchor_period=100,   # hard anchor update every this many steps (iterative BOND)
-      beta_rl=0.05,        # KL weight of the REINFORCE baseline
-  ))
+  c.bond = ml_collections.ConfigDict(
+      dict(
+          algorithm="jbond",  # jbond | bond | iterative_bond | reinforce
+          n=2,  # Best-of-n per anchor (J-BOND uses 2); BOND: N
+          beta=0.5,  # Jeffreys mix: (1 - beta) forward KL + beta backward KL
+          # EMA anchor rate (J-BOND). After T steps J-BOND aims at ~Best-of-2^(eta T) of pi_ref: 0.01 x 100
+          # steps = Best-of-2, whose KL (log 2 - 1/2 = 0.19) the run should stay near. At 0.05 the anchor
+          # chased the policy, and the policy reached BoN-2's quantile at ~4x BoN-2's KL (README, "Results").
+          eta=0.01,
+          # Extra KL-to-anchor weight (J-BOND), >= 0. 1.0 held the KL at step 100 to ~2/3 of gamma = 0's for
+          # the same quantile: it pulls back the drift that 16-prompt gradient noise adds.
+          gamma=1.0,
+          k=16,  # reference samples per prompt for Monte-Carlo quantiles (BOND)
+          anchor_period=100,  # hard anchor update every this many steps (iterative BOND)
+          beta_rl=0.05,  # KL weight of the REINFORCE baseline
+      ))
   # 48 tokens hold 75% of two-turn responses whole (median 26); a longer one is cut and scored as cut.
   c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=48))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      # 5e-5: at 2e-4 the policy spent ~2x more KL for the same quantile (README, "Results")
-      learning_rate=5e-5, warmup_steps=20, schedule="constant", end_lr_fraction=0.0, b1=0.9, b2=0.99,
-      weight_decay=0.0, clip_norm=1.0, grad_accum_steps=1))
+  c.optimizer = ml_collections.ConfigDict(
+      dict(
+          # 5e-5: at 2e-4 the policy spent ~2x more KL for the same quantile (README, "Results")
+          learning_rate=5e-5,
+          warmup_steps=20,
+          schedule="constant",
+          end_lr_fraction=0.0,
+          b1=0.9,
+          b2=0.99,
+          weight_decay=0.0,
+          clip_norm=1.0,
+          grad_accum_steps=1))
   # 100 steps: the quantile plateaus after ~100 (0.665 at 100, 0.670 at 150) while KL keeps growing.
-  c.train = ml_collections.ConfigDict(dict(
-      steps=100, batch_size=16, log_every=10, eval_every=50, checkpoint_every=50, keep_checkpoints=3,
-      max_bad_steps=5))
+  c.train = ml_collections.ConfigDict(
+      dict(steps=100, batch_size=16, log_every=10, eval_every=50, checkpoint_every=50, keep_checkpoints=3,
+           max_bad_steps=5))
   # Every eval_every steps, on up to num_prompts distinct held-out prompts (chitchat has 3): policy_samples
   # samples of the policy per prompt, each ranked among quantile_samples samples of pi_ref of the same
   # prompt (drawn and scored once per run: pi_ref is frozen). 192 policy samples: quantile SE ~0.02.
-  c.eval = ml_collections.ConfigDict(dict(num_prompts=64, best_of=(1, 2, 4, 8, 16), quantile_samples=128,
-                                          policy_samples=64))
+  c.eval = ml_collections.ConfigDict(
+      dict(num_prompts=64, best_of=(1, 2, 4, 8, 16), quantile_samples=128, policy_samples=64))
 
   if preset in ("gemma_2b", "gemma_7b"):
     c.model.preset = preset

@@ -17,17 +17,20 @@ from configs import dialogue
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c = dialogue.get_config("tiny" if preset == "tiny" else preset)
-  c.data = ml_collections.ConfigDict(dict(
-      task="summarization",
-      dataset="xsum:1.1.0",        # a TFDS name[:version] prepared in data_dir (array_record)
-      data_dir="~/tensorflow_datasets",
-      tokenizer="",                # the policy's tokenizer.model (required: none is trained for this task)
-      vocab_size=0,                # unused: the tokenizer comes with the models
-      max_document_chars=4000,     # documents are cut before tokenizing
-      prompt_buckets=(256, 512, 1024),
-      context_turns=0, response_turns=1, max_conversations=0,
-  ))
-  c.sampling.max_new_tokens = 64   # XSum summaries are one sentence
+  c.data = ml_collections.ConfigDict(
+      dict(
+          task="summarization",
+          dataset="xsum:1.1.0",  # a TFDS name[:version] prepared in data_dir (array_record)
+          data_dir="~/tensorflow_datasets",
+          tokenizer="",  # the policy's tokenizer.model (required: none is trained for this task)
+          vocab_size=0,  # unused: the tokenizer comes with the models
+          max_document_chars=4000,  # documents are cut before tokenizing
+          prompt_buckets=(256, 512, 1024),
+          context_turns=0,
+          response_turns=1,
+          max_conversations=0,
+      ))
+  c.sampling.max_new_tokens = 64  # XSum summaries are one sentence
   c.eval.update(policy_samples=4, quantile_samples=32)  # 64 distinct documents: fewer samples of each
   c.bond.eta = 0.02
   if preset == "tiny":

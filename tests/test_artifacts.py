@@ -15,8 +15,8 @@ def tiny_config():
   c = dialogue.get_config()
   c.data.max_conversations = 200
   c.data.vocab_size = 400
-  c.model.overrides.update(dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                                mlp_dim=64))
+  c.model.overrides.update(
+      dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64))
   return c
 
 

@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MICRO = ["--presets=micro", "--dtypes=float32", "--repeats=1", "--batch=2", "--num_samples=2",
-         "--new_tokens=4", "--prompt_len=4"]
+MICRO = [
+    "--presets=micro", "--dtypes=float32", "--repeats=1", "--batch=2", "--num_samples=2", "--new_tokens=4",
+    "--prompt_len=4"
+]
 
 
 def _bench(module, *args, **env_vars):

@@ -38,8 +38,8 @@ from bond_jax.models import transformer
 from bond_jax.models.config import ModelConfig
 from bond_jax.scoring import sequence_logprob_fn
 
-CFG = ModelConfig(vocab_size=3, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                  mlp_dim=64, max_seq_len=8)
+CFG = ModelConfig(vocab_size=3, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                  max_seq_len=8)
 PROMPT, PAD_ID = (1, 2), CFG.vocab_size  # the pad id never occurs: every position is attended
 RESPONSE_LENGTH = 3
 RESPONSES = list(itertools.product(range(CFG.vocab_size), repeat=RESPONSE_LENGTH))
@@ -98,15 +98,17 @@ def bond_batch(key, policy_logprobs):
 
 def train(seed):
   """STEPS BOND updates (one jitted lax.scan); returns the exact final log pi and the last metrics."""
-  optimizer = upd.make_optimizer(upd.OptimizerConfig(
-      learning_rate=LR, warmup_steps=WARMUP, schedule="cosine", decay_steps=STEPS - WARMUP,
-      end_lr_fraction=0.02, max_grad_norm=1.0))
+  optimizer = upd.make_optimizer(
+      upd.OptimizerConfig(learning_rate=LR, warmup_steps=WARMUP, schedule="cosine",
+                          decay_steps=STEPS - WARMUP, end_lr_fraction=0.02, max_grad_norm=1.0))
   step = upd.make_bond_step(LOGPROB_FN, optimizer, n=N, beta=BETA, donate=False)
 
   @jax.jit
   def run(key):
+
     def body(state, key):
       return step(state, REF_PARAMS, bond_batch(key, all_logprobs(state.params)))
+
     state = upd.init_train_state(jax.tree.map(jnp.copy, REF_PARAMS), optimizer)
     state, metrics = jax.lax.scan(body, state, jax.random.split(key, STEPS))
     return all_logprobs(state.params), jax.tree.map(lambda x: x[-1], metrics), state.skipped_steps
@@ -136,8 +138,8 @@ def test_bond_transformer_matches_exact_best_of_n():
   seconds = time.perf_counter() - start
   forward = float(exact_kl(BON_LOGPROBS, policy_logprobs))
   backward = float(exact_kl(policy_logprobs, BON_LOGPROBS))
-  kl_ref, kl_bon_ref = float(exact_kl(policy_logprobs, REF_LOGPROBS)), float(exact_kl(BON_LOGPROBS,
-                                                                                       REF_LOGPROBS))
+  kl_ref, kl_bon_ref = float(exact_kl(policy_logprobs,
+                                      REF_LOGPROBS)), float(exact_kl(BON_LOGPROBS, REF_LOGPROBS))
   start_forward = float(exact_kl(BON_LOGPROBS, REF_LOGPROBS))
   print(f"\ntransformer BOND N={N} beta={BETA} ({STEPS} steps, {PROMPTS}x{SAMPLES_PER_PROMPT} samples, "
         f"k={K_REF}, {seconds:.1f}s incl. compile): KL(BoN||pi)={forward:.4f} (start {start_forward:.4f}) "

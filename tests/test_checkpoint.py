@@ -61,9 +61,14 @@ def test_keeps_the_last_k_and_refuses_bad_settings(tmp_path):
 
 def _small(seed):
   """A small state: random data (so a data file holds the array's bytes), bf16, int, a typed key."""
-  return {"params": {"w": jax.random.normal(jax.random.key(seed), (64, 64)),
-                     "b": jnp.full((8,), seed / 3, jnp.bfloat16)},
-          "count": jnp.int32(seed), "rng": jax.random.key(seed + 100)}
+  return {
+      "params": {
+          "w": jax.random.normal(jax.random.key(seed), (64, 64)),
+          "b": jnp.full((8,), seed / 3, jnp.bfloat16)
+      },
+      "count": jnp.int32(seed),
+      "rng": jax.random.key(seed + 100)
+  }
 
 
 def _assert_bitwise_equal(restored, expected):
@@ -94,8 +99,9 @@ def _copy(pristine, tmp_path) -> str:
 
 
 def _largest_data_file(state_dir):
-  files = [os.path.join(d, f) for d, _, names in os.walk(state_dir) if os.path.basename(d) == "d"
-           for f in names]
+  files = [
+      os.path.join(d, f) for d, _, names in os.walk(state_dir) if os.path.basename(d) == "d" for f in names
+  ]
   return max(files, key=os.path.getsize)  # params/w's chunk: the other arrays are a few bytes
 
 
@@ -128,14 +134,16 @@ DAMAGES = {
     "empty_state_dir": (_empty, "_METADATA) does not exist"),
     "no_manifest": (lambda d: os.remove(os.path.join(d, "manifest.ocdbt")), "NOT_FOUND"),
     "no_state_dir": (shutil.rmtree, "no state directory"),
-    "no_meta_json": (lambda d: os.remove(os.path.join(d, os.pardir, "meta", "metadata")),
-                     "meta/metadata not found"),
+    "no_meta_json":
+        (lambda d: os.remove(os.path.join(d, os.pardir, "meta", "metadata")), "meta/metadata not found"),
 }
 
 
 def _reported(caplog) -> list[str]:
-  return [r.getMessage() for r in caplog.records
-          if r.pathname.endswith(os.path.join("bond_jax", "checkpoint.py")) and r.levelno >= logging.WARNING]
+  return [
+      r.getMessage() for r in caplog.records
+      if r.pathname.endswith(os.path.join("bond_jax", "checkpoint.py")) and r.levelno >= logging.WARNING
+  ]
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
@@ -204,8 +212,9 @@ def test_every_reader_verifies_checksums(pristine, tmp_path):
 def test_another_layout_is_an_error_not_damage(pristine, tmp_path):
   directory = _copy(pristine, tmp_path)
   target = dict(_small(0), extra=jnp.zeros(3))
-  with pytest.raises(ValueError, match=r"step 3 in .* holds another state layout than this run \(1 arrays "
-                                       r"differ: extra\)"):
+  with pytest.raises(
+      ValueError, match=r"step 3 in .* holds another state layout than this run \(1 arrays "
+      r"differ: extra\)"):
     checkpoint.restore_latest_good(checkpoint.manager(directory), target)
   assert sorted(os.listdir(directory)) == ["1", "2", "3"]
 
@@ -215,8 +224,9 @@ def test_save_never_rotates_good_checkpoints_out_for_skipped_or_non_finite_steps
   assert checkpoint.save(mngr, 1, _small(1), {})
   assert not checkpoint.save(mngr, 2, _small(1), {}, all_skipped=True, force=True)
   bad = dict(_small(2), params=dict(_small(2)["params"], b=jnp.full((8,), jnp.nan, jnp.bfloat16)))
-  with pytest.raises(FloatingPointError, match=r"state at step 3 has non-finite values in params/b; not "
-                                               r"saved, so rotation keeps the older checkpoints"):
+  with pytest.raises(
+      FloatingPointError, match=r"state at step 3 has non-finite values in params/b; not "
+      r"saved, so rotation keeps the older checkpoints"):
     checkpoint.save(mngr, 3, bad, {})
   with pytest.raises(ValueError, match="meta key 'checksums' is reserved"):
     checkpoint.save(mngr, 4, _small(4), {"checksums": 1})

@@ -23,8 +23,12 @@ from bond_jax.models import reward, transformer
 from bond_jax.models.config import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
-       "PYTHONPATH": REPO}
+ENV = {
+    **{
+        k: v for k, v in os.environ.items() if k != "XLA_FLAGS"
+    }, "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": REPO
+}
 VOCAB, CONTEXT = 300, 32
 SPECIAL = dict(bos_id=2, eos_id=1, pad_id=0)  # train_bpe_tokenizer's ids
 
@@ -49,8 +53,10 @@ def _workdir(path, cfg):
     f.write(tok.model_proto)
   params = _params(cfg, "lm")
   mngr = checkpoint.manager(workdir_lib.checkpoint_dir(path, "bond"))
-  checkpoint.save(mngr, 3, {"params": params, "anchor_params": params}, dict(kind="lm", model=cfg.to_dict()),
-                  force=True)
+  checkpoint.save(mngr, 3, {
+      "params": params,
+      "anchor_params": params
+  }, dict(kind="lm", model=cfg.to_dict()), force=True)
   mngr.wait_until_finished()
   mngr.close()
 
@@ -119,20 +125,20 @@ def test_sample_bad_inputs(models):
       ([f"--model={models['policy']}_missing", ids], "_missing does not exist"),
       ([f"--model={models['workdir']}", ids], "is a bond_jax workdir, not a model directory; export it"),
       ([policy, f"--reward_model={models['workdir']}", ids], "export it first: python -m bond_jax.export"),
-      ([policy, "--prompt_ids=" + ",".join(["5"] * 30), "--max_new_tokens=8"],
-       "the prompt (30 tokens) plus --max_new_tokens=8 is 38 tokens, longer than the context"),
+      ([policy, "--prompt_ids=" + ",".join(["5"] * 30), "--max_new_tokens=8"
+       ], "the prompt (30 tokens) plus --max_new_tokens=8 is 38 tokens, longer than the context"),
       ([policy, ids, "-n", "0"], "num_samples=0 is not allowed"),
       ([policy, ids, "--temperature=-1"], "temperature=-1.0 is not allowed"),
       ([policy, ids, "--top_p=1.5"], "top_p=1.5 is not allowed"),
       ([policy, ids, "--top_k=-1"], "top_k=-1 is not allowed"),
       ([policy, "--prompt_ids=5,six"], "--prompt_ids='5,six' is not comma-separated integers"),
       ([policy, f"--prompt_ids=5,{VOCAB}"], f"prompt token id {VOCAB} is outside the vocabulary of --model"),
-      ([policy, f"--reward_model={models['policy']}", ids],
-       "is a causal LM (has no score.weight); expected a reward model"),
+      ([policy, f"--reward_model={models['policy']}", ids
+       ], "is a causal LM (has no score.weight); expected a reward model"),
       ([f"--model={models['rm']}", ids], "is a reward model (has a score.weight); expected a causal"),
       ([policy, f"--reward_model={models['rm_small']}", ids], "--reward_model has a smaller vocabulary"),
-      ([policy, f"--reward_model={models['rm_ids']}", ids],
-       "--reward_model's eos_token_id is 3 but --model's is 1"),
+      ([policy, f"--reward_model={models['rm_ids']}", ids
+       ], "--reward_model's eos_token_id is 3 but --model's is 1"),
       ([policy, "--prompt=hello"], "has no tokenizer.model; pass --prompt_ids"),
   ])
 
@@ -144,8 +150,8 @@ def test_export_refusals_leave_the_run_untouched(models):
       ([f"--workdir={workdir}", f"--out={workdir}", "--overwrite"], "is the run directory --workdir="),
       ([f"--workdir={workdir}", f"--out={workdir}/bond", "--overwrite"], "lies inside the run directory"),
       ([f"--workdir={workdir}", f"--out={runs}", "--overwrite"], "contains the run directory"),
-      ([f"--workdir={workdir}", f"--out={models['busy']}", "--overwrite"],
-       "--overwrite replaces only an earlier export"),
+      ([f"--workdir={workdir}", f"--out={models['busy']}", "--overwrite"
+       ], "--overwrite replaces only an earlier export"),
       ([f"--workdir={workdir}_missing", f"--out={runs}_out"], "_missing does not exist"),
       ([f"--workdir={workdir}", f"--out={runs}_out", "--which=reference"], "has no reference checkpoint"),
       ([f"--workdir={models['policy']}", f"--out={runs}_out"], "has no policy checkpoint"),
@@ -166,8 +172,10 @@ def test_clean_export_is_0644_and_samples_quietly(models, tmp_path):
   modes = {name: oct(os.stat(os.path.join(out, name)).st_mode & 0o777) for name in os.listdir(out)}
   assert "model.safetensors" in modes and "tokenizer.model" in modes
   assert set(modes.values()) == {"0o644"}, modes
-  proc = _run(["-m", "bond_jax.sample", f"--model={out}", f"--reward_model={models['rm']}", "--prompt=hello",
-               "-n", "2", "--max_new_tokens=4"])
+  proc = _run([
+      "-m", "bond_jax.sample", f"--model={out}", f"--reward_model={models['rm']}", "--prompt=hello", "-n",
+      "2", "--max_new_tokens=4"
+  ])
   assert proc.returncode == 0 and proc.stderr == "", proc.stderr
   assert [line[:3] for line in proc.stdout.splitlines()] == ["#1 ", "#2 "]
 
@@ -215,6 +223,8 @@ def test_entry_errors_and_quiet_console(tmp_path):
   assert quiet.returncode == 0, quiet.stderr
   # TFDS' "Downloading and preparing dataset Unknown size ..." becomes the honest line; its "Using custom
   # data configuration" warning and the INFO line are gone; the real warning stays
-  assert quiet.stdout.splitlines() == [f"building dataset chitchat_dialogue/cli_n20 locally in {data}/"
-                                       "chitchat_dialogue/cli_n20/1.0.0"]
+  assert quiet.stdout.splitlines() == [
+      f"building dataset chitchat_dialogue/cli_n20 locally in {data}/"
+      "chitchat_dialogue/cli_n20/1.0.0"
+  ]
   assert [line.split("] ", 1)[-1] for line in quiet.stderr.splitlines()] == ["a real warning"]

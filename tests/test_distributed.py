@@ -38,7 +38,8 @@ def test_slurm_job_nodelist_port_override_and_flags_win():
 
 
 def test_slurm_one_process_per_gpu_binds_local_device():
-  env = dict(SLURM, SLURM_NTASKS="16", SLURM_PROCID="11", SLURM_LOCALID="3", SLURM_STEP_TASKS_PER_NODE="8(x2)")
+  env = dict(SLURM, SLURM_NTASKS="16", SLURM_PROCID="11", SLURM_LOCALID="3",
+             SLURM_STEP_TASKS_PER_NODE="8(x2)")
   r = distributed.resolve("slurm", env=env)
   assert r.kwargs()["local_device_ids"] == [3] and r.num_processes == 16 and r.process_id == 11
 
@@ -61,7 +62,9 @@ def test_explicit_and_simple_modes():
     (("slurm", None, None, None), {}, "SLURM_NTASKS is not set"),
     (("slurm", None, None, None), dict(SLURM, SLURM_PROCID="4"), r"process_id=4 is outside \[0, 4\)"),
     (("slurm", None, None, None), dict(SLURM, SLURM_NTASKS="x"), "SLURM_NTASKS='x' is not an integer"),
-    (("slurm", None, None, None), {k: v for k, v in SLURM.items() if "NODELIST" not in k}, "NODELIST"),
+    (("slurm", None, None, None), {
+        k: v for k, v in SLURM.items() if "NODELIST" not in k
+    }, "NODELIST"),
     (("auto", "h:1", None, None), {}, "coordinator_address is only used by modes"),
     (("mpi", None, None, None), {}, "distributed mode 'mpi' is not known; allowed: none, auto, slurm"),
 ])
@@ -89,8 +92,9 @@ def test_two_processes_start_from_slurm_environment():
     env = dict(os.environ, SLURM_JOB_ID="7", SLURM_NTASKS="2", SLURM_PROCID=str(pid), SLURM_LOCALID=str(pid),
                SLURM_STEP_NODELIST="localhost", JAX_COORDINATOR_PORT=str(port), JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs.append(subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    procs.append(
+        subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True))
   outputs = [p.communicate(timeout=60)[0] for p in procs]
   results = sorted(line for out in outputs for line in out.splitlines() if line.startswith("RESULT"))
   assert results == ["RESULT 0 2 4 2", "RESULT 1 2 4 2"], outputs

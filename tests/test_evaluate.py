@@ -38,7 +38,7 @@ def test_a_best_of_n_policy_scores_n_over_n_plus_one(n):
   assert out["best_of_n"]["4"]["reward"] > out["best_of_n"]["2"]["reward"] > out["best_of_n"]["1"]["reward"]
   hist, _ = np.histogram(out["policy_quantiles"], bins=5, range=(0, 1), density=True)
   edges = np.linspace(0, 1, 6)
-  expected = (edges[1:] ** n - edges[:-1] ** n) / 0.2  # Beta(n, 1) mass per bin
+  expected = (edges[1:]**n - edges[:-1]**n) / 0.2  # Beta(n, 1) mass per bin
   np.testing.assert_allclose(hist, expected, atol=0.15)
 
 

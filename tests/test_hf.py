@@ -14,8 +14,8 @@ from bond_jax import hf, sharding
 from bond_jax.models import reward, transformer
 from bond_jax.models.config import ModelConfig
 
-TINY = dict(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-            mlp_dim=96, max_seq_len=128)
+TINY = dict(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96,
+            max_seq_len=128)
 PAD, BOS, EOS = 0, 2, 1
 LLAMA_FORM = dict(**TINY, family="llama", tie_embeddings=False, rope_theta=500_000.0)
 LLAMA_FORM_SCALED = dict(LLAMA_FORM, rope_llama3_scaling=(8.0, 1.0, 4.0, 32))
@@ -36,8 +36,8 @@ def _torch_logits(model, tokens, mask):
   """Logits of a transformers model with the same left-padding positions as ours."""
   positions = np.asarray(transformer.positions_from_mask(jnp.asarray(mask)))
   with torch.no_grad():
-    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                attention_mask=torch.tensor(mask.astype(np.int64)),
+    out = model(input_ids=torch.tensor(tokens,
+                                       dtype=torch.long), attention_mask=torch.tensor(mask.astype(np.int64)),
                 position_ids=torch.tensor(positions, dtype=torch.long))
   return out.logits.float().numpy()
 
@@ -74,7 +74,8 @@ def test_import_matches_transformers_logits(name, tmp_path):
 def _our_model(name, seed=1, **overrides):
   cfg = ModelConfig(**{**FAMILIES[name], **overrides})
   params, _ = sharding.init_sharded(lambda r: transformer.init_boxed(cfg, r), jax.random.key(seed),
-                                    sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+                                    sharding.make_mesh({"data": 1},
+                                                       jax.devices()[:1]))
   # norms start at their identity values: perturb them so an export bug there cannot hide
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.2 * jax.random.normal(jax.random.key(len(str(p))), x.shape)

@@ -8,7 +8,9 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh"))) + [
-    os.path.join(REPO, "launch", "slurm_gpu.sbatch"), os.path.join(REPO, "bench", "gpu.sh")]
+    os.path.join(REPO, "launch", "slurm_gpu.sbatch"),
+    os.path.join(REPO, "bench", "gpu.sh")
+]
 SHELLCHECK = shutil.which("shellcheck", path=os.path.dirname(sys.executable)) or shutil.which("shellcheck")
 
 
@@ -25,14 +27,17 @@ def test_shellcheck_clean():
 
 
 def test_tpu_pod_dry_run_prints_every_command():
-  out = _run(["bash", "launch/tpu_pod.sh", "--name=bond-v5e", "--zone=us-west4-a", "--accelerator=v5e-16",
-              "--config=configs/dialogue.py:gemma_2b", "--workdir=gs://bkt/runs/g2b", "--project=proj",
-              "--dry-run", "--", "--config.mesh.fsdp=16"])
+  out = _run([
+      "bash", "launch/tpu_pod.sh", "--name=bond-v5e", "--zone=us-west4-a", "--accelerator=v5e-16",
+      "--config=configs/dialogue.py:gemma_2b", "--workdir=gs://bkt/runs/g2b", "--project=proj", "--dry-run",
+      "--", "--config.mesh.fsdp=16"
+  ])
   assert out.returncode == 0, out.stderr
   lines = out.stdout.splitlines()
   common = "--zone=us-west4-a --project=proj"
-  assert lines[0] == (f"+ gcloud compute tpus tpu-vm create bond-v5e {common} --accelerator-type=v5litepod-16 "
-                      "--version=v2-alpha-tpuv5-lite")
+  assert lines[0] == (
+      f"+ gcloud compute tpus tpu-vm create bond-v5e {common} --accelerator-type=v5litepod-16 "
+      "--version=v2-alpha-tpuv5-lite")
   assert lines[1].startswith("+ tar -czf /tmp/bond-v5e-bond_jax.tgz --exclude=.venv --exclude=.git")
   assert lines[2] == (f"+ gcloud compute tpus tpu-vm scp /tmp/bond-v5e-bond_jax.tgz bond-v5e:bond_jax.tgz "
                       f"{common} --worker=all")
@@ -46,11 +51,14 @@ def test_tpu_pod_dry_run_prints_every_command():
 
 
 def test_tpu_pod_steps_runtime_defaults_and_errors():
-  base = ["bash", "launch/tpu_pod.sh", "--name=p", "--zone=z", "--config=c.py", "--workdir=gs://w", "--dry-run"]
+  base = [
+      "bash", "launch/tpu_pod.sh", "--name=p", "--zone=z", "--config=c.py", "--workdir=gs://w", "--dry-run"
+  ]
   out = _run(base + ["--accelerator=v5p-128", "--steps=create,delete", "--spot"])
   assert out.stdout.splitlines() == [
       "+ gcloud compute tpus tpu-vm create p --zone=z --accelerator-type=v5p-128 --version=v2-alpha-tpuv5 --spot",
-      "+ gcloud compute tpus tpu-vm delete p --zone=z --quiet"]
+      "+ gcloud compute tpus tpu-vm delete p --zone=z --quiet"
+  ]
   out = _run(base + ["--accelerator=v4-32", "--steps=create"])
   assert out.stdout.strip().endswith("--accelerator-type=v4-32 --version=tpu-ubuntu2204-base")
   for extra, message in ((["--accelerator=v3-8"], "--accelerator='v3-8' is not known"),
@@ -58,8 +66,10 @@ def test_tpu_pod_steps_runtime_defaults_and_errors():
                          (["--accelerator=v4-32", "--bogus"], "unknown argument '--bogus'")):
     out = _run(base + extra)
     assert out.returncode == 2 and out.stdout == "" and message in out.stderr
-  out = _run(["bash", "launch/tpu_pod.sh", "--name=p", "--zone=z", "--accelerator=v4-32", "--config=c",
-              "--workdir=/local", "--dry-run"])
+  out = _run([
+      "bash", "launch/tpu_pod.sh", "--name=p", "--zone=z", "--accelerator=v4-32", "--config=c",
+      "--workdir=/local", "--dry-run"
+  ])
   assert out.returncode == 2 and "--workdir='/local' must be a gs:// path" in out.stderr
 
 

@@ -19,9 +19,11 @@ from bond_jax.stages import distill, reward_model, sft
 from configs import dialogue
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ["--config=configs/dialogue.py:smoke", "--until=reward", "--config.sft.checkpoint_every=2",
-         "--config.sft.log_every=1", "--config.reward_training.checkpoint_every=2",
-         "--config.reward_training.log_every=1"]
+FLAGS = [
+    "--config=configs/dialogue.py:smoke", "--until=reward", "--config.sft.checkpoint_every=2",
+    "--config.sft.log_every=1", "--config.reward_training.checkpoint_every=2",
+    "--config.reward_training.log_every=1"
+]
 
 
 @pytest.fixture(scope="module")
@@ -130,21 +132,24 @@ def test_only_skipped_steps_since_a_checkpoint_never_rotate_it_away(trained, tmp
   ctx = pipeline.setup(config, target, until="sft")
   with jax.set_mesh(ctx.mesh):
     stage = sft.build(ctx)
-  stage = dataclasses.replace(stage, schedule=dataclasses.replace(stage.schedule, checkpoint_every=1,
-                                                                  keep_checkpoints=2, max_bad_steps=3))
+  stage = dataclasses.replace(
+      stage, schedule=dataclasses.replace(stage.schedule, checkpoint_every=1, keep_checkpoints=2,
+                                          max_bad_steps=3))
   loop.run(stage, target, stop_at_step=2)
   assert _steps(target, "sft") == [1, 2]
   # Resume with NaN params: restore replaces them by step 2's good ones, so poison after restoring.
   good = stage.step
-  nan_step = lambda state, batch: good(state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params)),
-                                       batch)
+  nan_step = lambda state, batch: good(
+      state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params)), batch)
   with pytest.raises(FloatingPointError, match=r"\[sft\] 3 steps in a row"):
     loop.run(dataclasses.replace(stage, step=nan_step), target)
   assert _steps(target, "sft") == [1, 2]  # steps 3-5 were all skipped: nothing saved, nothing rotated
 
 
 def _largest_array_file(step_dir):
-  files = [os.path.join(d, f) for d, _, names in os.walk(step_dir) if os.path.basename(d) == "d" for f in names]
+  files = [
+      os.path.join(d, f) for d, _, names in os.walk(step_dir) if os.path.basename(d) == "d" for f in names
+  ]
   return max(files, key=os.path.getsize)
 
 
@@ -159,6 +164,11 @@ def _flip_bytes(step_dir):
   assert os.path.getsize(path) == size
 
 
+def _truncate(step_dir):
+  path = _largest_array_file(step_dir)
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
 def _empty_state_dir(step_dir):
   shutil.rmtree(os.path.join(step_dir, "state"))
   os.mkdir(os.path.join(step_dir, "state"))
@@ -166,8 +176,7 @@ def _empty_state_dir(step_dir):
 
 DAMAGES = {  # what is done to the newest checkpoint -> what its one-line report says
     "flipped_bytes": (_flip_bytes, "checksum mismatch"),
-    "truncated_file": (lambda d: os.truncate(_largest_array_file(d), os.path.getsize(_largest_array_file(d)) // 2),
-                       "is damaged"),
+    "truncated_file": (_truncate, "is damaged"),
     "no_METADATA": (lambda d: os.remove(os.path.join(d, "state", "_METADATA")), "_METADATA"),
     "empty_state_dir": (_empty_state_dir, "is damaged"),
 }
@@ -179,12 +188,14 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(prepared, tm
   cache, base = str(tmp_path / "jax_cache"), str(tmp_path / "base")
   shutil.copytree(prepared, base)
   flags = ["--until=sft", "--config.sft.checkpoint_every=2", "--config.sft.keep_checkpoints=3"]
-  run = lambda workdir, steps: subprocess.run(
-      [sys.executable, "-m", "bond_jax.train", "--config=configs/dialogue.py:smoke", f"--workdir={workdir}",
-       *flags, f"--config.sft.steps={steps}"], cwd=REPO, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, PYTHONPATH=REPO))
+  run = lambda workdir, steps: subprocess.run([
+      sys.executable, "-m", "bond_jax.train", "--config=configs/dialogue.py:smoke", f"--workdir={workdir}",
+      *flags, f"--config.sft.steps={steps}"
+  ], cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=
+                                                                     cache, PYTHONPATH=REPO))
   first = run(base, 6)
-  assert first.returncode == 0 and _steps(base, "sft") == [2, 4, 6], first.stdout[-2000:] + first.stderr[-2000:]
+  assert first.returncode == 0 and _steps(base, "sft") == [2, 4, 6
+                                                          ], first.stdout[-2000:] + first.stderr[-2000:]
   by_hand = str(tmp_path / "by_hand")
   shutil.copytree(base, by_hand)
   shutil.rmtree(os.path.join(workdir_lib.checkpoint_dir(by_hand, "sft"), "6"))

@@ -33,12 +33,16 @@ STEPS = 6
 # One prompt width (16; prompts keep their last 15 tokens) so each jitted function compiles once: the
 # second process cannot use the persistent compilation cache (only process 0 writes it, under its own keys).
 BUCKETS = (16,)
-FLAGS = ["--config=configs/dialogue.py:smoke", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=2",
-         "--config.train.log_every=1", f"--config.data.prompt_buckets={BUCKETS}".replace(" ", "")]
+FLAGS = [
+    "--config=configs/dialogue.py:smoke", f"--config.train.steps={STEPS}",
+    "--config.train.checkpoint_every=2", "--config.train.log_every=1",
+    f"--config.data.prompt_buckets={BUCKETS}".replace(" ", "")
+]
 # A small evaluation (at step 0 and at the end; not guarded, so the first multi-process leg runs without it)
-EVAL = [f"--config.train.eval_every={STEPS}", "--config.eval.num_prompts=8", "--config.eval.quantile_samples=4",
-        "--config.eval.policy_samples=2",
-        "--config.eval.best_of=(1,2,4)"]
+EVAL = [
+    f"--config.train.eval_every={STEPS}", "--config.eval.num_prompts=8", "--config.eval.quantile_samples=4",
+    "--config.eval.policy_samples=2", "--config.eval.best_of=(1,2,4)"
+]
 NO_EVAL = ["--config.eval.num_prompts=0"]
 
 
@@ -69,8 +73,12 @@ def _start(workdir, cache, devices, flags, distributed=()):
 def _start_pair(workdir, cache, flags):
   """Both processes of one 2 x 4-device JAX system."""
   port = _free_port()
-  return [_start(workdir, cache, 4, flags, ["--distributed=explicit", f"--coordinator_address=127.0.0.1:{port}",
-                                            "--num_processes=2", f"--process_id={i}"]) for i in range(2)]
+  return [
+      _start(workdir, cache, 4, flags, [
+          "--distributed=explicit", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+          f"--process_id={i}"
+      ]) for i in range(2)
+  ]
 
 
 def _finish(procs, timeout=400):
@@ -135,8 +143,8 @@ def test_two_processes_with_a_restart_match_one_process(stages, tmp_path):
       np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
   records_a, records_b = _records(single), _records(multi)
-  assert [(r["step"], r["kind"]) for r in records_a] == [(0, "eval")] + [(s, "train") for s in range(
-      1, STEPS + 1)] + [(STEPS, "eval")]
+  assert [(r["step"], r["kind"]) for r in records_a
+         ] == [(0, "eval")] + [(s, "train") for s in range(1, STEPS + 1)] + [(STEPS, "eval")]
   assert records_b == [r for r in records_b if r["step"] or r["kind"] == "train"]  # no step-0 eval (NO_EVAL)
   assert len(records_b) == len(records_a) - 1
   for x, y in zip(records_a[1:], records_b):
@@ -147,6 +155,7 @@ def test_two_processes_with_a_restart_match_one_process(stages, tmp_path):
       # Other metrics inherit the ~1 ulp parameter differences through up to STEPS updates (measured: up
       # to 7e-4 relative on a loss term), so they get a 0.5% tolerance; the state itself is checked above.
       atol = 2e-3 if key == "loss_reg" or key.startswith("kl_") else 1e-4
-      np.testing.assert_allclose(y[key], x[key], rtol=5e-3, atol=atol, err_msg=f"{x['kind']} {key} step {x['step']}")
+      np.testing.assert_allclose(y[key], x[key], rtol=5e-3, atol=atol,
+                                 err_msg=f"{x['kind']} {key} step {x['step']}")
   eval_b = os.listdir(os.path.join(multi, distill.STAGE, "eval"))
   assert f"eval_{STEPS:06d}.json" in eval_b and "eval_000000.json" not in eval_b

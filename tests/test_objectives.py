@@ -44,7 +44,7 @@ def test_best_of_n_density_matches_closed_form_and_normalises(distinct_space, n)
   log_bon = obj.best_of_n_log_density(ref_logprobs, rewards, n)
   p_less, p_less_equal = obj.exact_quantiles(ref_logprobs, rewards)
   # With distinct rewards the tie set of y is {y}: P(max of n lands on y) = p_<=^n - p_<^n.
-  closed_form = np.asarray(p_less_equal, np.float64) ** n - np.asarray(p_less, np.float64) ** n
+  closed_form = np.asarray(p_less_equal, np.float64)**n - np.asarray(p_less, np.float64)**n
   np.testing.assert_allclose(np.exp(np.asarray(log_bon)), closed_form, rtol=2e-4, atol=1e-7)
   assert abs(float(jnp.sum(jnp.exp(log_bon))) - 1.0) < 1e-5
   # The no-ties form over-counts repeated draws of an atom: it exceeds eq. 4 and does not sum to 1.
@@ -284,8 +284,10 @@ def test_losses_report_their_metrics():
   _, rloo = obj.reinforce_loss(jnp.zeros((2, 2)), jnp.zeros((2, 2)), jnp.zeros((2, 2)), beta_rl=0.1)
   assert {"loss_forward", "loss_backward", "kl_policy_ref", "mean_log_quantile", "reward_mean",
           "reward_std"} <= set(bond)
-  assert {"loss_forward", "loss_backward", "loss_reg", "kl_policy_ref", "kl_policy_anchor", "penalty_rate",
-          "reward_mean", "reward_std", "anchor_tie_rate"} <= set(jbond)
+  assert {
+      "loss_forward", "loss_backward", "loss_reg", "kl_policy_ref", "kl_policy_anchor", "penalty_rate",
+      "reward_mean", "reward_std", "anchor_tie_rate"
+  } <= set(jbond)
   assert {"loss_pg", "kl_policy_ref", "reward_mean", "reward_std"} <= set(rloo)
   for metrics in (bond, jbond, rloo):
     assert all(value.shape == () and value.dtype == jnp.float32 for value in metrics.values())
@@ -334,12 +336,12 @@ def test_hard_anchor_update_and_iterated_best_of():
     (lambda: obj.validate_hparams(anchor_period=0), r"anchor_period=0 .*>= 1"),
     (lambda: obj.best_of_n_log_density(jnp.zeros(3), jnp.zeros(3), 1), r"n=1 "),
     (lambda: obj.empirical_quantile(jnp.zeros((2, 1)), jnp.zeros((2, 0))), r"k=0 "),
-    (lambda: obj.bond_loss(jnp.zeros((2, 1)), jnp.zeros((2, 1)), jnp.zeros((2, 1)), jnp.zeros((2, 3)),
-                           jnp.zeros(2), n=8, beta=1.2), r"beta=1\.2 "),
+    (lambda: obj.bond_loss(jnp.zeros((2, 1)), jnp.zeros((2, 1)), jnp.zeros((2, 1)), jnp.zeros(
+        (2, 3)), jnp.zeros(2), n=8, beta=1.2), r"beta=1\.2 "),
     (lambda: obj.jbond_loss(*_jbond_example(), beta=0.5, gamma=-0.5), r"gamma=-0\.5 "),
     (lambda: obj.jbond_loss(*_jbond_example()[:3], jnp.zeros((4, 3)), jnp.zeros(4), beta=0.5), r"needs 2"),
-    (lambda: obj.reinforce_loss(jnp.zeros((2, 2)), jnp.zeros((2, 2)), jnp.zeros((2, 2)), beta_rl=-1),
-     r"beta_rl=-1 "),
+    (lambda: obj.reinforce_loss(jnp.zeros((2, 2)), jnp.zeros((2, 2)), jnp.zeros(
+        (2, 2)), beta_rl=-1), r"beta_rl=-1 "),
     (lambda: obj.ema_anchor_update({}, {}, 1.5), r"eta=1\.5 "),
 ])
 def test_bad_inputs_raise_one_line_errors(call, message):

@@ -31,8 +31,10 @@ def test_no_stage_imports_another_stage_and_only_the_pipeline_imports_stages():
   for path in (REPO / "bond_jax" / "stages").glob("*.py"):
     own = f"bond_jax.stages.{path.stem}"
     assert not (_imports(path) & (STAGE_MODULES - {own})), f"{path.name} imports another stage"
-  importers = {str(p.relative_to(REPO)) for p in (REPO / "bond_jax").rglob("*.py")
-               if p.parent.name != "stages" and _imports(p) & STAGE_MODULES}
+  importers = {
+      str(p.relative_to(REPO)) for p in (REPO / "bond_jax").rglob("*.py")
+      if p.parent.name != "stages" and _imports(p) & STAGE_MODULES
+  }
   assert importers == {"bond_jax/pipeline.py"}
 
 
@@ -48,8 +50,10 @@ def test_planned_stages_skip_what_the_config_gives_and_stop_at_until():
 
 
 def _tree_hashes(root: pathlib.Path) -> dict[str, str]:
-  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(root.rglob("*")) if p.is_file()}
+  return {
+      str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+      if p.is_file()
+  }
 
 
 BAD_CONFIGS = [
@@ -59,12 +63,13 @@ BAD_CONFIGS = [
     ("bond.gamma", -1.0, r"bond.gamma=-1.0"),
     ("sampling.temperature", 0.7, r"BOND's losses need samples from pi itself"),
     ("sampling.max_new_tokens", 0, r"sampling.max_new_tokens=0 must be an integer >= 1"),
-    ("sampling.max_new_tokens", 400, r"data.prompt_buckets up to 64 \+ sampling.max_new_tokens=400 = 464 exceeds "
-                                     r"the model's context max_seq_len=256"),
+    ("sampling.max_new_tokens", 400,
+     r"data.prompt_buckets up to 64 \+ sampling.max_new_tokens=400 = 464 exceeds "
+     r"the model's context max_seq_len=256"),
     ("train.batch_size", 12, r"train.batch_size=12 must be divisible by grad_accum_steps \* data \* fsdp = "
-                             r"1 \* 8 = 8"),
+     r"1 \* 8 = 8"),
     ("optimizer.grad_accum_steps", 2, r"train.batch_size=8 must be divisible by grad_accum_steps \* data \* "
-                                      r"fsdp = 2 \* 8 = 16"),
+     r"fsdp = 2 \* 8 = 16"),
     ("optimizer.learning_rate", -1e-4, r"optimizer.learning_rate=-0.0001 must be > 0"),
     ("optimizer.schedule", "step", r"optimizer.schedule='step'; allowed: constant, cosine, linear"),
     ("sft.learning_rate", 0.0, r"sft.learning_rate=0.0 must be > 0"),

@@ -11,7 +11,7 @@ from bond_jax.models import presets
 from configs import dialogue
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def _config(preset="tiny", **changes):

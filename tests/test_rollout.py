@@ -12,8 +12,8 @@ from bond_jax.frozen import FrozenModels
 from bond_jax.models import reward, transformer
 from bond_jax.models.config import ModelConfig
 
-CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
-                  max_seq_len=64)
+CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                  mlp_dim=64, max_seq_len=64)
 PAD = 0
 
 
@@ -27,7 +27,8 @@ def test_bond_batch_joins_scores_and_picks_the_best_of_n_base_samples():
   prompts[~prompt_mask] = PAD
   n = 3
   frozen = FrozenModels(policy_cfg=CFG, reference_params=params, reward_cfg=CFG, reward_params=rm_params,
-                        eos_ids=(1,), pad_id=PAD, mesh=sharding.make_mesh({}, jax.devices()[:1]))
+                        eos_ids=(1,), pad_id=PAD, mesh=sharding.make_mesh({},
+                                                                          jax.devices()[:1]))
   batch, stats = rollout.bond(frozen, params, params, prompts, prompt_mask, jax.random.key(3), 5, n=n, k=4,
                               num_policy_samples=2)
   tokens, mask = np.asarray(batch.policy_tokens), np.asarray(batch.policy_mask)

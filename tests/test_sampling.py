@@ -128,8 +128,8 @@ def test_inverse_cdf_matches_a_float64_search_across_blocks(vocab):
   support = rng.choice(vocab, 6, replace=False)
   probs[support] = rng.random(6).astype(np.float32)
   uniforms = np.append(np.linspace(0, 1, 4095, endpoint=False), np.nextafter(np.float32(1), np.float32(0)))
-  tokens = np.asarray(sampling._inverse_cdf(jnp.asarray(np.tile(probs, (4096, 1))),
-                                            jnp.asarray(uniforms, jnp.float32)))
+  tokens = np.asarray(
+      sampling._inverse_cdf(jnp.asarray(np.tile(probs, (4096, 1))), jnp.asarray(uniforms, jnp.float32)))
   cdf = np.cumsum(probs.astype(np.float64))
   np.testing.assert_array_equal(tokens, np.searchsorted(cdf / cdf[-1], uniforms, side="right"))
   assert set(tokens) == set(support)  # every token with mass is reached, none without
@@ -200,7 +200,8 @@ def test_same_samples_on_one_device_and_the_8_device_mesh(llama):
   kwargs = dict(num_samples=2, max_new_tokens=10, temperature=1.0, top_k=12, eos_ids=EOS_IDS, pad_id=PAD)
   single = sampling.generate(cfg, params, prompts, mask, jax.random.key(3), **kwargs)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  logical = sharding.logical_specs(jax.eval_shape(lambda r: transformer.init_boxed(cfg, r), jax.random.key(0)))
+  logical = sharding.logical_specs(jax.eval_shape(lambda r: transformer.init_boxed(cfg, r),
+                                                  jax.random.key(0)))
   placed = sharding.place(params, logical, mesh)
   multi = sampling.generate(cfg, placed, prompts, mask, jax.random.key(3), **kwargs)
   assert multi.tokens.sharding.mesh.size == 8
@@ -223,12 +224,12 @@ def test_samples_do_not_depend_on_padding_or_batch_mates(llama, sampled):
 def test_forking_the_prompt_cache_equals_repeating_the_prompt(llama, sampled):
   cfg, params = llama
   prompts, mask, out = sampled
-  repeated = sampling.generate(cfg, params, np.repeat(prompts, 4, 0), np.repeat(mask, 4, 0),
-                               jax.random.key(0), num_samples=1, max_new_tokens=12, temperature=0.8,
-                               eos_ids=EOS_IDS, pad_id=PAD)
+  repeated = sampling.generate(cfg, params, np.repeat(prompts, 4, 0), np.repeat(mask, 4,
+                                                                                0), jax.random.key(0),
+                               num_samples=1, max_new_tokens=12, temperature=0.8, eos_ids=EOS_IDS, pad_id=PAD)
   np.testing.assert_array_equal(np.asarray(repeated.tokens).reshape(3, 4, 12), out.tokens)
-  np.testing.assert_allclose(np.asarray(repeated.sample_logprobs).reshape(3, 4, 12), out.sample_logprobs,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(repeated.sample_logprobs).reshape(3, 4, 12), out.sample_logprobs, atol=1e-5)
 
 
 def test_new_prompts_of_a_bucketed_length_do_not_recompile(llama):
@@ -259,8 +260,9 @@ def test_a_fixed_prompt_width_compiles_once_and_gives_the_same_samples(llama, sa
   longer, longer_mask = _prompts(5, lengths=(20, 30, 4), width=30)  # would bucket to 32
   sampling.generate(cfg, params, longer, longer_mask, jax.random.key(0), **kwargs)
   assert sampling.TRACE_COUNT["generate"] == traces
-  with pytest.raises(ValueError, match=r"prompt_width=8 is not allowed: need the longest prompt \(10\) <= "
-                                       r"prompt_width <= max_seq_len - max_new_tokens = 52"):
+  with pytest.raises(
+      ValueError, match=r"prompt_width=8 is not allowed: need the longest prompt \(10\) <= "
+      r"prompt_width <= max_seq_len - max_new_tokens = 52"):
     sampling.generate(cfg, params, prompts, mask, jax.random.key(0), **(kwargs | dict(prompt_width=8)))
 
 
@@ -275,7 +277,8 @@ def test_a_fixed_prompt_width_compiles_once_and_gives_the_same_samples(llama, sa
     (dict(top_k=-1), r"top_k=-1 is not allowed: need an integer >= 0"),
     (dict(temperature=-0.5), r"temperature=-0.5 is not allowed: need temperature >= 0"),
     (dict(max_new_tokens=0), r"max_new_tokens=0 is not allowed: need an integer >= 1"),
-    (dict(max_new_tokens=60), r"prompt length 5 \+ max_new_tokens 60 = 65 exceeds the context max_seq_len=64"),
+    (dict(max_new_tokens=60),
+     r"prompt length 5 \+ max_new_tokens 60 = 65 exceeds the context max_seq_len=64"),
     (dict(eos_ids=(32,)), r"eos id 32 is not allowed: need 0 <= id < vocab_size=32"),
 ])
 def test_bad_sampling_arguments_raise_one_line_errors(llama, change, message):

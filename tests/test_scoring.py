@@ -11,8 +11,8 @@ from bond_jax import sampling, scoring
 from bond_jax.models import decode, reward, transformer
 from bond_jax.models.config import ModelConfig
 
-CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
-                  max_seq_len=64)
+CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                  mlp_dim=64, max_seq_len=64)
 VOCAB, PAD = 32, 0
 BASE = dict(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
             max_seq_len=64)
@@ -103,8 +103,8 @@ def test_chunked_token_logprobs_equal_full_logits(untied, temperature):
   tokens, attend, loss_mask = _sft_rows()
   expected = np.asarray(_full_logits_logprobs(cfg, params, tokens, attend, temperature))
   for chunk in (1, 3, 4, 10, 128):  # 3 and 4 do not divide the 10 predictions; 128 is one chunk
-    fn = jax.jit(lambda p, c=chunk: scoring.token_logprobs(cfg, p, tokens, attend, chunk=c,
-                                                           temperature=temperature))
+    fn = jax.jit(
+        lambda p, c=chunk: scoring.token_logprobs(cfg, p, tokens, attend, chunk=c, temperature=temperature))
     got = np.asarray(fn(params))
     assert got.shape == (3, 10)
     np.testing.assert_allclose(got[attend[:, 1:]], expected[attend[:, 1:]], atol=1e-5)
@@ -140,6 +140,7 @@ def test_chunked_logprobs_equal_the_sampler_teacher_forcing_and_its_gradient():
     fn = jax.jit(scoring.sequence_logprob_fn(CFG, pad_id=0, chunk=chunk))
     got = fn(params, tokens, row_mask).reshape(2, 3)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
   def grad(chunk):
     fn = scoring.sequence_logprob_fn(CFG, 0, chunk)
     return jax.jit(jax.grad(lambda p: fn(p, tokens, row_mask).sum()))(params)

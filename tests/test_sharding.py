@@ -18,8 +18,10 @@ CFG = ModelConfig(vocab_size=128, d_model=64, num_layers=2, num_heads=8, num_kv_
 
 def _sharded_forward(mesh, params, tokens, mask):
   with jax.set_mesh(mesh):
-    placed = sharding.place(params, sharding.logical_specs(jax.eval_shape(
-        lambda r: transformer.init_boxed(CFG, r), jax.random.key(0))), mesh)
+    placed = sharding.place(
+        params,
+        sharding.logical_specs(jax.eval_shape(lambda r: transformer.init_boxed(CFG, r), jax.random.key(0))),
+        mesh)
     batch = sharding.shard_batch((tokens, mask), mesh)
     out_sharding = sharding.batch_sharding(mesh, 3)
     fn = jax.jit(functools.partial(transformer.forward, CFG), out_shardings=out_sharding)
@@ -58,10 +60,20 @@ def test_logical_rules_form_one_table():
 
 
 @pytest.mark.parametrize("shape,message", [
-    ({"data": 3}, r"mesh \{'data': 3, 'fsdp': 1, 'tensor': 1\} needs 3 devices but 8 are available"),
-    ({"data": 3, "fsdp": -1}, r"does not fit 8 devices: 8 is not divisible by 3"),
-    ({"data": -1, "fsdp": -1}, r"at most one axis may be -1"),
-    ({"pipeline": 2}, r"unknown mesh axis 'pipeline'; allowed: data, fsdp, tensor"),
+    ({
+        "data": 3
+    }, r"mesh \{'data': 3, 'fsdp': 1, 'tensor': 1\} needs 3 devices but 8 are available"),
+    ({
+        "data": 3,
+        "fsdp": -1
+    }, r"does not fit 8 devices: 8 is not divisible by 3"),
+    ({
+        "data": -1,
+        "fsdp": -1
+    }, r"at most one axis may be -1"),
+    ({
+        "pipeline": 2
+    }, r"unknown mesh axis 'pipeline'; allowed: data, fsdp, tensor"),
 ])
 def test_bad_mesh_is_rejected(shape, message):
   with pytest.raises(ValueError, match=message):
@@ -70,7 +82,11 @@ def test_bad_mesh_is_rejected(shape, message):
 
 def test_non_divisible_dimension_is_named():
   cfg = CFG.replace(num_heads=6, num_kv_heads=6)
-  with pytest.raises(ValueError, match=r"parameter \['layer_0'\]\['attn'\]\['k'\] dimension kv_heads=6 is "
-                                       r"not divisible by mesh axes tensor of size 4"):
+  with pytest.raises(
+      ValueError, match=r"parameter \['layer_0'\]\['attn'\]\['k'\] dimension kv_heads=6 is "
+      r"not divisible by mesh axes tensor of size 4"):
     sharding.init_sharded(lambda r: transformer.init_boxed(cfg, r), jax.random.key(0),
-                          sharding.make_mesh({"fsdp": 2, "tensor": 4}))
+                          sharding.make_mesh({
+                              "fsdp": 2,
+                              "tensor": 4
+                          }))

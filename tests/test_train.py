@@ -54,9 +54,11 @@ def _start(workdir, compile_cache):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=REPO)
-  cmd = [sys.executable, "-m", "bond_jax.train", "--config=configs/dialogue.py:smoke", f"--workdir={workdir}",
-         "--config.eval.num_prompts=0", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=2",
-         "--config.train.log_every=1"]
+  cmd = [
+      sys.executable, "-m", "bond_jax.train", "--config=configs/dialogue.py:smoke", f"--workdir={workdir}",
+      "--config.eval.num_prompts=0", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=2",
+      "--config.train.log_every=1"
+  ]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -130,16 +132,18 @@ def test_nan_rewards_are_skipped_and_stop_the_run_without_saving(stages, tmp_pat
   config = _config(max_bad_steps=2)
   config.reference, config.reward_model = stages, broken
   config.data.tokenizer = workdir_lib.tokenizer_path(stages)
-  with pytest.raises(FloatingPointError, match=r"\[bond\] 2 steps in a row had a non-finite loss or gradient "
-                                               r"\(last at step 2\); stopping without saving them"):
+  with pytest.raises(
+      FloatingPointError, match=r"\[bond\] 2 steps in a row had a non-finite loss or gradient "
+      r"\(last at step 2\); stopping without saving them"):
     pipeline.run(config, workdir)
   assert _steps(workdir) == []
 
 
 def test_unknown_config_key_is_a_one_line_cli_error():
-  proc = subprocess.run([sys.executable, "-m", "bond_jax.train", "--config=configs/dialogue.py:smoke",
-                         "--config.bond.etaa=0.1", "--workdir=/nonexistent"], cwd=REPO, capture_output=True,
-                        text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+  proc = subprocess.run([
+      sys.executable, "-m", "bond_jax.train", "--config=configs/dialogue.py:smoke", "--config.bond.etaa=0.1",
+      "--workdir=/nonexistent"
+  ], cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
   assert proc.returncode != 0
   assert "etaa" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -182,8 +186,12 @@ def test_summarization_config_trains_from_hugging_face_models(stages, tmp_path):
     paths[split] = str(tmp_path / f"{split}.jsonl")
     with open(paths[split], "w") as f:
       for c in part:
-        f.write(json.dumps({"document": " ".join(c.turns[:6]), "summary": c.topic or "chat",
-                            "id": c.conversation_id}) + "\n")
+        f.write(
+            json.dumps({
+                "document": " ".join(c.turns[:6]),
+                "summary": c.topic or "chat",
+                "id": c.conversation_id
+            }) + "\n")
   local.prepare(summarization.JsonlSummarization, str(tmp_path / "tfds"),
                 summarization.JsonlSummarizationConfig(name="fake", split_paths=paths))
   mesh = sharding.make_mesh({}, jax.devices()[:1])
@@ -194,8 +202,8 @@ def test_summarization_config_trains_from_hugging_face_models(stages, tmp_path):
 
   config = summarization_config.get_config("tiny")
   config.reference, config.reward_model = str(tmp_path / "ref_hf"), str(tmp_path / "rm_hf")
-  config.data.update(dataset="jsonl_summarization/fake:1.0.0", data_dir=str(tmp_path / "tfds"), tokenizer=tok_path,
-                     max_document_chars=300, prompt_buckets=(128,))
+  config.data.update(dataset="jsonl_summarization/fake:1.0.0", data_dir=str(tmp_path / "tfds"),
+                     tokenizer=tok_path, max_document_chars=300, prompt_buckets=(128,))
   config.sampling.max_new_tokens = 8
   config.train.update(steps=2, batch_size=8, eval_every=2, checkpoint_every=2)
   config.eval.update(num_prompts=8, quantile_samples=4, policy_samples=2, best_of=(1, 2, 4))
@@ -222,8 +230,11 @@ def test_the_best_of_n_each_algorithm_aims_at():
 
 def _hashes(root):
   import hashlib
-  return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-          for d, _, names in os.walk(root) for f in names}
+  return {
+      os.path.relpath(os.path.join(d, f), root):
+          hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest() for d, _, names in os.walk(root)
+      for f in names
+  }
 
 
 @pytest.fixture(scope="module")
@@ -246,14 +257,15 @@ def tiny_hf_models(tmp_path_factory):
     (["--config.model.preset=huge"], "model.preset='huge'; allowed:"),
     (["--config.sampling.max_new_tokens=500"], "exceeds the model's context max_seq_len=512"),
     (["--config.reference=/wrong/path"], "reference='/wrong/path' is not a directory"),
-    (["--config.reward_model={hf}/rm256", "--config.reference={hf}/policy"],
-     "has vocab_size=256 but the policy has 512"),
+    (["--config.reward_model={hf}/rm256", "--config.reference={hf}/policy"
+     ], "has vocab_size=256 but the policy has 512"),
     (["--config.reward_model={hf}/policy", "--config.reference={hf}/policy"], "expected a reward model"),
     (["--config=configs/nope.py"], "--config file configs/nope.py"),
     (["--config=configs/dialogue.py:nope"], "unknown preset 'nope'"),
     (["--workdir={file}/run"], "cannot be created"),
 ], ids=lambda x: x if isinstance(x, str) else None)
-def test_bad_input_is_one_line_exit_2_within_seconds_and_touches_nothing(flags, message, tiny_hf_models, tmp_path):
+def test_bad_input_is_one_line_exit_2_within_seconds_and_touches_nothing(flags, message, tiny_hf_models,
+                                                                         tmp_path):
   """Each bad input of the default config: one line on stderr, exit 2, before any compute, and an existing
   workdir's files stay byte-identical (a bad first run must not poison it)."""
   workdir = tmp_path / "existing"

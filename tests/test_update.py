@@ -71,8 +71,8 @@ def bond_batch(key, params, base_table, n, k, prompts):
   candidates = sample_sequences(best_key, base_table, (prompts, n))
   best_index, _ = obj.select_best(REWARDS[candidates])
   best = jnp.take_along_axis(candidates, best_index[:, None], axis=1)[:, 0]
-  return upd.BondBatch(policy_tokens=ALL_SEQUENCES[policy], policy_mask=jnp.ones((prompts, 1, LENGTH)),
-                       policy_rewards=REWARDS[policy], base_rewards=REWARDS[pool],
+  return upd.BondBatch(policy_tokens=ALL_SEQUENCES[policy], policy_mask=jnp.ones(
+      (prompts, 1, LENGTH)), policy_rewards=REWARDS[policy], base_rewards=REWARDS[pool],
                        best_tokens=ALL_SEQUENCES[best], best_mask=jnp.ones((prompts, LENGTH)))
 
 
@@ -80,8 +80,8 @@ def jbond_batch(key, params, anchor_table, prompts):
   policy_key, anchor_key = jax.random.split(key)
   policy = sample_sequences(policy_key, params, (prompts,))
   anchor = sample_sequences(anchor_key, anchor_table, (prompts, 2))
-  return upd.JBondBatch(policy_tokens=ALL_SEQUENCES[policy], policy_mask=jnp.ones((prompts, LENGTH)),
-                        policy_rewards=REWARDS[policy], anchor_tokens=ALL_SEQUENCES[anchor],
+  return upd.JBondBatch(policy_tokens=ALL_SEQUENCES[policy], policy_mask=jnp.ones(
+      (prompts, LENGTH)), policy_rewards=REWARDS[policy], anchor_tokens=ALL_SEQUENCES[anchor],
                         anchor_mask=jnp.ones((prompts, 2, LENGTH)), anchor_rewards=REWARDS[anchor])
 
 
@@ -93,9 +93,9 @@ BOND_N, BOND_STEPS, BOND_PROMPTS, BOND_LR = 8, 600, 256, 0.1
 
 def bond_trainer(k):
   """jit(vmap(train)) over (beta, key): returns the exact log pi over all sequences after training."""
-  optimizer = upd.make_optimizer(upd.OptimizerConfig(
-      learning_rate=BOND_LR, warmup_steps=10, schedule="cosine", decay_steps=BOND_STEPS,
-      end_lr_fraction=0.02, max_grad_norm=0.0))
+  optimizer = upd.make_optimizer(
+      upd.OptimizerConfig(learning_rate=BOND_LR, warmup_steps=10, schedule="cosine", decay_steps=BOND_STEPS,
+                          end_lr_fraction=0.02, max_grad_norm=0.0))
 
   def train(beta, key):
     # beta is traced (vmapped), so validation is skipped here; it is checked in test_step_builders_validate.
@@ -167,8 +167,10 @@ def iterative_runs():
 
   @jax.jit
   def one_period(state, key):
+
     def body(state, key):
       return step(state, REF_TABLE, bond_batch(key, state.params, state.anchor_params, 2, 512, ITER_PROMPTS))
+
     state, metrics = jax.lax.scan(body, state, jax.random.split(key, ITER_PERIOD))
     return state, metrics
 
@@ -208,8 +210,10 @@ def jbond_curve():
 
   @jax.jit
   def chunk(state, key):
+
     def body(state, key):
       return step(state, REF_TABLE, jbond_batch(key, state.params, state.anchor_params, JBOND_PROMPTS))
+
     state, metrics = jax.lax.scan(body, state, jax.random.split(key, JBOND_CHUNK))
     logprobs = all_logprobs(state.params)
     mean_quantile = jnp.sum(jnp.exp(logprobs) * ref_quantile)  # exact E_pi[p_<=(y)] against pi_ref
@@ -226,7 +230,7 @@ def jbond_curve():
 def test_jbond_raises_quantile_and_kl_grows_smoothly(jbond_curve):
   print("\nstep  E_pi[p_<=]  KL(pi||ref)  penalty_rate  KL(pi||anchor)   BoN-2^(eta*T) quantile")
   for step, quantile, kl_ref, metrics in jbond_curve[1:]:
-    target = 2 ** (JBOND_ETA * step)
+    target = 2**(JBOND_ETA * step)
     print(f"{step:4d}  {quantile:10.4f}  {kl_ref:11.4f}  {float(metrics['penalty_rate']):12.3f}  "
           f"{float(metrics['kl_policy_anchor']):14.4f}   {target / (target + 1):.4f}")
   quantiles = np.array([point[1] for point in jbond_curve])

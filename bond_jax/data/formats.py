@@ -25,45 +25,45 @@ SUMMARIZATION_INSTRUCTION = "Summarize the article in one sentence."
 
 
 def speaker(turn_index: int) -> str:
-    """Tag of the speaker of turn `turn_index` (0-based, counted from the conversation's start)."""
-    return SPEAKERS[turn_index % 2]
+  """Tag of the speaker of turn `turn_index` (0-based, counted from the conversation's start)."""
+  return SPEAKERS[turn_index % 2]
 
 
 def clean_utterance(text: str) -> str:
-    """One line of text: newlines (the turn separator) become spaces."""
-    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+  """One line of text: newlines (the turn separator) become spaces."""
+  return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
 
 
 def dialogue_prompt(topic: str, context_turns: Sequence[str], first_turn_index: int) -> str:
-    """Prompt for the turn after `context_turns`; `first_turn_index` is the index of context_turns[0].
+  """Prompt for the turn after `context_turns`; `first_turn_index` is the index of context_turns[0].
 
-    `topic` may be '' (no topic line).
-    """
-    lines = [f"Topic: {topic}"] if topic else []
-    lines += [f"{speaker(first_turn_index + k)}: {turn}" for k, turn in enumerate(context_turns)]
-    lines.append(f"{speaker(first_turn_index + len(context_turns))}:")
-    return "\n".join(lines)
+  `topic` may be '' (no topic line).
+  """
+  lines = [f"Topic: {topic}"] if topic else []
+  lines += [f"{speaker(first_turn_index + k)}: {turn}" for k, turn in enumerate(context_turns)]
+  lines.append(f"{speaker(first_turn_index + len(context_turns))}:")
+  return "\n".join(lines)
 
 
 def dialogue_response(turns: Sequence[str], first_turn_index: int) -> str:
-    """Response text continuing a prompt whose last tag is speaker(first_turn_index)."""
-    if not turns:
-        raise ValueError("turns is empty; a response needs at least one turn")
-    later = [f"\n{speaker(first_turn_index + k)}: {turn}" for k, turn in enumerate(turns) if k > 0]
-    return " " + turns[0] + "".join(later)
+  """Response text continuing a prompt whose last tag is speaker(first_turn_index)."""
+  if not turns:
+    raise ValueError("turns is empty; a response needs at least one turn")
+  later = [f"\n{speaker(first_turn_index + k)}: {turn}" for k, turn in enumerate(turns) if k > 0]
+  return " " + turns[0] + "".join(later)
 
 
 def summarization_prompt(document: str, max_document_chars: int) -> str:
-    """Prompt asking for a one-sentence summary; the document is cut to `max_document_chars`.
+  """Prompt asking for a one-sentence summary; the document is cut to `max_document_chars`.
 
-    Cutting characters (before tokenizing) keeps the instruction and the "Summary:" tag intact, which a
-    token-level left truncation would drop.
-    """
-    if max_document_chars <= 0:
-        raise ValueError(f"max_document_chars={max_document_chars} must be positive")
-    return f"{SUMMARIZATION_INSTRUCTION}\n\nArticle: {document[:max_document_chars]}\n\nSummary:"
+  Cutting characters (before tokenizing) keeps the instruction and the "Summary:" tag intact, which a
+  token-level left truncation would drop.
+  """
+  if max_document_chars <= 0:
+    raise ValueError(f"max_document_chars={max_document_chars} must be positive")
+  return f"{SUMMARIZATION_INSTRUCTION}\n\nArticle: {document[:max_document_chars]}\n\nSummary:"
 
 
 def summarization_response(summary: str) -> str:
-    """Response text: the summary after the space that follows "Summary:"."""
-    return " " + summary.strip()
+  """Response text: the summary after the space that follows "Summary:"."""
+  return " " + summary.strip()

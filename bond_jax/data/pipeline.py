@@ -40,8 +40,8 @@ DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 
 
 def decode_texts(record: Record) -> Record:
-    """The record with bytes values (TFDS Text features) decoded as UTF-8 strings."""
-    return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
+  """The record with bytes values (TFDS Text features) decoded as UTF-8 strings."""
+  return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
 
 
 def sharded_records(
@@ -54,79 +54,76 @@ def sharded_records(
     num_epochs: int | None = None,
     record_fn: Callable[[Record], Record] = decode_texts,
 ) -> grain.MapDataset:
-    """This process's records: shuffled globally (a new order each epoch), then strided by process.
+  """This process's records: shuffled globally (a new order each epoch), then strided by process.
 
-    The source is first cut to a multiple of process_count so every process sees the same number of
-    records per epoch (multi-host steps must agree on the number of batches). num_epochs=None repeats
-    forever.
-    """
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
-    if len(source) < process_count:
-        raise ValueError(f"source has {len(source)} records; need at least process_count={process_count}")
-    ds = grain.MapDataset.source(source)
-    ds = ds[: len(ds) - len(ds) % process_count]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds[process_index::process_count]
-    return ds.repeat(num_epochs).map(record_fn)
+  The source is first cut to a multiple of process_count so every process sees the same number of
+  records per epoch (multi-host steps must agree on the number of batches). num_epochs=None repeats
+  forever.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+  if len(source) < process_count:
+    raise ValueError(f"source has {len(source)} records; need at least process_count={process_count}")
+  ds = grain.MapDataset.source(source)
+  ds = ds[:len(ds) - len(ds) % process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds[process_index::process_count]
+  return ds.repeat(num_epochs).map(record_fn)
 
 
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= length."""
-    fitting = [b for b in buckets if b >= length]
-    if not fitting:
-        raise ValueError(
-            f"length {length} exceeds the largest bucket {max(buckets)}; buckets={list(buckets)}"
-        )
-    return min(fitting)
+  """The smallest bucket >= length."""
+  fitting = [b for b in buckets if b >= length]
+  if not fitting:
+    raise ValueError(f"length {length} exceeds the largest bucket {max(buckets)}; buckets={list(buckets)}")
+  return min(fitting)
 
 
-def pad_batch(
-    seqs: Sequence[np.ndarray], buckets: Sequence[int], pad_id: int, side: str = "left"
-) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [B, P] int32, mask [B, P] bool) of ragged `seqs`, P = pick_bucket(longest, buckets).
+def pad_batch(seqs: Sequence[np.ndarray], buckets: Sequence[int], pad_id: int,
+              side: str = "left") -> tuple[np.ndarray, np.ndarray]:
+  """(tokens [B, P] int32, mask [B, P] bool) of ragged `seqs`, P = pick_bucket(longest, buckets).
 
-    side='left' puts padding before the tokens (prompts, scored sequences), 'right' after them.
-    """
-    if side not in ("left", "right"):
-        raise ValueError(f"side={side!r}; allowed: 'left', 'right'")
-    width = pick_bucket(max(len(s) for s in seqs), buckets)
-    tokens = np.full((len(seqs), width), pad_id, np.int32)
-    mask = np.zeros((len(seqs), width), bool)
-    for row, seq in enumerate(seqs):
-        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        tokens[row, cols] = seq
-        mask[row, cols] = True
-    return tokens, mask
+  side='left' puts padding before the tokens (prompts, scored sequences), 'right' after them.
+  """
+  if side not in ("left", "right"):
+    raise ValueError(f"side={side!r}; allowed: 'left', 'right'")
+  width = pick_bucket(max(len(s) for s in seqs), buckets)
+  tokens = np.full((len(seqs), width), pad_id, np.int32)
+  mask = np.zeros((len(seqs), width), bool)
+  for row, seq in enumerate(seqs):
+    cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+    tokens[row, cols] = seq
+    mask[row, cols] = True
+  return tokens, mask
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, max_len: int) -> np.ndarray:
-    """[bos] + ids of `prompt`, keeping bos and the last max_len - 1 ids when too long. [n] int32."""
-    if max_len < 2:
-        raise ValueError(f"max_len={max_len} must be >= 2 (bos plus one token)")
-    ids = tokenizer.encode(prompt)[-(max_len - 1) :]
-    return np.asarray([tokenizer.bos_id, *ids], np.int32)
+  """[bos] + ids of `prompt`, keeping bos and the last max_len - 1 ids when too long. [n] int32."""
+  if max_len < 2:
+    raise ValueError(f"max_len={max_len} must be >= 2 (bos plus one token)")
+  ids = tokenizer.encode(prompt)[-(max_len - 1):]
+  return np.asarray([tokenizer.bos_id, *ids], np.int32)
 
 
 def encode_sequence(tokenizer: Tokenizer, prompt: str, response: str, max_len: int) -> dict[str, np.ndarray]:
-    """tokens [n] int32 = [bos] + prompt + response + [eos] (n <= max_len); response_mask [n] bool marks
-    response + eos. Over max_len: prompt ids after bos go first, then the response's end."""
-    prompt_ids = tokenizer.encode(prompt)
-    response_ids = tokenizer.encode(response) + [tokenizer.eos_id]
-    response_ids = response_ids[: max_len - 1]
-    keep_prompt = max(0, min(len(prompt_ids), max_len - 1 - len(response_ids)))
-    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
-    tokens = np.asarray([tokenizer.bos_id, *prompt_ids, *response_ids], np.int32)
-    response_mask = np.arange(len(tokens)) > len(prompt_ids)
-    return {"tokens": tokens, "response_mask": response_mask}
+  """tokens [n] int32 = [bos] + prompt + response + [eos] (n <= max_len); response_mask [n] bool marks
+  response + eos. Over max_len: prompt ids after bos go first, then the response's end."""
+  prompt_ids = tokenizer.encode(prompt)
+  response_ids = tokenizer.encode(response) + [tokenizer.eos_id]
+  response_ids = response_ids[:max_len - 1]
+  keep_prompt = max(0, min(len(prompt_ids), max_len - 1 - len(response_ids)))
+  prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
+  tokens = np.asarray([tokenizer.bos_id, *prompt_ids, *response_ids], np.int32)
+  response_mask = np.arange(len(tokens)) > len(prompt_ids)
+  return {"tokens": tokens, "response_mask": response_mask}
 
 
 def _check_batch_args(batch_size: int, buckets: Sequence[int]) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    if not buckets or min(buckets) < 2:
-        raise ValueError(f"buckets={list(buckets)} must be a non-empty list of lengths >= 2")
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1")
+  if not buckets or min(buckets) < 2:
+    raise ValueError(f"buckets={list(buckets)} must be a non-empty list of lengths >= 2")
 
 
 def _batches(
@@ -139,57 +136,57 @@ def _batches(
     read_options: grain.ReadOptions = DEFAULT_READ_OPTIONS,
     **reading: Any,
 ) -> grain.IterDataset:
-    """source -> sharded_records(**reading) -> encode -> batches of batch_size made by collate (a final
-    partial batch is dropped so every batch has B rows). reading: seed, shuffle, process_index,
-    process_count, num_epochs, record_fn (see sharded_records)."""
-    _check_batch_args(batch_size, buckets)
-    ds = sharded_records(source, **reading).map(encode)
-    return ds.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True, batch_fn=collate)
+  """source -> sharded_records(**reading) -> encode -> batches of batch_size made by collate (a final
+  partial batch is dropped so every batch has B rows). reading: seed, shuffle, process_index,
+  process_count, num_epochs, record_fn (see sharded_records)."""
+  _check_batch_args(batch_size, buckets)
+  ds = sharded_records(source, **reading).map(encode)
+  return ds.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True, batch_fn=collate)
 
 
-def prompt_batches(
-    source: Sequence[Record], tokenizer: Tokenizer, *, batch_size: int, buckets: Sequence[int], **reading: Any
-) -> grain.IterDataset:
-    """Left-padded prompt batches {"tokens": [B, P] int32, "mask": [B, P] bool} (see module docstring).
-    reading: seed (required) and the other options of sharded_records, read_options."""
+def prompt_batches(source: Sequence[Record], tokenizer: Tokenizer, *, batch_size: int, buckets: Sequence[int],
+                   **reading: Any) -> grain.IterDataset:
+  """Left-padded prompt batches {"tokens": [B, P] int32, "mask": [B, P] bool} (see module docstring).
+  reading: seed (required) and the other options of sharded_records, read_options."""
 
-    def collate(seqs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        tokens, mask = pad_batch(seqs, buckets, tokenizer.pad_id, side="left")
-        return {"tokens": tokens, "mask": mask}
+  def collate(seqs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    tokens, mask = pad_batch(seqs, buckets, tokenizer.pad_id, side="left")
+    return {"tokens": tokens, "mask": mask}
 
-    encode = lambda r: encode_prompt(tokenizer, r["prompt"], max(buckets))
-    return _batches(source, encode, collate, batch_size=batch_size, buckets=buckets, **reading)
+  encode = lambda r: encode_prompt(tokenizer, r["prompt"], max(buckets))
+  return _batches(source, encode, collate, batch_size=batch_size, buckets=buckets, **reading)
 
 
-def preference_batches(
-    source: Sequence[Record], tokenizer: Tokenizer, *, batch_size: int, buckets: Sequence[int], **reading: Any
-) -> grain.IterDataset:
-    """Left-padded pairs {"tokens": [B, 2, L] int32, "mask", "response_mask": [B, 2, L] bool}; axis 1 is
-    (chosen, rejected). reading: as for prompt_batches."""
+def preference_batches(source: Sequence[Record], tokenizer: Tokenizer, *, batch_size: int,
+                       buckets: Sequence[int], **reading: Any) -> grain.IterDataset:
+  """Left-padded pairs {"tokens": [B, 2, L] int32, "mask", "response_mask": [B, 2, L] bool}; axis 1 is
+  (chosen, rejected). reading: as for prompt_batches."""
 
-    def collate(pairs: Sequence[list[dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
-        seqs = [seq for pair in pairs for seq in pair]
-        tokens, mask = pad_batch([s["tokens"] for s in seqs], buckets, tokenizer.pad_id, side="left")
-        response_mask, _ = pad_batch([s["response_mask"] for s in seqs], buckets, 0, side="left")
-        shape = (len(pairs), 2, tokens.shape[-1])
-        return {
-            "tokens": tokens.reshape(shape),
-            "mask": mask.reshape(shape),
-            "response_mask": response_mask.astype(bool).reshape(shape),
-        }
+  def collate(pairs: Sequence[list[dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    seqs = [seq for pair in pairs for seq in pair]
+    tokens, mask = pad_batch([s["tokens"] for s in seqs], buckets, tokenizer.pad_id, side="left")
+    response_mask, _ = pad_batch([s["response_mask"] for s in seqs], buckets, 0, side="left")
+    shape = (len(pairs), 2, tokens.shape[-1])
+    return {
+        "tokens": tokens.reshape(shape),
+        "mask": mask.reshape(shape),
+        "response_mask": response_mask.astype(bool).reshape(shape),
+    }
 
-    max_len = max(buckets)
-    encode = lambda r: [encode_sequence(tokenizer, r["prompt"], r[key], max_len) for key in ("chosen", "rejected")]
-    return _batches(source, encode, collate, batch_size=batch_size, buckets=buckets, **reading)
+  max_len = max(buckets)
+  encode = lambda r: [
+      encode_sequence(tokenizer, r["prompt"], r[key], max_len) for key in ("chosen", "rejected")
+  ]
+  return _batches(source, encode, collate, batch_size=batch_size, buckets=buckets, **reading)
 
 
 def iterator_state_json(iterator: grain.DatasetIterator) -> str:
-    """The iterator's position as a JSON string (store it next to the model checkpoint)."""
-    return json.dumps(iterator.get_state())
+  """The iterator's position as a JSON string (store it next to the model checkpoint)."""
+  return json.dumps(iterator.get_state())
 
 
 def restore_iterator(dataset: grain.IterDataset, state_json: str) -> grain.DatasetIterator:
-    """A fresh iterator of `dataset` (built with the same arguments) resumed at `state_json`."""
-    iterator = iter(dataset)
-    iterator.set_state(json.loads(state_json))
-    return iterator
+  """A fresh iterator of `dataset` (built with the same arguments) resumed at `state_json`."""
+  iterator = iter(dataset)
+  iterator.set_state(json.loads(state_json))
+  return iterator

@@ -36,107 +36,113 @@ _RESERVED_PIECES = 4 + 256
 
 
 class Tokenizer:
-    """A SentencePiece processor plus the model bytes (so it pickles into Grain worker processes)."""
+  """A SentencePiece processor plus the model bytes (so it pickles into Grain worker processes)."""
 
-    def __init__(self, model_proto: bytes):
-        if not model_proto:
-            raise ValueError("model_proto is empty; expected the bytes of a SentencePiece .model file")
-        self._model_proto = bytes(model_proto)
-        self._sp = spm.SentencePieceProcessor(model_proto=self._model_proto)
+  def __init__(self, model_proto: bytes):
+    if not model_proto:
+      raise ValueError("model_proto is empty; expected the bytes of a SentencePiece .model file")
+    self._model_proto = bytes(model_proto)
+    self._sp = spm.SentencePieceProcessor(model_proto=self._model_proto)
 
-    def __getstate__(self) -> bytes:
-        return self._model_proto
+  def __getstate__(self) -> bytes:
+    return self._model_proto
 
-    def __setstate__(self, model_proto: bytes) -> None:
-        self.__init__(model_proto)
+  def __setstate__(self, model_proto: bytes) -> None:
+    self.__init__(model_proto)
 
-    @property
-    def model_proto(self) -> bytes:
-        return self._model_proto
+  @property
+  def model_proto(self) -> bytes:
+    return self._model_proto
 
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
 
-    @property
-    def pad_id(self) -> int:
-        """The model's pad id, or `unk_id` when it defines none (Llama)."""
-        pad = self._sp.pad_id()
-        return pad if pad >= 0 else self.unk_id
+  @property
+  def pad_id(self) -> int:
+    """The model's pad id, or `unk_id` when it defines none (Llama)."""
+    pad = self._sp.pad_id()
+    return pad if pad >= 0 else self.unk_id
 
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
 
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
 
-    @property
-    def unk_id(self) -> int:
-        return self._sp.unk_id()
+  @property
+  def unk_id(self) -> int:
+    return self._sp.unk_id()
 
-    def id_to_piece(self, token_id: int) -> str:
-        return self._sp.id_to_piece(token_id)
+  def id_to_piece(self, token_id: int) -> str:
+    return self._sp.id_to_piece(token_id)
 
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Token ids of `text` (no special ids unless asked)."""
-        return self._sp.encode(text, add_bos=add_bos, add_eos=add_eos)
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    """Token ids of `text` (no special ids unless asked)."""
+    return self._sp.encode(text, add_bos=add_bos, add_eos=add_eos)
 
-    def encode_batch(
-        self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False
-    ) -> list[list[int]]:
-        """Ragged token ids, one list per text; padding is the pipeline's job (see pipeline.pad_batch)."""
-        return self._sp.encode(list(texts), add_bos=add_bos, add_eos=add_eos)
+  def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False,
+                   add_eos: bool = False) -> list[list[int]]:
+    """Ragged token ids, one list per text; padding is the pipeline's job (see pipeline.pad_batch)."""
+    return self._sp.encode(list(texts), add_bos=add_bos, add_eos=add_eos)
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; pad/bos/eos ids are dropped (SentencePiece renders control pieces as '')."""
-        return self._sp.decode([int(i) for i in ids])
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids`; pad/bos/eos ids are dropped (SentencePiece renders control pieces as '')."""
+    return self._sp.decode([int(i) for i in ids])
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes the SentencePiece .model file."""
-        with open(path, "wb") as f:
-            f.write(self._model_proto)
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes the SentencePiece .model file."""
+    with open(path, "wb") as f:
+      f.write(self._model_proto)
 
-    def save_hf_tokenizer_files(self, out_dir: str | os.PathLike) -> None:
-        """Writes tokenizer.model, tokenizer_config.json and special_tokens_map.json into `out_dir`.
+  def save_hf_tokenizer_files(self, out_dir: str | os.PathLike) -> None:
+    """Writes tokenizer.model, tokenizer_config.json and special_tokens_map.json into `out_dir`.
 
-        `transformers.AutoTokenizer.from_pretrained(out_dir)` then builds a GemmaTokenizer from
-        tokenizer.model: byte-fallback BPE, spaces as "▁", no prefix space, which is exactly a model
-        trained by `train_bpe_tokenizer`. It adds bos (not eos) like `encode(..., add_bos=True)`.
-        """
-        os.makedirs(out_dir, exist_ok=True)
-        self.save(os.path.join(out_dir, "tokenizer.model"))
-        special = {
-            "bos_token": self.id_to_piece(self.bos_id),
-            "eos_token": self.id_to_piece(self.eos_id),
-            "unk_token": self.id_to_piece(self.unk_id),
-            "pad_token": self.id_to_piece(self.pad_id),
-        }
-        config = {
-            "tokenizer_class": "GemmaTokenizer",
-            **special,
-            # GemmaTokenizer defaults to a "<mask>" token that our vocabulary lacks; None keeps
-            # len(tokenizer) equal to vocab_size.
-            "mask_token": None,
-            "add_bos_token": True,
-            "add_eos_token": False,
-            "padding_side": "left",
-            "clean_up_tokenization_spaces": False,
-            "model_max_length": 1_000_000_000,
-        }
-        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
-            json.dump(special, f, indent=2)
+    `transformers.AutoTokenizer.from_pretrained(out_dir)` then builds a GemmaTokenizer from
+    tokenizer.model: byte-fallback BPE, spaces as "▁", no prefix space, which is exactly a model
+    trained by `train_bpe_tokenizer`. It adds bos (not eos) like `encode(..., add_bos=True)`.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    self.save(os.path.join(out_dir, "tokenizer.model"))
+    special = {
+        "bos_token": self.id_to_piece(self.bos_id),
+        "eos_token": self.id_to_piece(self.eos_id),
+        "unk_token": self.id_to_piece(self.unk_id),
+        "pad_token": self.id_to_piece(self.pad_id),
+    }
+    config = {
+        "tokenizer_class":
+            "GemmaTokenizer",
+        **special,
+        # GemmaTokenizer defaults to a "<mask>" token that our vocabulary lacks; None keeps
+        # len(tokenizer) equal to vocab_size.
+        "mask_token":
+            None,
+        "add_bos_token":
+            True,
+        "add_eos_token":
+            False,
+        "padding_side":
+            "left",
+        "clean_up_tokenization_spaces":
+            False,
+        "model_max_length":
+            1_000_000_000,
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+      json.dump(config, f, indent=2)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
+      json.dump(special, f, indent=2)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads any SentencePiece .model file (ours, Gemma's, Llama's)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"SentencePiece model {path!s} does not exist")
-    with open(path, "rb") as f:
-        return Tokenizer(f.read())
+  """Loads any SentencePiece .model file (ours, Gemma's, Llama's)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"SentencePiece model {path!s} does not exist")
+  with open(path, "rb") as f:
+    return Tokenizer(f.read())
 
 
 def train_bpe_tokenizer(
@@ -147,42 +153,40 @@ def train_bpe_tokenizer(
     max_sentence_length: int = 8192,
     num_threads: int = 2,
 ) -> Tokenizer:
-    """Trains a byte-fallback BPE SentencePiece model in memory (settings: see the module docstring).
+  """Trains a byte-fallback BPE SentencePiece model in memory (settings: see the module docstring).
 
-    `lines` are training sentences; a line containing a newline is split there because SentencePiece
-    trains on single lines. Characters below `character_coverage` become byte pieces.
-    """
-    if vocab_size <= _RESERVED_PIECES:
-        raise ValueError(
-            f"vocab_size={vocab_size} must exceed {_RESERVED_PIECES} (4 special + 256 byte pieces)"
-        )
-    sentences = [part for line in lines for part in line.split("\n") if part.strip()]
-    if not sentences:
-        raise ValueError("no non-empty training lines; expected at least one line of text")
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        split_digits=True,
-        character_coverage=character_coverage,
-        max_sentence_length=max_sentence_length,
-        pad_id=PAD_ID,
-        eos_id=EOS_ID,
-        bos_id=BOS_ID,
-        unk_id=UNK_ID,
-        pad_piece=PAD_PIECE,
-        eos_piece=EOS_PIECE,
-        bos_piece=BOS_PIECE,
-        unk_piece=UNK_PIECE,
-        num_threads=num_threads,
-        # A small corpus may not support the full vocabulary; fail loudly instead of shrinking it.
-        hard_vocab_limit=True,
-        minloglevel=2,
-    )
-    return Tokenizer(model.getvalue())
+  `lines` are training sentences; a line containing a newline is split there because SentencePiece
+  trains on single lines. Characters below `character_coverage` become byte pieces.
+  """
+  if vocab_size <= _RESERVED_PIECES:
+    raise ValueError(f"vocab_size={vocab_size} must exceed {_RESERVED_PIECES} (4 special + 256 byte pieces)")
+  sentences = [part for line in lines for part in line.split("\n") if part.strip()]
+  if not sentences:
+    raise ValueError("no non-empty training lines; expected at least one line of text")
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences),
+      model_writer=model,
+      model_type="bpe",
+      vocab_size=vocab_size,
+      byte_fallback=True,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      split_digits=True,
+      character_coverage=character_coverage,
+      max_sentence_length=max_sentence_length,
+      pad_id=PAD_ID,
+      eos_id=EOS_ID,
+      bos_id=BOS_ID,
+      unk_id=UNK_ID,
+      pad_piece=PAD_PIECE,
+      eos_piece=EOS_PIECE,
+      bos_piece=BOS_PIECE,
+      unk_piece=UNK_PIECE,
+      num_threads=num_threads,
+      # A small corpus may not support the full vocabulary; fail loudly instead of shrinking it.
+      hard_vocab_limit=True,
+      minloglevel=2,
+  )
+  return Tokenizer(model.getvalue())

@@ -93,8 +93,13 @@ def fuse_layer(cfg: ModelConfig, p: Any, fuse: bool) -> Any:
     return dict(p, attn=dict(attn, q=q))
   flat = lambda w: w.reshape(*w.shape[:-2], -1)  # [..., D, heads, Dh] -> [..., D, heads * Dh]
   qkv = jnp.concatenate([flat(q), flat(attn["k"]), flat(attn["v"])], axis=-1)
-  return dict(p, attn={"qkv": qkv, "o": attn["o"]},
-              mlp={"gate_up": jnp.concatenate([mlp["gate"], mlp["up"]], axis=-1), "down": mlp["down"]})
+  return dict(p, attn={
+      "qkv": qkv,
+      "o": attn["o"]
+  }, mlp={
+      "gate_up": jnp.concatenate([mlp["gate"], mlp["up"]], axis=-1),
+      "down": mlp["down"]
+  })
 
 
 def decode_weights(cfg: ModelConfig, params: Any, fuse: bool) -> DecodeWeights:
@@ -105,8 +110,8 @@ def decode_weights(cfg: ModelConfig, params: Any, fuse: bool) -> DecodeWeights:
   """
   params = cast_weights(params, cfg.dtype)
   stacked_or_list = layer_params(cfg, params)
-  fused = (fuse_layer(cfg, stacked_or_list, fuse) if cfg.scan_layers
-           else [fuse_layer(cfg, p, fuse) for p in stacked_or_list])
+  fused = (fuse_layer(cfg, stacked_or_list, fuse)
+           if cfg.scan_layers else [fuse_layer(cfg, p, fuse) for p in stacked_or_list])
   head = layers.head_matrix(cfg, params["embedding"], params.get("lm_head")).astype(cfg.dtype)
   return DecodeWeights(embedding=params["embedding"], layers=fused, final_norm=params["final_norm"]["scale"],
                        head=head)
@@ -191,21 +196,23 @@ def _attend(cfg: ModelConfig, q, prompt_kv, prompt_valid, blocks, num_samples: i
   dt, f32 = cfg.dtype, jnp.float32
   rows, k_heads, groups, dh = q.shape
   batch = rows // num_samples
-  q_by_prompt = q.reshape(batch, num_samples, k_heads, groups, dh).transpose(0, 2, 1, 3, 4).reshape(
-      batch, k_heads, num_samples * groups, dh)
+  q_by_prompt = q.reshape(batch, num_samples, k_heads, groups,
+                          dh).transpose(0, 2, 1, 3, 4).reshape(batch, k_heads, num_samples * groups, dh)
   s_prompt = jnp.einsum("bkmd,bkdp->bkmp", q_by_prompt, prompt_kv[0], preferred_element_type=f32)
   s_prompt = layers.mask_scores(s_prompt, prompt_valid[:, None, None, :])
   s_gen = [jnp.einsum("rkgd,rksd->rkgs", q, gk, preferred_element_type=f32) for gk, _, _ in blocks]
-  s_gen = [s if valid is None else layers.mask_scores(s, valid[:, None, None, :])
-           for s, (_, _, valid) in zip(s_gen, blocks)]
+  s_gen = [
+      s if valid is None else layers.mask_scores(s, valid[:, None, None, :])
+      for s, (_, _, valid) in zip(s_gen, blocks)
+  ]
 
   by_row = lambda t: t.reshape(batch, k_heads, num_samples, groups, *t.shape[3:]).swapaxes(1, 2).reshape(
       rows, k_heads, groups, *t.shape[3:])  # [B, K, N*g, ...] -> [R, K, g, ...]
   top = by_row(jnp.max(s_prompt, axis=-1))
   for scores in s_gen:
     top = jnp.maximum(top, jnp.max(scores, axis=-1))
-  top_by_prompt = top.reshape(batch, num_samples, k_heads, groups).transpose(0, 2, 1, 3).reshape(
-      batch, k_heads, num_samples * groups, 1)
+  top_by_prompt = top.reshape(batch, num_samples, k_heads,
+                              groups).transpose(0, 2, 1, 3).reshape(batch, k_heads, num_samples * groups, 1)
   e_prompt = jnp.exp(s_prompt - top_by_prompt)
   denom = by_row(jnp.sum(e_prompt, axis=-1))
   total = by_row(jnp.einsum("bkmp,bkpd->bkmd", e_prompt.astype(dt), prompt_kv[1], preferred_element_type=f32))
@@ -235,8 +242,8 @@ def _attention(cfg: ModelConfig, p: Any, x, rope, prompt_kv, prompt_valid, earli
   current = (jax.lax.dynamic_update_slice(current[0], k[:, :, None].astype(dt), (0, 0, slot, 0)),
              jax.lax.dynamic_update_slice(current[1], v[:, :, None].astype(dt), (0, 0, slot, 0)))
   span = current[1].shape[2]
-  blocks = [(gk, gv, None) for gk, gv in earlier] + [
-      (current[0], current[1], jnp.broadcast_to(jnp.arange(span) <= slot, (rows, span)))]
+  blocks = [(gk, gv, None) for gk, gv in earlier
+           ] + [(current[0], current[1], jnp.broadcast_to(jnp.arange(span) <= slot, (rows, span)))]
   q = q.reshape(rows, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
   q = sharding.constrain(q, ("act_batch", "act_kv_heads", None, None))
   out = layers.dense(_attend(cfg, q, prompt_kv, prompt_valid, blocks, num_samples), p["o"], "rhk,hkd->rd")
@@ -257,8 +264,8 @@ def mlp(cfg: ModelConfig, p: Any, x: jax.Array) -> jax.Array:
 
 def _block(cfg, p, x, rope, prompt_kv, prompt_valid, earlier, current, slot, num_samples):
   """Pre-norm residual block (transformer.Block) of one token per row: x [R, D] -> (x, current)."""
-  h, current = _attention(cfg, p["attn"], layers.rms_norm(cfg, p["attn_norm"]["scale"], x), rope,
-                          prompt_kv, prompt_valid, earlier, current, slot, num_samples)
+  h, current = _attention(cfg, p["attn"], layers.rms_norm(cfg, p["attn_norm"]["scale"], x), rope, prompt_kv,
+                          prompt_valid, earlier, current, slot, num_samples)
   x = x + h
   x = x + mlp(cfg, p["mlp"], layers.rms_norm(cfg, p["mlp_norm"]["scale"], x))
   return sharding.constrain(x, ("act_batch", "act_embed")), current
@@ -283,11 +290,13 @@ def step(cfg: ModelConfig, weights: DecodeWeights, rope_table, prompt_cache: Pro
   pk, pv, p_valid = prompt_cache
   earlier_kv = [(b["k"], b["v"]) for b in earlier]
   if cfg.scan_layers:
+
     def body(x, xs):
       p, lpk, lpv, layer_kv, ck, cv = xs
       return _block(cfg, p, x, rope, (lpk, lpv), p_valid, layer_kv, (ck, cv), slot, num_samples)
-    x, (new_k, new_v) = jax.lax.scan(body, x, (weights.layers, pk, pv, earlier_kv, current["k"],
-                                               current["v"]))
+
+    x, (new_k, new_v) = jax.lax.scan(body, x,
+                                     (weights.layers, pk, pv, earlier_kv, current["k"], current["v"]))
   else:
     new_k, new_v = [], []
     for i, p in enumerate(weights.layers):

@@ -19,7 +19,7 @@ NEG_INF = -1e30  # finite, so a score row with nothing to attend to (a left pad)
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
   """[Dh / 2] rotary inverse frequencies, with Llama 3 scaling when configured."""
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+  inv_freq = 1.0 / (cfg.rope_theta**(jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
   if cfg.rope_llama3_scaling is None:
     return inv_freq
   factor, low_freq_factor, high_freq_factor, original_context = cfg.rope_llama3_scaling
@@ -71,7 +71,7 @@ def gated(cfg: ModelConfig, gate: jax.Array, up: jax.Array) -> jax.Array:
 def query_scale(cfg: ModelConfig) -> float:
   """The attention-score scale 1/sqrt(Dh) (the forward multiplies scores by it; the decode step folds it
   into q's weights, which is the same map since RoPE is linear)."""
-  return cfg.head_dim ** -0.5
+  return cfg.head_dim**-0.5
 
 
 def mask_scores(scores: jax.Array, attend: jax.Array) -> jax.Array:
@@ -83,7 +83,7 @@ def embed(cfg: ModelConfig, embedding: jax.Array, tokens: jax.Array) -> jax.Arra
   """Token embeddings [*tokens.shape, D] in the compute dtype, times sqrt(D) for Gemma."""
   x = jnp.take(embedding, tokens, axis=0).astype(cfg.dtype)
   if cfg.family == "gemma":
-    x = x * jnp.asarray(cfg.d_model ** 0.5, dtype=cfg.dtype)
+    x = x * jnp.asarray(cfg.d_model**0.5, dtype=cfg.dtype)
   return x
 
 

@@ -11,27 +11,33 @@ from bond_jax.models.config import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
     # Smoke tests of the whole pipeline (configs/dialogue.py:smoke).
-    "micro": ModelConfig(family="llama", vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         head_dim=16, mlp_dim=128, max_seq_len=256, tie_embeddings=True),
+    "micro":
+        ModelConfig(family="llama", vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=16, mlp_dim=128, max_seq_len=256, tie_embeddings=True),
     # CPU tests and the embedded dialogue default (vocab set by the tokenizer trained on the data).
-    "tiny": ModelConfig(family="llama", vocab_size=2048, d_model=256, num_layers=4, num_heads=4,
-                        num_kv_heads=2, head_dim=64, mlp_dim=768, max_seq_len=512, tie_embeddings=True),
-    "small": ModelConfig(family="llama", vocab_size=8192, d_model=512, num_layers=8, num_heads=8,
-                         num_kv_heads=4, head_dim=64, mlp_dim=1536, max_seq_len=1024, tie_embeddings=True),
-    "gemma_tiny": ModelConfig(family="gemma", vocab_size=2048, d_model=256, num_layers=4, num_heads=4,
-                              num_kv_heads=1, head_dim=64, mlp_dim=1024, max_seq_len=512),
+    "tiny":
+        ModelConfig(family="llama", vocab_size=2048, d_model=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                    head_dim=64, mlp_dim=768, max_seq_len=512, tie_embeddings=True),
+    "small":
+        ModelConfig(family="llama", vocab_size=8192, d_model=512, num_layers=8, num_heads=8, num_kv_heads=4,
+                    head_dim=64, mlp_dim=1536, max_seq_len=1024, tie_embeddings=True),
+    "gemma_tiny":
+        ModelConfig(family="gemma", vocab_size=2048, d_model=256, num_layers=4, num_heads=4, num_kv_heads=1,
+                    head_dim=64, mlp_dim=1024, max_seq_len=512),
     # Llama 3.2 1B: tied embeddings, RoPE with Llama 3 frequency scaling.
-    "llama_1b": ModelConfig(family="llama", vocab_size=128_256, d_model=2048, num_layers=16, num_heads=32,
-                            num_kv_heads=8, head_dim=64, mlp_dim=8192, rope_theta=500_000.0,
-                            rope_llama3_scaling=(32.0, 1.0, 4.0, 8192), norm_eps=1e-5,
-                            tie_embeddings=True, max_seq_len=8192, compute_dtype="bfloat16",
-                            scan_layers=True, remat=True),
-    "gemma_2b": ModelConfig(family="gemma", vocab_size=256_000, d_model=2048, num_layers=18, num_heads=8,
-                            num_kv_heads=1, head_dim=256, mlp_dim=16_384, max_seq_len=8192,
-                            compute_dtype="bfloat16", scan_layers=True, remat=True),
-    "gemma_7b": ModelConfig(family="gemma", vocab_size=256_000, d_model=3072, num_layers=28, num_heads=16,
-                            num_kv_heads=16, head_dim=256, mlp_dim=24_576, max_seq_len=8192,
-                            compute_dtype="bfloat16", scan_layers=True, remat=True),
+    "llama_1b":
+        ModelConfig(family="llama", vocab_size=128_256, d_model=2048, num_layers=16, num_heads=32,
+                    num_kv_heads=8, head_dim=64, mlp_dim=8192, rope_theta=500_000.0,
+                    rope_llama3_scaling=(32.0, 1.0, 4.0, 8192), norm_eps=1e-5, tie_embeddings=True,
+                    max_seq_len=8192, compute_dtype="bfloat16", scan_layers=True, remat=True),
+    "gemma_2b":
+        ModelConfig(family="gemma", vocab_size=256_000, d_model=2048, num_layers=18, num_heads=8,
+                    num_kv_heads=1, head_dim=256, mlp_dim=16_384, max_seq_len=8192, compute_dtype="bfloat16",
+                    scan_layers=True, remat=True),
+    "gemma_7b":
+        ModelConfig(family="gemma", vocab_size=256_000, d_model=3072, num_layers=28, num_heads=16,
+                    num_kv_heads=16, head_dim=256, mlp_dim=24_576, max_seq_len=8192, compute_dtype="bfloat16",
+                    scan_layers=True, remat=True),
 }
 
 

@@ -63,14 +63,14 @@ class Attention(nn.Module):
   def __call__(self, x, positions, attend, layer_cache):
     """x [B, T, D]; attend [B, S, T?]: see Transformer; layer_cache None or (k, v) [B, S, K, Dh]."""
     cfg, dt = self.cfg, self.cfg.dtype
-    init = nn.initializers.normal(stddev=cfg.d_model ** -0.5)
+    init = nn.initializers.normal(stddev=cfg.d_model**-0.5)
     wq = _param(self, "q", init, (cfg.d_model, cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
                 cfg.params_dtype)
     wk = _param(self, "k", init, (cfg.d_model, cfg.num_kv_heads, cfg.head_dim),
                 ("embed", "kv_heads", "head_dim"), cfg.params_dtype)
     wv = _param(self, "v", init, (cfg.d_model, cfg.num_kv_heads, cfg.head_dim),
                 ("embed", "kv_heads", "head_dim"), cfg.params_dtype)
-    wo = _param(self, "o", nn.initializers.normal(stddev=(cfg.num_heads * cfg.head_dim) ** -0.5),
+    wo = _param(self, "o", nn.initializers.normal(stddev=(cfg.num_heads * cfg.head_dim)**-0.5),
                 (cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"), cfg.params_dtype)
     inv_freq = layers.rope_inverse_frequencies(cfg)
     q = apply_rope(jnp.einsum("btd,dhk->bthk", x, wq.astype(dt)), positions, inv_freq)
@@ -91,7 +91,7 @@ class Attention(nn.Module):
     scores = layers.mask_scores(scores, attend[:, None, None, :, :])
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(batch, length, cfg.num_heads,
-                                                                        cfg.head_dim)
+                                                                       cfg.head_dim)
     out = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
     return constrain(out, ("act_batch", "act_length", "act_embed")), new_cache
 
@@ -102,11 +102,11 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg, dt = self.cfg, self.cfg.dtype
-    init_in = nn.initializers.normal(stddev=cfg.d_model ** -0.5)
+    init_in = nn.initializers.normal(stddev=cfg.d_model**-0.5)
     gate = _param(self, "gate", init_in, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), cfg.params_dtype)
     up = _param(self, "up", init_in, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), cfg.params_dtype)
-    down = _param(self, "down", nn.initializers.normal(stddev=cfg.mlp_dim ** -0.5),
-                  (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), cfg.params_dtype)
+    down = _param(self, "down", nn.initializers.normal(stddev=cfg.mlp_dim**-0.5), (cfg.mlp_dim, cfg.d_model),
+                  ("mlp", "embed"), cfg.params_dtype)
     h = layers.gated(cfg, x @ gate.astype(dt), x @ up.astype(dt))
     h = constrain(h, ("act_batch", "act_length", "act_mlp"))
     return h @ down.astype(dt)
@@ -118,8 +118,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, attend, layer_cache):
-    h, new_cache = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), positions,
-                                                    attend, layer_cache)
+    h, new_cache = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), positions, attend,
+                                                    layer_cache)
     x = x + h
     x = x + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
     return constrain(x, ("act_batch", "act_length", "act_embed")), new_cache
@@ -145,7 +145,7 @@ class Transformer(nn.Module):
   def setup(self):
     cfg = self.cfg
     # 1/sqrt(D): unit-scale rows after Gemma's sqrt(D) multiplier, and modest logits when tied.
-    self.embedding = _param(self, "embedding", nn.initializers.normal(stddev=cfg.d_model ** -0.5),
+    self.embedding = _param(self, "embedding", nn.initializers.normal(stddev=cfg.d_model**-0.5),
                             (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.params_dtype)
     if cfg.scan_layers:
       self.layers = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -156,7 +156,7 @@ class Transformer(nn.Module):
       self.blocks = [block_cls(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg)
     if self.with_lm_head and not cfg.tie_embeddings:
-      self.lm_head = _param(self, "lm_head", nn.initializers.normal(stddev=cfg.d_model ** -0.5),
+      self.lm_head = _param(self, "lm_head", nn.initializers.normal(stddev=cfg.d_model**-0.5),
                             (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.params_dtype)
 
   def hidden(self, tokens: jax.Array, token_mask: jax.Array, cache: Cache | None = None):
@@ -209,8 +209,12 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
   """An empty cache of `length` slots for `batch` rows (dtype defaults to the compute dtype)."""
   dtype = cfg.dtype if dtype is None else dtype
   shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "valid": jnp.zeros((batch, length), bool), "index": jnp.zeros((), jnp.int32)}
+  return {
+      "k": jnp.zeros(shape, dtype),
+      "v": jnp.zeros(shape, dtype),
+      "valid": jnp.zeros((batch, length), bool),
+      "index": jnp.zeros((), jnp.int32)
+  }
 
 
 def forward(cfg: ModelConfig, params: Any, tokens: jax.Array, token_mask: jax.Array) -> jax.Array:

@@ -1,4 +1,5 @@
-"""The distillation stage: J-BOND (default), BOND, iterative BOND or RLOO on the frozen pi_ref and reward model.
+"""The distillation stage: J-BOND (default), BOND, iterative BOND or RLOO on the frozen pi_ref and reward
+model.
 
 One step: prompts [B, P] -> the algorithm's rollout (policy / anchor / reference samples, their rewards) ->
 its jitted update (algorithms.py) -> metrics. Every train.eval_every steps the policy's single sample is
@@ -32,8 +33,8 @@ def frozen_models(ctx: Context) -> FrozenModels:
   reference, cfg = artifacts.load(config.reference or ctx.workdir, "lm", mesh)
   reward_params, reward_cfg = artifacts.load(config.reward_model or ctx.workdir, "reward", mesh)
   return FrozenModels(policy_cfg=cfg, reference_params=reference, reward_cfg=reward_cfg,
-                      reward_params=reward_params, eos_ids=(ctx.tokenizer.eos_id,), pad_id=ctx.tokenizer.pad_id,
-                      mesh=mesh)
+                      reward_params=reward_params, eos_ids=(ctx.tokenizer.eos_id,),
+                      pad_id=ctx.tokenizer.pad_id, mesh=mesh)
 
 
 class _Evaluation:
@@ -64,8 +65,9 @@ class _Evaluation:
       self.pool = evaluate_lib.reference_pool(frozen, prompts, mask, jax.random.fold_in(self.rng, _POOL_SEED),
                                               num_samples=c.eval.quantile_samples,
                                               max_new_tokens=c.sampling.max_new_tokens)
-    result = evaluate_lib.evaluate(frozen, state.params, prompts, mask, jax.random.fold_in(self.rng, step),
-                                   self.pool, best_of=tuple(c.eval.best_of), policy_samples=c.eval.policy_samples,
+    result = evaluate_lib.evaluate(frozen, state.params, prompts, mask, jax.random.fold_in(self.rng,
+                                                                                           step), self.pool,
+                                   best_of=tuple(c.eval.best_of), policy_samples=c.eval.policy_samples,
                                    max_new_tokens=c.sampling.max_new_tokens)
     target = algorithms.get(c.bond.algorithm).target_best_of(c.bond, step)
     if target is not None:
@@ -90,12 +92,14 @@ def eval_line(result: dict[str, Any]) -> str:
   bon = result["best_of_n"]
   shown = [n for n in sorted(bon, key=int) if n in ("2", "4")] or sorted(bon, key=int)[:2]
   rewards = ", ".join(f"BoN-{n} {bon[n]['reward']:.3f}" for n in shown)
-  lengths = ", ".join(f"BoN-{n} {bon[n]['response_length']:.1f}" for n in shown if "response_length" in bon[n])
-  line = (f"policy reward {result['policy_reward']:.3f} (ref {result['reference_reward']:.3f}, {rewards}) | "
-          f"quantile {result['policy_quantile_mean']:.3f} +- {result['policy_quantile_stderr']:.3f} (N_eff "
-          f"{result['policy_effective_n']:.2f}) | KL(pi||ref) {result['kl_policy_ref']:.3f} +- "
-          f"{result['kl_policy_ref_stderr']:.3f} (BoN at N_eff {result['kl_bon_at_effective_n']:.3f}) | length "
-          f"{result['policy_response_length']:.1f} (ref {result['reference_response_length']:.1f}, {lengths})")
+  lengths = ", ".join(
+      f"BoN-{n} {bon[n]['response_length']:.1f}" for n in shown if "response_length" in bon[n])
+  line = (
+      f"policy reward {result['policy_reward']:.3f} (ref {result['reference_reward']:.3f}, {rewards}) | "
+      f"quantile {result['policy_quantile_mean']:.3f} +- {result['policy_quantile_stderr']:.3f} (N_eff "
+      f"{result['policy_effective_n']:.2f}) | KL(pi||ref) {result['kl_policy_ref']:.3f} +- "
+      f"{result['kl_policy_ref_stderr']:.3f} (BoN at N_eff {result['kl_bon_at_effective_n']:.3f}) | length "
+      f"{result['policy_response_length']:.1f} (ref {result['reference_response_length']:.1f}, {lengths})")
   if "target_best_of" in result:
     line += f" | aims at BoN-{result['target_best_of']:.2f} (KL {result['kl_target_best_of']:.3f})"
   return line
@@ -110,7 +114,8 @@ def build(ctx: Context) -> loop.Stage:
   optimizer = update.make_optimizer(update.OptimizerConfig.from_section(config.optimizer, config.train.steps))
   with jax.set_mesh(mesh):
     policy = jax.tree.map(jnp.copy, frozen.reference_params)
-  state = update.new_state(policy, optimizer, mesh, frozen.reference_params if algorithm.uses_anchor else None)
+  state = update.new_state(policy, optimizer, mesh,
+                           frozen.reference_params if algorithm.uses_anchor else None)
   options = dict(num_microbatches=config.optimizer.grad_accum_steps, mesh=mesh,
                  state_sharding=sharding.shardings_of(state),
                  ref_sharding=sharding.shardings_of(frozen.reference_params))
@@ -127,11 +132,11 @@ def build(ctx: Context) -> loop.Stage:
 
   evaluation = _Evaluation(ctx, frozen, eval_prompts) if config.eval.num_prompts else None
   run_step = lambda state, batch: step(state, frozen.reference_params, batch)
-  return loop.Stage(
-      name=STAGE, kind=KIND, mesh=mesh, model=frozen.policy_cfg, schedule=loop.Schedule.from_section(config.train),
-      state=state, step=run_step, batches=prompts_lib.prompt_dataset(config, train_prompts, ctx.tokenizer),
-      prepare=prepare, evaluate=evaluation, eval_line=eval_line, evaluate_first=True,
-      progress_keys=algorithms.PROGRESS_KEYS + ("response_length",))
+  return loop.Stage(name=STAGE, kind=KIND, mesh=mesh, model=frozen.policy_cfg,
+                    schedule=loop.Schedule.from_section(config.train), state=state, step=run_step,
+                    batches=prompts_lib.prompt_dataset(config, train_prompts, ctx.tokenizer), prepare=prepare,
+                    evaluate=evaluation, eval_line=eval_line, evaluate_first=True,
+                    progress_keys=algorithms.PROGRESS_KEYS + ("response_length",))
 
 
 def report(result: dict[str, Any]) -> str:

@@ -3,7 +3,8 @@
     python -m bond_jax.train --config=configs/dialogue.py --workdir=runs/dialogue --until=reward
 
 Loss: -log sigmoid(r(x, chosen) - r(x, rejected)), averaged over pairs (preference_batches). The backbone
-starts from the SFT checkpoint of the workdir (the pipeline runs that stage first) or from config.reference; the scalar
+starts from the SFT checkpoint of the workdir (the pipeline runs that stage first) or from
+config.reference; the scalar
 head starts at zero, so every pair starts at a margin of 0.
 
 Reported on the validation and test pairs (their starter prompts are unseen in training): pairwise
@@ -57,12 +58,14 @@ def pairwise_wins(margins: np.ndarray) -> np.ndarray:
 
 def bradley_terry_loss(cfg: ModelConfig):
   """(params, batch) -> (mean -log sigmoid(r_chosen - r_rejected), {accuracy, margin})."""
+
   def fn(params, batch):
     scores = score_pairs(cfg, params, batch["tokens"], batch["mask"])
     margin = scores[:, 0] - scores[:, 1]
     loss = jnp.mean(jax.nn.softplus(-margin))  # = -log sigmoid(margin), stable for large |margin|
     accuracy = jnp.mean(jnp.where(margin > 0, 1.0, jnp.where(margin == 0, 0.5, 0.0)))
     return loss, {"accuracy": accuracy, "margin": jnp.mean(margin)}
+
   return fn
 
 
@@ -82,13 +85,18 @@ def pair_batches(records: Sequence[dict], tokenizer: Tokenizer, batch_size: int,
     chunk = list(records[start:start + batch_size])
     real = len(chunk)
     chunk += [chunk[0]] * (batch_size - real)
-    seqs = [pipeline.encode_sequence(tokenizer, r["prompt"], r[k], max(buckets))
-            for r in chunk for k in ("chosen", "rejected")]
+    seqs = [
+        pipeline.encode_sequence(tokenizer, r["prompt"], r[k], max(buckets)) for r in chunk
+        for k in ("chosen", "rejected")
+    ]
     tokens, mask = pipeline.pad_batch([s["tokens"] for s in seqs], buckets, tokenizer.pad_id, "left")
     response_mask, _ = pipeline.pad_batch([s["response_mask"] for s in seqs], buckets, 0, "left")
     shape = (batch_size, 2, tokens.shape[-1])
-    out.append(({"tokens": tokens.reshape(shape), "mask": mask.reshape(shape),
-                 "response_mask": response_mask.astype(bool).reshape(shape)}, real))
+    out.append(({
+        "tokens": tokens.reshape(shape),
+        "mask": mask.reshape(shape),
+        "response_mask": response_mask.astype(bool).reshape(shape)
+    }, real))
   return out
 
 
@@ -107,9 +115,10 @@ def _summary(prefix: str, wins: np.ndarray) -> dict[str, float]:
 def make_evaluate(cfg: ModelConfig, mesh, param_shardings, splits: dict[str, list[dict]],
                   tokenizer: Tokenizer, batch_size: int, buckets: Sequence[int]):
   """(params, final) -> metrics on the first split (validation), and on every split when final."""
-  score = jax.jit(lambda params, b: score_pairs(cfg, params, b["tokens"], b["mask"]),
-                  in_shardings=(param_shardings, {k: sharding.batch_sharding(mesh, n) for k, n in NDIMS.items()}),
-                  out_shardings=sharding.replicated(mesh))
+  score = jax.jit(
+      lambda params, b: score_pairs(cfg, params, b["tokens"], b["mask"]), in_shardings=(param_shardings, {
+          k: sharding.batch_sharding(mesh, n) for k, n in NDIMS.items()
+      }), out_shardings=sharding.replicated(mesh))
   batches = {name: pair_batches(records, tokenizer, batch_size, buckets) for name, records in splits.items()}
   fixed = {}  # metrics that do not depend on the params
   for name, records in splits.items():
@@ -150,9 +159,10 @@ def _splits(builder) -> dict[str, list[dict]]:
                      "data.max_conversations (0 = all)")
   meta = builder.info.metadata
   if jax.process_index() == 0:
-    print(f"[{STAGE}] pairs train/validation/test {meta.get('pairs_train')}/{meta.get('pairs_validation')}/"
-          f"{meta.get('pairs_test')} over {meta.get('prompts_train')}/{meta.get('prompts_validation')}/"
-          f"{meta.get('prompts_test')} starter prompts", flush=True)
+    print(
+        f"[{STAGE}] pairs train/validation/test {meta.get('pairs_train')}/{meta.get('pairs_validation')}/"
+        f"{meta.get('pairs_test')} over {meta.get('prompts_train')}/{meta.get('prompts_validation')}/"
+        f"{meta.get('prompts_test')} starter prompts", flush=True)
   return {name: _records(builder.as_data_source(name)) for name in EVAL_SPLITS if name in present}
 
 
@@ -169,21 +179,24 @@ def build(ctx: Context) -> loop.Stage:
   optimizer = update.make_optimizer(update.OptimizerConfig.from_section(c, c.steps))
   state = update.new_state(params, optimizer, mesh)
   loss = bradley_terry_loss(cfg)
-  step = update.build_update_step(lambda params, anchor, ref, batch: loss(params, batch), optimizer, mesh=mesh,
-                                  state_sharding=sharding.shardings_of(state))
+  step = update.build_update_step(lambda params, anchor, ref, batch: loss(params, batch), optimizer,
+                                  mesh=mesh, state_sharding=sharding.shardings_of(state))
   # Evaluation batches are global (every process scores every pair), rows split over the mesh.
   evaluate = make_evaluate(cfg, mesh, sharding.shardings_of(state.params), splits, tokenizer, c.batch_size,
                            buckets)
   return loop.Stage(
       name=STAGE, kind=KIND, mesh=mesh, model=cfg, schedule=loop.Schedule.from_section(c), state=state,
-      step=lambda state, batch: step(state, None, batch), batches=batches,
-      prepare=lambda batch, state, step: (sharding.shard_batch(batch, mesh), {"tokens": float(batch["mask"].sum())}),
-      evaluate=lambda state, step, final: evaluate(state.params, final))
+      step=lambda state, batch: step(state, None, batch), batches=batches, prepare=lambda batch, state, step:
+      (sharding.shard_batch(batch, mesh), {
+          "tokens": float(batch["mask"].sum())
+      }), evaluate=lambda state, step, final: evaluate(state.params, final))
 
 
 def report(m: dict[str, Any]) -> str:
-  lines = [f"[{STAGE}] step {m['step']}: held-out pairwise accuracy (95% Wilson interval; pairs share "
-           "starter prompts, so the interval is optimistic)"]
+  lines = [
+      f"[{STAGE}] step {m['step']}: held-out pairwise accuracy (95% Wilson interval; pairs share "
+      "starter prompts, so the interval is optimistic)"
+  ]
   for name in (n for n in EVAL_SPLITS if f"{n}_accuracy" in m):
     lines.append(f"  {name}: {m[f'{name}_accuracy']:.3f} [{m[f'{name}_ci_low']:.3f}, "
                  f"{m[f'{name}_ci_high']:.3f}] on {m[f'{name}_pairs']:.0f} pairs / "
@@ -191,5 +204,3 @@ def report(m: dict[str, Any]) -> str:
                  f"{m[f'{name}_length_accuracy']:.3f} [{m[f'{name}_length_ci_low']:.3f}, "
                  f"{m[f'{name}_length_ci_high']:.3f}]")
   return "\n".join(lines)
-
-

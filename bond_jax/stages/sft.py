@@ -69,9 +69,11 @@ def response_nll(cfg: ModelConfig, params: Any, batch: dict) -> tuple[jax.Array,
 
 def loss_fn(cfg: ModelConfig):
   """(params, batch) -> (mean response-token NLL, metrics)."""
+
   def fn(params, batch):
     total, count = response_nll(cfg, params, batch)
     return total / jnp.maximum(count, 1.0), {"loss_tokens": count}
+
   return fn
 
 
@@ -119,33 +121,33 @@ def build(ctx: Context) -> loop.Stage:
   cfg = presets.from_config(config.model, tokenizer.vocab_size)
   builder = ctx.dialogues
   pcount, pindex = jax.process_count(), jax.process_index()
-  batches = lambda split: sft_batches(builder.as_data_source(split), tokenizer, batch_size=c.batch_size // pcount,
-                                      seq_len=c.seq_len, seed=config.seed, process_index=pindex,
-                                      process_count=pcount)
+  batches = lambda split: sft_batches(builder.as_data_source(
+      split), tokenizer, batch_size=c.batch_size // pcount, seq_len=c.seq_len, seed=config.seed, process_index
+                                      =pindex, process_count=pcount)
   val_batches = [b for _, b in zip(range(c.eval_batches), iter(batches("validation")))]
   log_probs = unigram_log_probs(prepare.train_responses(config), tokenizer, cfg.vocab_size)
   total, count = unigram_nll(log_probs, val_batches)
   unigram_ppl = float(np.exp(total / max(count, 1.0)))
   if jax.process_index() == 0:
-    print(f"[{STAGE}] model {cfg.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}; unigram "
-          f"validation perplexity {unigram_ppl:.1f}", flush=True)
+    print(
+        f"[{STAGE}] model {cfg.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}; unigram "
+        f"validation perplexity {unigram_ppl:.1f}", flush=True)
 
   init_rng, _ = jax.random.split(jax.random.key(config.seed))
   optimizer = update.make_optimizer(update.OptimizerConfig.from_section(c, c.steps))
   state = update.new_state(params_lib.init_sharded(cfg, KIND, init_rng, mesh), optimizer, mesh)
   loss = loss_fn(cfg)
-  step = update.build_update_step(lambda params, anchor, ref, batch: loss(params, batch), optimizer, mesh=mesh,
-                                  state_sharding=sharding.shardings_of(state))
+  step = update.build_update_step(lambda params, anchor, ref, batch: loss(params, batch), optimizer,
+                                  mesh=mesh, state_sharding=sharding.shardings_of(state))
   evaluate = make_evaluate(cfg, mesh, sharding.shardings_of(state.params), val_batches, unigram_ppl)
   return loop.Stage(
       name=STAGE, kind=KIND, mesh=mesh, model=cfg, schedule=loop.Schedule.from_section(c), state=state,
       step=lambda state, batch: step(state, None, batch), batches=batches("train"),
-      prepare=lambda batch, state, step: (sharding.shard_batch(batch, mesh), {"tokens": float(batch["mask"].sum())}),
-      evaluate=lambda state, step, final: evaluate(state.params, final))
+      prepare=lambda batch, state, step: (sharding.shard_batch(batch, mesh), {
+          "tokens": float(batch["mask"].sum())
+      }), evaluate=lambda state, step, final: evaluate(state.params, final))
 
 
 def report(metrics: dict[str, Any]) -> str:
   return (f"[{STAGE}] validation loss {metrics['val_loss']:.4f}, perplexity {metrics['val_ppl']:.2f} "
           f"(unigram baseline {metrics['unigram_ppl']:.1f}) at step {metrics['step']}")
-
-

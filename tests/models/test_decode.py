@@ -44,10 +44,12 @@ def _decode_logits(cfg, params, prompts, prompt_mask, fed, num_samples, fuse):
   slots, spans = decode.chunks(steps - 1)
   finished, out = [], [jnp.repeat(first, num_samples, axis=0)[:, None]]
   for start, stop in spans:
+
     def body(block, step, start=start, earlier=list(finished)):
       logits, block = decode.step(cfg, weights, rope, prompt_cache, earlier, block, fed[:, step - 1],
                                   row_lengths + step - 1, step - 1 - start, num_samples)
       return block, logits
+
     block, logits = jax.lax.scan(body, decode.empty_block(cfg, rows, slots), jnp.arange(start + 1, stop + 1))
     finished.append(block)
     out.append(logits.swapaxes(0, 1))
@@ -92,7 +94,7 @@ def test_decode_weights_fold_the_score_scale_and_fuse_the_products():
   attn, mlp = params["layer_1"]["attn"], params["layer_1"]["mlp"]
   qkv = fused.layers[1]["attn"]["qkv"]
   assert qkv.shape == (64, (4 + 2 * 2) * 16) and fused.layers[1]["mlp"]["gate_up"].shape == (64, 2 * 96)
-  np.testing.assert_array_equal(qkv[:, :64], attn["q"].reshape(64, -1) * 16 ** -0.5)
+  np.testing.assert_array_equal(qkv[:, :64], attn["q"].reshape(64, -1) * 16**-0.5)
   np.testing.assert_array_equal(fused.layers[1]["mlp"]["gate_up"][:, 96:], mlp["up"])
   np.testing.assert_array_equal(fused.head, params["lm_head"])
   unfused = decode.decode_weights(cfg, params, fuse=False)

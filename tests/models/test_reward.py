@@ -30,12 +30,12 @@ def test_score_is_head_at_last_real_token_and_padding_invariant():
   mask[1, :3] = False
   tokens[1, :3] = 0
   scores = np.asarray(SCORE(CFG, params, tokens, mask))
-  hidden, _ = transformer.Transformer(CFG, with_lm_head=False).apply(
-      {"params": params["backbone"]}, tokens, mask, method=transformer.Transformer.hidden)
+  hidden, _ = transformer.Transformer(CFG,
+                                      with_lm_head=False).apply({"params": params["backbone"]}, tokens, mask,
+                                                                method=transformer.Transformer.hidden)
   np.testing.assert_allclose(scores, np.asarray(hidden[:, -1] @ params["head"]), rtol=1e-5)
   alone = tokens[1:, 3:]
-  np.testing.assert_allclose(SCORE(CFG, params, alone, np.ones_like(alone, bool))[0], scores[1],
-                             atol=1e-5)
+  np.testing.assert_allclose(SCORE(CFG, params, alone, np.ones_like(alone, bool))[0], scores[1], atol=1e-5)
   assert "lm_head" not in params["backbone"]
 
 

@@ -61,20 +61,30 @@ def test_logits_do_not_depend_on_left_padding_or_batch_mates():
 def test_scan_and_remat_give_the_same_logits_and_gradients():
   base = ModelConfig(**BASE)
   params = _params(base)
-  scanned = {"embedding": params["embedding"], "final_norm": params["final_norm"],
-             "layers": {"block": jax.tree.map(lambda *x: jnp.stack(x), params["layer_0"], params["layer_1"])}}
+  scanned = {
+      "embedding": params["embedding"],
+      "final_norm": params["final_norm"],
+      "layers": {
+          "block": jax.tree.map(lambda *x: jnp.stack(x), params["layer_0"], params["layer_1"])
+      }
+  }
   tokens, mask = _left_padded(3, lengths=(5, 8), width=8)
 
   def loss(cfg, p):
-    return jnp.mean(transformer.forward(cfg, p, tokens, mask)[mask] ** 2)
+    return jnp.mean(transformer.forward(cfg, p, tokens, mask)[mask]**2)
 
   ref_loss, ref_grad = jax.value_and_grad(lambda p: loss(base, p))(params)
   for cfg, p in ((base.replace(remat=True), params), (base.replace(scan_layers=True, remat=True), scanned)):
     value, grad = jax.value_and_grad(lambda q: loss(cfg, q))(p)
     np.testing.assert_allclose(value, ref_loss, rtol=1e-6)
     if cfg.scan_layers:
-      grad = {"embedding": grad["embedding"], "final_norm": grad["final_norm"],
-              **{f"layer_{i}": jax.tree.map(lambda x: x[i], grad["layers"]["block"]) for i in range(2)}}
+      grad = {
+          "embedding": grad["embedding"],
+          "final_norm": grad["final_norm"],
+          **{
+              f"layer_{i}": jax.tree.map(lambda x: x[i], grad["layers"]["block"]) for i in range(2)
+          }
+      }
     for a, b in zip(jax.tree.leaves(ref_grad), jax.tree.leaves(grad)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 

@@ -8,7 +8,6 @@ from bond_jax import artifacts, checkpoint, pipeline, sharding, workdir as wd
 from bond_jax.stages import reward_model as rt
 from configs import dialogue
 
-
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
@@ -25,10 +24,15 @@ def test_pairwise_wins_and_length_baseline(tmp_path):
   np.testing.assert_array_equal(rt.pairwise_wins(np.array([0.3, 0.0, -1.0])), [1.0, 0.5, 0.0])
 
   class Words:  # a stand-in tokenizer: one token per word
+
     def encode_batch(self, texts):
       return [t.split() for t in texts]
-  records = [dict(chosen="a b c", rejected="a"), dict(chosen="a", rejected="a b"),
-             dict(chosen="a b", rejected="c d")]
+
+  records = [
+      dict(chosen="a b c", rejected="a"),
+      dict(chosen="a", rejected="a b"),
+      dict(chosen="a b", rejected="c d")
+  ]
   np.testing.assert_array_equal(rt.length_baseline_wins(records, Words()), [1.0, 0.0, 0.5])
 
 
@@ -36,12 +40,12 @@ def tiny_config():
   c = dialogue.get_config()
   c.data.max_conversations = 600  # enough rated conversations for pairs in every split
   c.data.vocab_size = 400
-  c.model.overrides.update(dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                                mlp_dim=64))
+  c.model.overrides.update(
+      dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64))
   c.sft.update(dict(steps=2, batch_size=8, seq_len=64, eval_every=2, eval_batches=1, checkpoint_every=2))
-  c.reward_training.update(dict(steps=30, batch_size=8, max_len=64, buckets=(32, 64), learning_rate=3e-3,
-                                warmup_steps=2, max_pairs_per_prompt=4, eval_every=30,
-                                checkpoint_every=30, log_every=10))
+  c.reward_training.update(
+      dict(steps=30, batch_size=8, max_len=64, buckets=(32, 64), learning_rate=3e-3, warmup_steps=2,
+           max_pairs_per_prompt=4, eval_every=30, checkpoint_every=30, log_every=10))
   return c
 
 
@@ -65,8 +69,10 @@ def test_reward_model_learns_train_pairs_and_reports_heldout_accuracy(tmp_path):
   records = rt._records(builder.as_data_source("train"))[:64]
   margins = []
   for batch, real in rt.pair_batches(records, tokenizer, 8, (32, 64)):
-    scores = np.asarray(rt.score_pairs(cfg, params, sharding.shard_batch(batch, mesh)["tokens"],
-                                       sharding.shard_batch(batch, mesh)["mask"]))
+    scores = np.asarray(
+        rt.score_pairs(cfg, params,
+                       sharding.shard_batch(batch, mesh)["tokens"],
+                       sharding.shard_batch(batch, mesh)["mask"]))
     margins.append(scores[:real, 0] - scores[:real, 1])
   accuracy = rt.pairwise_wins(np.concatenate(margins)).mean()
   assert accuracy > 0.7, accuracy

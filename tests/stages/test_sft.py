@@ -12,7 +12,6 @@ from bond_jax.stages import sft
 from bond_jax.data.tokenizer import EOS_ID
 from configs import dialogue
 
-
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
@@ -20,10 +19,11 @@ def tiny_config(steps):
   c = dialogue.get_config()
   c.data.max_conversations = 200
   c.data.vocab_size = 400
-  c.model.overrides.update(dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                                mlp_dim=64))
-  c.sft.update(dict(steps=steps, batch_size=8, seq_len=64, learning_rate=1e-2, warmup_steps=2,
-                    eval_every=10, eval_batches=2, checkpoint_every=10, log_every=5))
+  c.model.overrides.update(
+      dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64))
+  c.sft.update(
+      dict(steps=steps, batch_size=8, seq_len=64, learning_rate=1e-2, warmup_steps=2, eval_every=10,
+           eval_batches=2, checkpoint_every=10, log_every=5))
   return c
 
 
@@ -38,10 +38,13 @@ def test_response_nll_counts_only_loss_tokens():
 
 
 def test_unigram_is_add_one_smoothed():
+
   class Chars:  # a stand-in tokenizer: one id per character 'a'..'c' (ids 3..5)
     eos_id = EOS_ID
+
     def encode_batch(self, texts):
       return [[3 + "abc".index(ch) for ch in t] for t in texts]
+
   log_probs = sft.unigram_log_probs(["aab", "a"], Chars(), vocab_size=6)
   # counts + 1: eos 2+1, a 3+1, b 1+1, c 0+1, three unused ids 1 each -> total 6 + 6
   np.testing.assert_allclose(np.exp(log_probs), np.array([1, 3, 1, 4, 2, 1]) / 12)
