@@ -22,3 +22,20 @@ def compilation_cache(tmp_path_factory):
   yield
   for name, value in zip(names, saved):
     jax.config.update(name, value)
+
+
+@pytest.fixture
+def tiny_config():
+  """A factory of the default dialogue config at a tiny size (200 conversations, 400 pieces, a 1-layer
+  32-wide model): each call a fresh ConfigDict the test may change."""
+  from configs import dialogue
+
+  def make():
+    c = dialogue.get_config()
+    c.data.max_conversations = 200
+    c.data.vocab_size = 400
+    c.model.overrides.update(
+        dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64))
+    return c
+
+  return make

@@ -8,16 +8,6 @@ import pytest
 from bond_jax import artifacts, checkpoint, hf, sharding, update, workdir as wd
 from bond_jax.models import params as params_lib
 from bond_jax.models import presets
-from configs import dialogue
-
-
-def tiny_config():
-  c = dialogue.get_config()
-  c.data.max_conversations = 200
-  c.data.vocab_size = 400
-  c.model.overrides.update(
-      dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64))
-  return c
 
 
 def _save_stage(workdir, kind, params, cfg):
@@ -31,7 +21,7 @@ def _save_stage(workdir, kind, params, cfg):
 
 
 @pytest.mark.parametrize("kind", ["lm", "reward"])
-def test_load_from_orbax_and_hugging_face(tmp_path, kind):
+def test_load_from_orbax_and_hugging_face(tmp_path, kind, tiny_config):
   mesh = sharding.make_mesh({"fsdp": -1})
   cfg = presets.from_config(tiny_config().model, 128)
   params = params_lib.init_sharded(cfg, kind, jax.random.key(0), mesh)

@@ -11,6 +11,8 @@ import numpy as np
 import optax
 import pytest
 
+import checkpoint_damage as damage
+
 from bond_jax import checkpoint, sharding, update
 from bond_jax.models import transformer
 from bond_jax.models.config import ModelConfig
@@ -98,40 +100,12 @@ def _copy(pristine, tmp_path) -> str:
   return directory
 
 
-def _largest_data_file(state_dir):
-  files = [
-      os.path.join(d, f) for d, _, names in os.walk(state_dir) if os.path.basename(d) == "d" for f in names
-  ]
-  return max(files, key=os.path.getsize)  # params/w's chunk: the other arrays are a few bytes
-
-
-def _flip(state_dir):
-  path = _largest_data_file(state_dir)
-  size = os.path.getsize(path)
-  with open(path, "r+b") as f:
-    f.seek(size // 2)
-    middle = f.read(21)
-    f.seek(size // 2)
-    f.write(bytes(b ^ 0xFF for b in middle))
-  assert os.path.getsize(path) == size
-
-
-def _truncate(state_dir):
-  path = _largest_data_file(state_dir)
-  os.truncate(path, os.path.getsize(path) // 2)
-
-
-def _empty(state_dir):
-  shutil.rmtree(state_dir)
-  os.mkdir(state_dir)
-
-
 # damage -> (how, what the reported line says failed)
 DAMAGES = {
-    "flipped_bytes": (_flip, "checksum mismatch in 1 of 4 arrays (params/w)"),
-    "truncated_data_file": (_truncate, "is not valid for value of size"),
-    "no_METADATA": (lambda d: os.remove(os.path.join(d, "_METADATA")), "_METADATA) does not exist"),
-    "empty_state_dir": (_empty, "_METADATA) does not exist"),
+    "flipped_bytes": (damage.flip_bytes, "checksum mismatch in 1 of 4 arrays (params/w)"),
+    "truncated_data_file": (damage.truncate, "is not valid for value of size"),
+    "no_METADATA": (damage.remove_metadata, "_METADATA) does not exist"),
+    "empty_state_dir": (damage.empty, "_METADATA) does not exist"),
     "no_manifest": (lambda d: os.remove(os.path.join(d, "manifest.ocdbt")), "NOT_FOUND"),
     "no_state_dir": (shutil.rmtree, "no state directory"),
     "no_meta_json":
@@ -172,7 +146,7 @@ def test_a_damaged_latest_step_is_set_aside_and_the_previous_one_restored(pristi
 
 def test_when_every_checkpoint_is_damaged_it_says_so_and_starts_fresh(pristine, tmp_path, caplog):
   directory = _copy(pristine, tmp_path)
-  for step, how in ((3, _flip), (2, DAMAGES["no_METADATA"][0]), (1, _truncate)):
+  for step, how in ((3, damage.flip_bytes), (2, damage.remove_metadata), (1, damage.truncate)):
     how(os.path.join(directory, str(step), "state"))
   mngr = checkpoint.manager(directory, async_save=False)
   with caplog.at_level(logging.WARNING):
@@ -192,7 +166,7 @@ def test_when_every_checkpoint_is_damaged_it_says_so_and_starts_fresh(pristine, 
 
 def test_every_reader_verifies_checksums(pristine, tmp_path):
   directory = _copy(pristine, tmp_path)
-  _flip(os.path.join(directory, "3", "state"))
+  damage.flip_bytes(os.path.join(directory, "3", "state"))
   message = f"checkpoint step 3 in {directory} is unusable: checksum mismatch in 1 of "
   with pytest.raises(checkpoint.CorruptCheckpointError, match=re.escape(message + "4 arrays (params/w)")):
     checkpoint.restore(checkpoint.manager(directory), _small(0))

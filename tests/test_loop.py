@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import checkpoint_damage as damage
+
 from bond_jax import checkpoint, loop, metrics, pipeline, workdir as workdir_lib
 from bond_jax.stages import distill, reward_model, sft
 from configs import dialogue
@@ -146,39 +148,11 @@ def test_only_skipped_steps_since_a_checkpoint_never_rotate_it_away(trained, tmp
   assert _steps(target, "sft") == [1, 2]  # steps 3-5 were all skipped: nothing saved, nothing rotated
 
 
-def _largest_array_file(step_dir):
-  files = [
-      os.path.join(d, f) for d, _, names in os.walk(step_dir) if os.path.basename(d) == "d" for f in names
-  ]
-  return max(files, key=os.path.getsize)
-
-
-def _flip_bytes(step_dir):
-  path = _largest_array_file(step_dir)
-  size = os.path.getsize(path)
-  with open(path, "r+b") as f:
-    f.seek(size // 2)
-    middle = f.read(21)
-    f.seek(size // 2)
-    f.write(bytes(b ^ 0xFF for b in middle))
-  assert os.path.getsize(path) == size
-
-
-def _truncate(step_dir):
-  path = _largest_array_file(step_dir)
-  os.truncate(path, os.path.getsize(path) // 2)
-
-
-def _empty_state_dir(step_dir):
-  shutil.rmtree(os.path.join(step_dir, "state"))
-  os.mkdir(os.path.join(step_dir, "state"))
-
-
 DAMAGES = {  # what is done to the newest checkpoint -> what its one-line report says
-    "flipped_bytes": (_flip_bytes, "checksum mismatch"),
-    "truncated_file": (_truncate, "is damaged"),
-    "no_METADATA": (lambda d: os.remove(os.path.join(d, "state", "_METADATA")), "_METADATA"),
-    "empty_state_dir": (_empty_state_dir, "is damaged"),
+    "flipped_bytes": (damage.flip_bytes, "checksum mismatch"),
+    "truncated_file": (damage.truncate, "is damaged"),
+    "no_METADATA": (damage.remove_metadata, "_METADATA"),
+    "empty_state_dir": (damage.empty, "is damaged"),
 }
 
 
@@ -201,10 +175,10 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(prepared, tm
   shutil.rmtree(os.path.join(workdir_lib.checkpoint_dir(by_hand, "sft"), "6"))
   assert run(by_hand, 10).returncode == 0
   expected, _, _ = checkpoint.restore_arrays(workdir_lib.checkpoint_dir(by_hand, "sft"))
-  for name, (damage, said) in DAMAGES.items():
+  for name, (spoil, said) in DAMAGES.items():
     damaged = str(tmp_path / name)
     shutil.copytree(base, damaged)
-    damage(os.path.join(workdir_lib.checkpoint_dir(damaged, "sft"), "6"))
+    spoil(os.path.join(workdir_lib.checkpoint_dir(damaged, "sft"), "6", "state"))
     proc = run(damaged, 10)
     assert proc.returncode == 0, (name, proc.stderr[-2000:])
     reports = [line for line in (proc.stdout + proc.stderr).splitlines() if " is damaged " in line]

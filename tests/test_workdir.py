@@ -6,19 +6,9 @@ import os
 import pytest
 
 from bond_jax import workdir as wd
-from configs import dialogue
 
 
-def tiny_config():
-  c = dialogue.get_config()
-  c.data.max_conversations = 200
-  c.data.vocab_size = 400
-  c.model.overrides.update(
-      dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64))
-  return c
-
-
-def test_config_guard_allows_step_counts_and_refuses_shape_changes(tmp_path):
+def test_config_guard_allows_step_counts_and_refuses_shape_changes(tmp_path, tiny_config):
   workdir = str(tmp_path)
   config = tiny_config()
   wd.check_config(config, workdir)  # first use: nothing recorded, nothing written

@@ -5,19 +5,9 @@ import pytest
 from bond_jax import workdir as wd
 from bond_jax.data import prepare
 from bond_jax.models import presets
-from configs import dialogue
 
 
-def tiny_config():
-  c = dialogue.get_config()
-  c.data.max_conversations = 200
-  c.data.vocab_size = 400
-  c.model.overrides.update(
-      dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64))
-  return c
-
-
-def test_tokenizer_is_trained_once_and_sets_the_model_vocab(tmp_path):
+def test_tokenizer_is_trained_once_and_sets_the_model_vocab(tmp_path, tiny_config):
   config = tiny_config()
   tokenizer = prepare.tokenizer(config, str(tmp_path))
   assert tokenizer.vocab_size == 400
