@@ -287,3 +287,23 @@ def test_bad_input_is_one_line_exit_2_within_seconds_and_touches_nothing(flags, 
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
   assert _hashes(workdir) == before and took < 5, took
+
+
+@pytest.mark.skipif(
+    shutil.which("chattr") is None, reason="needs chattr (e2fsprogs) to make a directory immutable")
+@pytest.mark.parametrize("where,message", [("workdir", "is not writable"), ("parent", "cannot be created")])
+def test_an_immutable_workdir_or_parent_is_one_line_exit_2(where, message, tmp_path):
+  """chattr +i stops even root from writing: the workdir itself, or the directory it would be made in."""
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  workdir = locked if where == "workdir" else locked / "run"
+  subprocess.run(["chattr", "+i", str(locked)], check=True)
+  try:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bond_jax.train", "--config=configs/dialogue.py", f"--workdir={workdir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+  finally:
+    subprocess.run(["chattr", "-i", str(locked)], check=True)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+  assert os.listdir(locked) == []
