@@ -236,9 +236,9 @@ def _train(stage: Stage, workdir: str, stop_at_step: int | None) -> dict[str, An
       stopping = preemption.stop_now()
       if r.applied_since_save and (stopping or step == last or step % schedule.checkpoint_every == 0):
         r.save(step, force=stopping or step == last)
-      if stopping:
+      if stopping:  # the newest checkpoint: this step's, or an earlier one when every step since was skipped
         r.mngr.wait_until_finished()
-        _say(f"[{stage.name}] SIGTERM: checkpoint saved at step {step}; stopping")
+        _say(f"[{stage.name}] SIGTERM: checkpoint saved at step {r.mngr.latest_step()}; stopping")
         raise SystemExit(EXIT_PREEMPTED)
     if r.start >= schedule.steps:  # a checkpoint at or past a lowered target, without final metrics
       if stage.evaluate is not None:
