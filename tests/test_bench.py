@@ -30,7 +30,10 @@ def test_sampling_bench_times_both_sides_on_two_cpu_devices():
   theirs, ours = (float(c.replace(",", "")) for c in row[2:4])
   ratio = float(row[4].rstrip("x"))
   assert theirs > 0 and ours > 0
-  assert abs(ratio - ours / theirs) <= 0.01 + 0.01 * ratio  # their time / ours, from the same best times
+  # their time / ours, from the same best times; the tok/s cells are printed rounded to integers, which
+  # alone moves ours / theirs by up to 0.5 / theirs + 0.5 / ours relative (15 tok/s on a loaded machine)
+  rounding = 0.5 / theirs + 0.5 / ours
+  assert abs(ratio - ours / theirs) <= 0.01 + (0.01 + rounding) * ratio
   assert float(row[9].rstrip("%")) > 0  # products share: the floor ran on the same mesh
 
 
