@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging as std_logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -255,8 +257,12 @@ def _orbax_read(step: int, directory: Any, what: str, read: Callable[[], Any]) -
   # spec dump) for each: Orbax's array read turns its coroutine's GeneratorExit into an Exception, and
   # TensorStore reads completing later call back into the closed event loop. Those are let finish and
   # collected here, with Python's report of them silenced.
+  # Orbax's worker threads also log the failure they hand back (absl ERROR with a traceback, seen under
+  # load): the caller reports it in one line instead, so those records are dropped while the read runs.
   previous = sys.unraisablehook
   sys.unraisablehook = functools.partial(_drop_abandoned_read_errors, previous)
+  orbax_errors = _DropOrbaxErrors()
+  std_logging.getLogger("absl").addFilter(orbax_errors)
   try:
     try:
       return read()
@@ -264,11 +270,29 @@ def _orbax_read(step: int, directory: Any, what: str, read: Callable[[], Any]) -
       if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
         raise
       reason = f"{what}: {_one_line(e)}"
-    time.sleep(0.2)  # only after a failure: the abandoned reads usually finish within milliseconds
-    gc.collect()  # the error is gone, so nothing keeps them alive
+    _let_abandoned_reads_finish()
   finally:
     sys.unraisablehook = previous
+    std_logging.getLogger("absl").removeFilter(orbax_errors)
   raise CorruptCheckpointError(step, directory, reason)
+
+
+class _DropOrbaxErrors(std_logging.Filter):
+  """Drops ERROR records logged from Orbax's own files (the failure a restore already raised)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _let_abandoned_reads_finish(timeout_s: float = 5.0) -> None:
+  """After a failed restore, wait (only then) until Orbax's worker threads are gone, up to timeout_s, and
+  collect the abandoned reads: they usually finish within milliseconds, longer on a loaded machine."""
+  deadline = time.monotonic() + timeout_s
+  time.sleep(0.05)
+  while time.monotonic() < deadline and any(
+      type(t).__name__ == "_SignalingThread" and t.is_alive() for t in threading.enumerate()):
+    time.sleep(0.05)
+  gc.collect()  # the error is gone, so nothing keeps them alive
 
 
 def _check_layout(directory: Any, step: int, abstract: Any) -> None:

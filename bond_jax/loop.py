@@ -238,7 +238,9 @@ def _train(stage: Stage, workdir: str, stop_at_step: int | None) -> dict[str, An
         r.save(step, force=stopping or step == last)
       if stopping:  # the newest checkpoint: this step's, or an earlier one when every step since was skipped
         r.mngr.wait_until_finished()
-        _say(f"[{stage.name}] SIGTERM: checkpoint saved at step {r.mngr.latest_step()}; stopping")
+        # every process says it (each was signalled; a scheduler reads each one's log)
+        print(f"[{stage.name}] SIGTERM: checkpoint saved at step {r.mngr.latest_step()}; stopping",
+              flush=True)
         raise SystemExit(EXIT_PREEMPTED)
     if r.start >= schedule.steps:  # a checkpoint at or past a lowered target, without final metrics
       if stage.evaluate is not None:
