@@ -186,16 +186,19 @@ class Transformer(nn.Module):
     length = tokens.shape[1]
     if cache is None:
       positions = positions_from_mask(token_mask)
-      query_slots, key_slots = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
-      attend = (query_slots >= key_slots)[None] & token_mask[:, None, :]  # [B, T, T]: query t may read key s
+      causal = jnp.tril(jnp.ones((length, length), bool))
+      attend = causal[None] & token_mask[:, None, :]  # [B, T, T]: query t may read key s
       index = None
+      slots = lambda: (jnp.arange(length)[:, None], jnp.arange(length)[None, :])  # (query [T, 1], key [1, T])
     else:
       index = cache["index"]
       positions = positions_from_mask(token_mask, jnp.sum(cache["valid"], axis=-1))
       valid = jax.lax.dynamic_update_slice(cache["valid"], token_mask, (0, index))
-      query_slots, key_slots = (index + jnp.arange(length))[:, None], jnp.arange(valid.shape[1])[None, :]
+      key_slots = jnp.arange(valid.shape[1])[None, :]  # [1, S]
+      query_slots = (index + jnp.arange(length))[:, None]  # [T, 1]
       attend = (key_slots <= query_slots)[None] & valid[:, None, :]  # [B, T, S]
-    window = None if cfg.sliding_window is None else attend & layers.in_window(cfg, query_slots, key_slots)
+      slots = lambda: (query_slots, key_slots)
+    window = None if cfg.sliding_window is None else attend & layers.in_window(cfg, *slots())
     attend = (attend, window)
     if cfg.scan_layers:
       layer_caches = None if cache is None else (cache["k"], cache["v"])
