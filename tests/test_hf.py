@@ -233,3 +233,34 @@ def test_import_rejects_tensors_the_config_has_no_place_for(tmp_path):
       ValueError, match=r"tensor 'model.layers.0.self_attn.k_norm.weight' \(and 3 more\) has no "
       r"place in a llama model"):
     hf.import_params(str(path))
+
+
+OLD_LAYOUTS = {  # config.json fields as older transformers versions wrote them
+    "gemma3": dict(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                   sliding_window_pattern=3, sliding_window=5, query_pre_attn_scalar=16, head_dim=16),
+    "gemma2": dict(rope_theta=1e4, sliding_window=5, query_pre_attn_scalar=16, head_dim=16,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "llama": dict(rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+}
+
+
+@pytest.mark.parametrize("model_type", list(OLD_LAYOUTS))
+def test_old_and_transformers_5_rope_layouts_read_alike(model_type):
+  """The old layout (rope_theta, rope_scaling, rope_local_base_freq, no layer_types) and the one
+  transformers 5 itself converts it to give the same ModelConfig."""
+  old = dict(model_type=model_type, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+             num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=256,
+             **OLD_LAYOUTS[model_type])
+  if model_type != "llama":
+    old.update(hidden_act="gelu_pytorch_tanh",
+               model_type=f"{model_type}_text" if model_type == "gemma3" else model_type)
+  new = transformers.AutoConfig.for_model(**old).to_dict()
+  assert "rope_parameters" in new and "rope_scaling" not in new
+  ours = hf.config_from_hf(old)
+  assert ours == hf.config_from_hf(new)
+  if model_type == "gemma3":
+    assert (ours.rope_theta, ours.rope_local_theta, ours.rope_linear_factor) == (1e6, 1e4, 8.0)
+    assert ours.sliding_layers == (True, True, False) * 2
+  if model_type == "gemma2":
+    assert ours.sliding_layers == (True, False) * 3
