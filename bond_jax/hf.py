@@ -225,6 +225,7 @@ def export(params: Any, cfg: ModelConfig, out_dir: str, *, kind: str = "lm", ove
   dtype = dtype or cfg.param_dtype
   if dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"dtype={dtype!r}; allowed: float32, bfloat16, float16")
+  hf_config = config_to_hf(cfg, kind, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)  # refuses before writing
   backbone = params["backbone"] if kind == "reward" else params
   tensors = dict(_to_hf_tensors(backbone, cfg))
   if kind == "lm" and not cfg.tie_embeddings:
@@ -240,7 +241,6 @@ def export(params: Any, cfg: ModelConfig, out_dir: str, *, kind: str = "lm", ove
   os.makedirs(staging)
   try:
     _write_safetensors(tensors, staging, max_shard_bytes)
-    hf_config = config_to_hf(cfg, kind, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
     hf_config["torch_dtype"] = dtype
     with open(os.path.join(staging, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=2)

@@ -264,3 +264,14 @@ def test_old_and_transformers_5_rope_layouts_read_alike(model_type):
     assert ours.sliding_layers == (True, True, False) * 2
   if model_type == "gemma2":
     assert ours.sliding_layers == (True, False) * 3
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(family="llama", sliding_window=4), "sliding_window=4 has no llama config.json field"),
+    (dict(family="qwen3", qk_norm=False), "qwen3 models have qk_norm=True"),
+])
+def test_export_refuses_a_feature_its_family_cannot_express(change, message, tmp_path):
+  cfg, params = _our_model("llama")
+  with pytest.raises(ValueError, match=message):
+    hf.export(params, cfg.replace(**change), str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")
