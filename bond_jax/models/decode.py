@@ -15,11 +15,13 @@ Cache layout (what `prefill` and `empty_block` build):
   mask valid [B, P].
 - The generated tokens: one block of S slots per chunk of steps (`chunks`), keys and values [R, K, S, Dh]
   per layer. Finished blocks are loop invariants of later chunks (full: read unmasked); the current one is
-  carried and written in place, its slots past the step masked.
+  carried and written in place, its slots past the step masked. A sliding layer masks, in addition, the
+  prompt slots and generated slots out of its window (_window_masks: the same for every row, since rows
+  decode in step); the caches keep every slot.
 Per-layer arrays are lists of L arrays (unrolled layers; see per_layer) or stacked [L, ...] (scanned).
 
 Weights (`decode_weights`, built once per call, outside the loop): matrices cast to the compute dtype, q's
-weights carrying the 1/sqrt(Dh) score scale, q/k/v fused into one [D, (H + 2K) * Dh] matrix and gate/up into
+weights carrying the score scale (layers.query_scale; after a q norm, q is scaled instead), q/k/v fused into one [D, (H + 2K) * Dh] matrix and gate/up into
 one [D, 2M] matrix, the LM head a contiguous [D, V] matrix. Every product takes compute-dtype operands and
 accumulates in float32 (layers.dense). BENCHMARKS.md measures why each of these choices matters.
 """
