@@ -115,6 +115,43 @@ def test_temperature_zero_is_greedy(llama):
     np.testing.assert_array_equal(tokens[row, 0], logits[mask[row].sum() - 1:-1].argmax(-1))
 
 
+# Every family's features through the sampler's loop: windows (3) far shorter than prompt + response, mixed
+# sliding / full layers scanned, soft caps, q/k norms, biases, a local RoPE base.
+FAMILY_CASES = {
+    "qwen2":
+        dict(BASE, family="qwen2", qkv_bias=True, tie_embeddings=False),
+    "qwen3_scanned":
+        dict(BASE, family="qwen3", qk_norm=True, head_dim=12, scan_layers=True),
+    "mistral":
+        dict(BASE, family="mistral", sliding_window=3),
+    "gemma2":
+        dict(BASE, family="gemma2", sliding_window=3, query_pre_attn_scalar=6.0, attn_softcap=1.0,
+             final_softcap=2.0, layer_types=("sliding_attention", "full_attention")),
+    "gemma3_scanned":
+        dict(BASE, family="gemma3", num_layers=3, qk_norm=True, sliding_window=3, scan_layers=True,
+             layer_types=("sliding_attention", "full_attention", "sliding_attention"), rope_theta=1e6,
+             rope_local_theta=1e4, rope_linear_factor=4.0),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CASES))
+def test_greedy_generate_follows_the_forward_in_every_family(name):
+  cfg = ModelConfig(**FAMILY_CASES[name])
+  params = jax.tree_util.tree_map_with_path(  # biases and norms off their initial 0 / identity
+      lambda p, x: x + 0.2 * jax.random.normal(jax.random.key(len(jax.tree_util.keystr(p))), x.shape)
+      if re.search("norm|bias", jax.tree_util.keystr(p)) else x, _params(cfg))
+  prompts, mask = _prompts(4, lengths=(4, 9), width=9)
+  out = sampling.generate(cfg, params, prompts, mask, jax.random.key(0), num_samples=1, max_new_tokens=12,
+                          temperature=0.0)
+  tokens = np.asarray(out.tokens)[:, 0]
+  for row in range(2):
+    seq = np.concatenate([prompts[row][mask[row]], tokens[row]])[None]
+    logits = np.asarray(FORWARD(cfg, params, seq, np.ones_like(seq, bool)))[0, mask[row].sum() - 1:-1]
+    np.testing.assert_array_equal(tokens[row], logits.argmax(-1))
+    logp = logits.max(-1) - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) - logits.max(-1)
+    np.testing.assert_allclose(np.asarray(out.model_logprobs)[row, 0], logp, atol=1e-5)
+
+
 def test_inverse_cdf_never_picks_a_zero_probability_token():
   probs = jnp.asarray([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
   uniforms = jnp.asarray([0.0, 0.4999, 0.5, np.nextafter(np.float32(1), np.float32(0))])
