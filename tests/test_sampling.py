@@ -13,6 +13,7 @@ import pytest
 from scipy import stats
 
 from bond_jax import sampling, sharding
+from bond_jax.models import params as params_lib
 from bond_jax.models import decode, transformer
 from bond_jax.models.config import ModelConfig
 
@@ -240,6 +241,21 @@ def test_same_samples_on_one_device_and_the_8_device_mesh(llama):
   logical = sharding.logical_specs(jax.eval_shape(lambda r: transformer.init_boxed(cfg, r),
                                                   jax.random.key(0)))
   placed = sharding.place(params, logical, mesh)
+  multi = sampling.generate(cfg, placed, prompts, mask, jax.random.key(3), **kwargs)
+  assert multi.tokens.sharding.mesh.size == 8
+  np.testing.assert_array_equal(np.asarray(single.tokens), np.asarray(multi.tokens))
+  np.testing.assert_allclose(np.asarray(single.model_logprobs), np.asarray(multi.model_logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CASES))
+def test_every_family_samples_the_same_on_one_device_and_the_8_device_mesh(name):
+  cfg = ModelConfig(**FAMILY_CASES[name])
+  params = _params(cfg)
+  prompts, mask = _prompts(4, lengths=(4, 9, 1), width=9)
+  kwargs = dict(num_samples=2, max_new_tokens=10, temperature=1.0, eos_ids=EOS_IDS, pad_id=PAD)
+  single = sampling.generate(cfg, params, prompts, mask, jax.random.key(3), **kwargs)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  placed = sharding.place(params, params_lib.logical_axes(cfg, "lm"), mesh)
   multi = sampling.generate(cfg, placed, prompts, mask, jax.random.key(3), **kwargs)
   assert multi.tokens.sharding.mesh.size == 8
   np.testing.assert_array_equal(np.asarray(single.tokens), np.asarray(multi.tokens))
