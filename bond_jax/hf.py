@@ -1,8 +1,10 @@
-"""Hugging Face format: export bond_jax params as Llama/Gemma checkpoints and import them back.
+"""Hugging Face format: export bond_jax params as Llama, Gemma (1-3), Qwen2/3 or Mistral checkpoints and import
+them back (config.json per family: hf_config.py).
 
 Export writes config.json, model.safetensors (or shards + model.safetensors.index.json),
 generation_config.json and, given a tokenizer directory's files, the tokenizer. The policy loads as
-LlamaForCausalLM / GemmaForCausalLM and the reward model as *ForSequenceClassification (num_labels=1, with
+the family's *ForCausalLM (LlamaForCausalLM, Gemma3ForCausalLM, ...) and the reward model as its
+*ForSequenceClassification (num_labels=1, with
 pad_token_id set so transformers reads the score at the last non-pad token, as models/reward.py does).
 Neither direction needs torch or transformers: tensors go through safetensors' Flax backend.
 """
@@ -16,103 +18,17 @@ from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.flax import load_file, save_file
 
 from bond_jax import sharding
+from bond_jax.hf_config import SUPPORTED_MODEL_TYPES, config_from_hf, config_to_hf
 from bond_jax.models import params as params_lib
 from bond_jax.models.config import ModelConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "gemma")
-_ARCHITECTURES = {
-    ("llama", "lm"): "LlamaForCausalLM",
-    ("gemma", "lm"): "GemmaForCausalLM",
-    ("llama", "reward"): "LlamaForSequenceClassification",
-    ("gemma", "reward"): "GemmaForSequenceClassification"
-}
-_ACTIVATIONS = {"llama": ("silu",), "gemma": ("gelu_pytorch_tanh", "gelu", "gelu_tanh")}
-
-# --------------------------------------------------------------------------- configs
-
-
-def config_to_hf(cfg: ModelConfig, kind: str = "lm", *, bos_id: int | None = None, eos_id: int | None = None,
-                 pad_id: int | None = None) -> dict[str, Any]:
-  """config.json contents for `cfg`; kind 'lm' (causal LM) or 'reward' (sequence classifier)."""
-  if kind not in ("lm", "reward"):
-    raise ValueError(f"kind={kind!r}; allowed: 'lm', 'reward'")
-  rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-  if cfg.rope_llama3_scaling is not None:
-    factor, low, high, original = cfg.rope_llama3_scaling
-    rope = {
-        "rope_type": "llama3",
-        "rope_theta": cfg.rope_theta,
-        "factor": factor,
-        "low_freq_factor": low,
-        "high_freq_factor": high,
-        "original_max_position_embeddings": original
-    }
-  out = {
-      "architectures": [_ARCHITECTURES[(cfg.family, kind)]],
-      "model_type": cfg.family,
-      "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.d_model,
-      "intermediate_size": cfg.mlp_dim,
-      "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads,
-      "head_dim": cfg.head_dim,
-      "hidden_act": "silu" if cfg.family == "llama" else "gelu_pytorch_tanh",
-      "max_position_embeddings": cfg.max_seq_len,
-      "rms_norm_eps": cfg.norm_eps,
-      "rope_parameters": rope,
-      "tie_word_embeddings": cfg.tie_embeddings,
-      "attention_bias": False,
-      "attention_dropout": 0.0,
-      "torch_dtype": cfg.param_dtype,
-      "bos_token_id": bos_id,
-      "eos_token_id": eos_id,
-      "pad_token_id": pad_id,
-  }
-  if cfg.family == "llama":
-    out["mlp_bias"] = False
-  if kind == "reward":
-    out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-  return out
-
-
-def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides) -> ModelConfig:
-  """ModelConfig from a config.json dict; a clear error for anything this code cannot reproduce."""
-  model_type = hf.get("model_type")
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"{source}: model_type {model_type!r} is not supported; allowed: "
-                     f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-  act = hf.get("hidden_activation") or hf.get("hidden_act")
-  if act not in _ACTIVATIONS[model_type]:
-    raise ValueError(f"{source}: hidden_act {act!r} is not supported for {model_type}; allowed: "
-                     f"{', '.join(_ACTIVATIONS[model_type])}")
-  if hf.get("attention_bias") or hf.get("mlp_bias"):
-    raise ValueError(f"{source}: attention_bias/mlp_bias=True is not supported; allowed: False")
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type not in ("default", "llama3"):
-    raise ValueError(f"{source}: rope_type {rope_type!r} is not supported; allowed: default, llama3")
-  llama3 = None
-  if rope_type == "llama3":
-    llama3 = (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
-              int(rope["original_max_position_embeddings"]))
-  heads = hf["num_attention_heads"]
-  fields = dict(family=model_type, vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-                num_layers=hf["num_hidden_layers"], num_heads=heads,
-                num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or
-                hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
-                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
-                rope_llama3_scaling=llama3, norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(
-                    hf.get("tie_word_embeddings",
-                           model_type == "gemma")), max_seq_len=hf.get("max_position_embeddings", 2048))
-  fields.update(overrides)
-  return ModelConfig(**fields)
-
+__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf", "export", "import_params"]
 
 # --------------------------------------------------------------------------- tensor names
 
@@ -128,63 +44,77 @@ def _layer_params(params: dict[str, Any], cfg: ModelConfig) -> Iterator[tuple[in
       yield i, params[f"layer_{i}"]
 
 
+def _layer_tensors(cfg: ModelConfig) -> list[tuple[tuple[str, str], str, tuple[int, ...], int | None]]:
+  """A layer's (our param path, Hugging Face tensor name, our shape, split). Hugging Face stores a matrix
+  as [out, in]: ours reshaped to [prod(shape[:split]), prod(shape[split:])], transposed; a vector (split
+  None) flattened. Optional params only where the config has them; the pre-MLP norm is mlp_norm in every
+  family (Gemma 2/3 call it pre_feedforward_layernorm, the others post_attention_layernorm)."""
+  d, h, k, hd, m = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  heads = {"q": h, "k": k, "v": k}
+  out = [(("attn", n), f"self_attn.{n}_proj.weight", (d, heads[n], hd), 1) for n in "qkv"]
+  out.append((("attn", "o"), "self_attn.o_proj.weight", (h, hd, d), 2))
+  if cfg.qkv_bias:
+    out += [(("attn", f"{n}_bias"), f"self_attn.{n}_proj.bias", (heads[n], hd), None) for n in "qkv"]
+  if cfg.qk_norm:
+    out += [(("attn", f"{n}_norm"), f"self_attn.{n}_norm.weight", (hd,), None) for n in "qk"]
+  out += [(("mlp", "gate"), "mlp.gate_proj.weight", (d, m), 1),
+          (("mlp", "up"), "mlp.up_proj.weight", (d, m), 1),
+          (("mlp", "down"), "mlp.down_proj.weight", (m, d), 1)]
+  norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+  if cfg.sandwich_norms:
+    norms.update(attn_post_norm="post_attention_layernorm", mlp_norm="pre_feedforward_layernorm",
+                 mlp_post_norm="post_feedforward_layernorm")
+  return out + [((ours, "scale"), f"{theirs}.weight", (d,), None) for ours, theirs in norms.items()]
+
+
+def _hf_shape(shape: tuple[int, ...], split: int | None) -> tuple[int, ...]:
+  size = lambda dims: int(np.prod(dims, dtype=np.int64))
+  return (size(shape),) if split is None else (size(shape[split:]), size(shape[:split]))
+
+
 def _to_hf_tensors(backbone: dict[str, Any], cfg: ModelConfig) -> Iterator[tuple[str, jax.Array]]:
-  d = cfg.d_model
   yield "model.embed_tokens.weight", backbone["embedding"]
+  spec = _layer_tensors(cfg)
   for i, layer in _layer_params(backbone, cfg):
-    prefix = f"model.layers.{i}."
-    attn, mlp = layer["attn"], layer["mlp"]
-    yield prefix + "self_attn.q_proj.weight", attn["q"].reshape(d, -1).T
-    yield prefix + "self_attn.k_proj.weight", attn["k"].reshape(d, -1).T
-    yield prefix + "self_attn.v_proj.weight", attn["v"].reshape(d, -1).T
-    yield prefix + "self_attn.o_proj.weight", attn["o"].reshape(-1, d).T
-    yield prefix + "mlp.gate_proj.weight", mlp["gate"].T
-    yield prefix + "mlp.up_proj.weight", mlp["up"].T
-    yield prefix + "mlp.down_proj.weight", mlp["down"].T
-    yield prefix + "input_layernorm.weight", layer["attn_norm"]["scale"]
-    yield prefix + "post_attention_layernorm.weight", layer["mlp_norm"]["scale"]
+    for (group, name), theirs, shape, split in spec:
+      x = layer[group][name]
+      yield f"model.layers.{i}.{theirs}", x.reshape(-1) if split is None else x.reshape(
+          _hf_shape(shape, split)[::-1]).T
   yield "model.norm.weight", backbone["final_norm"]["scale"]
 
 
 def _from_hf_tensors(tensors: dict[str, jax.Array], cfg: ModelConfig, source: str) -> dict[str, Any]:
-  d, h, k, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  used = set()
 
   def get(name, shape):
     if name not in tensors:
       raise ValueError(f"{source}: tensor {name!r} is missing")
     x = tensors[name]
     if tuple(x.shape) != shape:
-      raise ValueError(f"{source}: tensor {name!r} has shape {tuple(x.shape)}; expected {shape}")
+      raise ValueError(
+          f"{source}: tensor {name!r} has shape {tuple(x.shape)}; expected {shape} from config.json")
+    used.add(name)
     return x.astype(cfg.params_dtype)
 
-  layers = []
+  spec, layers = _layer_tensors(cfg), []
   for i in range(cfg.num_layers):
-    p = f"model.layers.{i}."
-    layers.append({
-        "attn": {
-            "q": get(p + "self_attn.q_proj.weight", (h * hd, d)).T.reshape(d, h, hd),
-            "k": get(p + "self_attn.k_proj.weight", (k * hd, d)).T.reshape(d, k, hd),
-            "v": get(p + "self_attn.v_proj.weight", (k * hd, d)).T.reshape(d, k, hd),
-            "o": get(p + "self_attn.o_proj.weight", (d, h * hd)).T.reshape(h, hd, d)
-        },
-        "mlp": {
-            "gate": get(p + "mlp.gate_proj.weight", (cfg.mlp_dim, d)).T,
-            "up": get(p + "mlp.up_proj.weight", (cfg.mlp_dim, d)).T,
-            "down": get(p + "mlp.down_proj.weight", (d, cfg.mlp_dim)).T
-        },
-        "attn_norm": {
-            "scale": get(p + "input_layernorm.weight", (d,))
-        },
-        "mlp_norm": {
-            "scale": get(p + "post_attention_layernorm.weight", (d,))
-        },
-    })
+    layer = {}
+    for (group, name), theirs, shape, split in spec:
+      x = get(f"model.layers.{i}.{theirs}", _hf_shape(shape, split))
+      layer.setdefault(group, {})[name] = x.reshape(shape) if split is None else x.T.reshape(shape)
+    layers.append(layer)
   out = {
-      "embedding": get("model.embed_tokens.weight", (cfg.vocab_size, d)),
+      "embedding": get("model.embed_tokens.weight", (cfg.vocab_size, cfg.d_model)),
       "final_norm": {
-          "scale": get("model.norm.weight", (d,))
+          "scale": get("model.norm.weight", (cfg.d_model,))
       }
   }
+  unused = sorted(n for n in tensors
+                  if n not in used and n not in ("lm_head.weight",
+                                                 "score.weight") and not n.endswith("rotary_emb.inv_freq"))
+  if unused:
+    raise ValueError(f"{source}: tensor {unused[0]!r} (and {len(unused) - 1} more) has no place in a "
+                     f"{cfg.family} model of this config.json")
   if cfg.scan_layers:
     out["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
   else:
@@ -295,6 +225,7 @@ def export(params: Any, cfg: ModelConfig, out_dir: str, *, kind: str = "lm", ove
   dtype = dtype or cfg.param_dtype
   if dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"dtype={dtype!r}; allowed: float32, bfloat16, float16")
+  hf_config = config_to_hf(cfg, kind, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)  # refuses before writing
   backbone = params["backbone"] if kind == "reward" else params
   tensors = dict(_to_hf_tensors(backbone, cfg))
   if kind == "lm" and not cfg.tie_embeddings:
@@ -310,7 +241,6 @@ def export(params: Any, cfg: ModelConfig, out_dir: str, *, kind: str = "lm", ove
   os.makedirs(staging)
   try:
     _write_safetensors(tensors, staging, max_shard_bytes)
-    hf_config = config_to_hf(cfg, kind, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
     hf_config["torch_dtype"] = dtype
     with open(os.path.join(staging, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=2)
@@ -348,7 +278,7 @@ def load_config(model_dir: str, **overrides) -> tuple[ModelConfig, dict[str, Any
 
 def import_params(model_dir: str, mesh: Mesh | None = None, kind: str | None = None,
                   **config_overrides) -> tuple[Any, ModelConfig]:
-  """Read a Hugging Face Llama/Gemma directory into bond_jax params, placed on `mesh` when given.
+  """Read a Hugging Face directory of a supported family (SUPPORTED_MODEL_TYPES) into bond_jax params, placed on `mesh` when given.
 
   kind: 'lm' or 'reward'; by default inferred from the architecture (a *ForSequenceClassification with a
   score.weight is a reward model); a directory of the other kind is a ValueError.

@@ -20,7 +20,28 @@ PAD, BOS, EOS = 0, 2, 1
 LLAMA_FORM = dict(**TINY, family="llama", tie_embeddings=False, rope_theta=500_000.0)
 LLAMA_FORM_SCALED = dict(LLAMA_FORM, rope_llama3_scaling=(8.0, 1.0, 4.0, 32))
 GEMMA_FORM = dict(**TINY, family="gemma", tie_embeddings=True)
-FAMILIES = {"llama": LLAMA_FORM, "llama3_rope": LLAMA_FORM_SCALED, "gemma": GEMMA_FORM}
+# Each family's features switched on at sizes where they bite: windows (5) shorter than the 12-token batch
+# and the 32-token greedy continuation, soft caps near the scores' and logits' scale, head_dim 24 != 64 / 4.
+QWEN2_FORM = dict(**TINY, family="qwen2", qkv_bias=True, tie_embeddings=False, rope_theta=1e6)
+QWEN3_FORM = dict(TINY, family="qwen3", qk_norm=True, head_dim=24, tie_embeddings=True, rope_theta=1e6)
+MISTRAL_FORM = dict(**TINY, family="mistral", sliding_window=5, tie_embeddings=False)
+GEMMA2_FORM = dict(TINY, family="gemma2", head_dim=24, sliding_window=5, query_pre_attn_scalar=16.0,
+                   layer_types=("sliding_attention", "full_attention"), attn_softcap=1.0, final_softcap=3.0)
+GEMMA3_FORM = dict(TINY, family="gemma3", num_layers=3, qk_norm=True, sliding_window=5,
+                   query_pre_attn_scalar=16.0,
+                   layer_types=("sliding_attention", "sliding_attention", "full_attention"), rope_theta=1e6,
+                   rope_local_theta=1e4, rope_linear_factor=8.0)
+FAMILIES = {
+    "llama": LLAMA_FORM,
+    "llama3_rope": LLAMA_FORM_SCALED,
+    "gemma": GEMMA_FORM,
+    "qwen2": QWEN2_FORM,
+    "qwen3": QWEN3_FORM,
+    "mistral": MISTRAL_FORM,
+    "gemma2": GEMMA2_FORM,
+    "gemma3": GEMMA3_FORM
+}
+NEW = ["qwen2", "qwen3", "mistral", "gemma2", "gemma3"]
 
 
 def _batch(seed=0, lengths=(12, 7, 3), length=12):
@@ -52,7 +73,7 @@ def _random_hf_model(name, kind, tmp_path):
   model = cls.from_config(config).float().eval()
   with torch.no_grad():  # the default init leaves norms at 1 / 0: perturb them so the test sees them
     for pname, p in model.named_parameters():
-      if "norm" in pname or "score" in pname:
+      if "norm" in pname or "score" in pname or "bias" in pname:
         p.add_(0.2 * torch.randn_like(p))
   model.save_pretrained(tmp_path / name)
   return model, tmp_path / name
@@ -79,18 +100,18 @@ def _our_model(name, seed=1, **overrides):
   # norms start at their identity values: perturb them so an export bug there cannot hide
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.2 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
-      if "norm" in jax.tree_util.keystr(p) else x, params)
+      if "norm" in jax.tree_util.keystr(p) or "bias" in jax.tree_util.keystr(p) else x, params)
   return cfg, params
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma"])
+@pytest.mark.parametrize("name", ["llama", "gemma", *NEW])
 def test_export_loads_in_transformers_with_same_logits_and_greedy_text(name, tmp_path):
   cfg, params = _our_model(name)
   out = tmp_path / "export"
   hf.export(params, cfg, str(out), bos_id=BOS, eos_id=EOS, pad_id=PAD)
   assert {"config.json", "generation_config.json", "model.safetensors"} <= set(os.listdir(out))
   model = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
-  assert type(model).__name__ == ("LlamaForCausalLM" if name == "llama" else "GemmaForCausalLM")
+  assert type(model).__name__ == hf.config_to_hf(cfg)["architectures"][0]
   tokens, mask = _batch(seed=3)
   theirs = _torch_logits(model, tokens, mask)
   ours = np.asarray(transformer.forward(cfg, params, tokens, mask))
@@ -113,9 +134,11 @@ def test_export_loads_in_transformers_with_same_logits_and_greedy_text(name, tmp
   np.testing.assert_array_equal(np.asarray(ours_greedy), theirs_greedy)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_export_import_round_trip_is_bit_exact(scan, tmp_path):
-  cfg, params = _our_model("llama", scan_layers=scan)
+@pytest.mark.parametrize("name,scan", [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", True),
+                                       ("mistral", False), ("gemma2", True), ("gemma3", True),
+                                       ("gemma3", False)])
+def test_export_import_round_trip_is_bit_exact(name, scan, tmp_path):
+  cfg, params = _our_model(name, scan_layers=scan)
   hf.export(params, cfg, str(tmp_path / "rt"), bos_id=BOS, eos_id=EOS, pad_id=PAD,
             max_shard_bytes=60_000)  # small shards: exercises the sharded index too
   assert (tmp_path / "rt" / "model.safetensors.index.json").exists()
@@ -126,7 +149,7 @@ def test_export_import_round_trip_is_bit_exact(scan, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma"])
+@pytest.mark.parametrize("name", ["llama", "gemma", *NEW])
 def test_reward_model_import_export_parity(name, tmp_path):
   model, path = _random_hf_model(name, "reward", tmp_path)
   params, cfg = hf.import_params(str(path))
@@ -172,5 +195,83 @@ def test_export_refuses_non_empty_directory_without_overwrite(tmp_path):
 def test_import_rejects_unsupported_architecture(tmp_path):
   (tmp_path / "gpt2").mkdir()
   (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-  with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; allowed: llama, gemma"):
+  with pytest.raises(
+      ValueError, match=r"model_type 'gpt2' is not supported; allowed: llama, gemma, qwen2, "
+      r"qwen3, mistral, gemma2, gemma3_text$"):
     hf.import_params(str(tmp_path / "gpt2"))
+
+
+def _edited_export(tmp_path, name, **changes):
+  """An export of our `name` model whose config.json then gets `changes` (None: the field removed)."""
+  cfg, params = _our_model(name)
+  hf.export(params, cfg, str(tmp_path / name))
+  path = tmp_path / name / "config.json"
+  fields = json.loads(path.read_text())
+  fields.update(changes)
+  path.write_text(json.dumps({k: v for k, v in fields.items() if v is not None}))
+  return tmp_path / name
+
+
+def test_import_rejects_a_config_lacking_a_field_the_family_needs(tmp_path):
+  path = _edited_export(tmp_path, "gemma2", query_pre_attn_scalar=None)
+  with pytest.raises(ValueError,
+                     match=r"config.json: a gemma2 config needs query_pre_attn_scalar; the file lacks"):
+    hf.import_params(str(path))
+
+
+def test_import_rejects_tensors_whose_shapes_do_not_match_the_config(tmp_path):
+  path = _edited_export(tmp_path, "qwen3", head_dim=16)
+  with pytest.raises(
+      ValueError, match=r"tensor 'model.layers.0.self_attn.q_proj.weight' has shape \(96, 64\); "
+      r"expected \(64, 64\) from config.json"):
+    hf.import_params(str(path))
+
+
+def test_import_rejects_tensors_the_config_has_no_place_for(tmp_path):
+  path = _edited_export(tmp_path, "qwen3", model_type="llama", architectures=["LlamaForCausalLM"])
+  with pytest.raises(
+      ValueError, match=r"tensor 'model.layers.0.self_attn.k_norm.weight' \(and 3 more\) has no "
+      r"place in a llama model"):
+    hf.import_params(str(path))
+
+
+OLD_LAYOUTS = {  # config.json fields as older transformers versions wrote them
+    "gemma3": dict(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                   sliding_window_pattern=3, sliding_window=5, query_pre_attn_scalar=16, head_dim=16),
+    "gemma2": dict(rope_theta=1e4, sliding_window=5, query_pre_attn_scalar=16, head_dim=16,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "llama": dict(rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+}
+
+
+@pytest.mark.parametrize("model_type", list(OLD_LAYOUTS))
+def test_old_and_transformers_5_rope_layouts_read_alike(model_type):
+  """The old layout (rope_theta, rope_scaling, rope_local_base_freq, no layer_types) and the one
+  transformers 5 itself converts it to give the same ModelConfig."""
+  old = dict(model_type=model_type, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+             num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=256,
+             **OLD_LAYOUTS[model_type])
+  if model_type != "llama":
+    old.update(hidden_act="gelu_pytorch_tanh",
+               model_type=f"{model_type}_text" if model_type == "gemma3" else model_type)
+  new = transformers.AutoConfig.for_model(**old).to_dict()
+  assert "rope_parameters" in new and "rope_scaling" not in new
+  ours = hf.config_from_hf(old)
+  assert ours == hf.config_from_hf(new)
+  if model_type == "gemma3":
+    assert (ours.rope_theta, ours.rope_local_theta, ours.rope_linear_factor) == (1e6, 1e4, 8.0)
+    assert ours.sliding_layers == (True, True, False) * 2
+  if model_type == "gemma2":
+    assert ours.sliding_layers == (True, False) * 3
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(family="llama", sliding_window=4), "sliding_window=4 has no llama config.json field"),
+    (dict(family="qwen3", qk_norm=False), "qwen3 models have qk_norm=True"),
+])
+def test_export_refuses_a_feature_its_family_cannot_express(change, message, tmp_path):
+  cfg, params = _our_model("llama")
+  with pytest.raises(ValueError, match=message):
+    hf.export(params, cfg.replace(**change), str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")

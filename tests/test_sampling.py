@@ -13,6 +13,7 @@ import pytest
 from scipy import stats
 
 from bond_jax import sampling, sharding
+from bond_jax.models import params as params_lib
 from bond_jax.models import decode, transformer
 from bond_jax.models.config import ModelConfig
 
@@ -115,6 +116,43 @@ def test_temperature_zero_is_greedy(llama):
     np.testing.assert_array_equal(tokens[row, 0], logits[mask[row].sum() - 1:-1].argmax(-1))
 
 
+# Every family's features through the sampler's loop: windows (3) far shorter than prompt + response, mixed
+# sliding / full layers scanned, soft caps, q/k norms, biases, a local RoPE base.
+FAMILY_CASES = {
+    "qwen2":
+        dict(BASE, family="qwen2", qkv_bias=True, tie_embeddings=False),
+    "qwen3_scanned":
+        dict(BASE, family="qwen3", qk_norm=True, head_dim=12, scan_layers=True),
+    "mistral":
+        dict(BASE, family="mistral", sliding_window=3),
+    "gemma2":
+        dict(BASE, family="gemma2", sliding_window=3, query_pre_attn_scalar=6.0, attn_softcap=1.0,
+             final_softcap=2.0, layer_types=("sliding_attention", "full_attention")),
+    "gemma3_scanned":
+        dict(BASE, family="gemma3", num_layers=3, qk_norm=True, sliding_window=3, scan_layers=True,
+             layer_types=("sliding_attention", "full_attention", "sliding_attention"), rope_theta=1e6,
+             rope_local_theta=1e4, rope_linear_factor=4.0),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CASES))
+def test_greedy_generate_follows_the_forward_in_every_family(name):
+  cfg = ModelConfig(**FAMILY_CASES[name])
+  params = jax.tree_util.tree_map_with_path(  # biases and norms off their initial 0 / identity
+      lambda p, x: x + 0.2 * jax.random.normal(jax.random.key(len(jax.tree_util.keystr(p))), x.shape)
+      if re.search("norm|bias", jax.tree_util.keystr(p)) else x, _params(cfg))
+  prompts, mask = _prompts(4, lengths=(4, 9), width=9)
+  out = sampling.generate(cfg, params, prompts, mask, jax.random.key(0), num_samples=1, max_new_tokens=12,
+                          temperature=0.0)
+  tokens = np.asarray(out.tokens)[:, 0]
+  for row in range(2):
+    seq = np.concatenate([prompts[row][mask[row]], tokens[row]])[None]
+    logits = np.asarray(FORWARD(cfg, params, seq, np.ones_like(seq, bool)))[0, mask[row].sum() - 1:-1]
+    np.testing.assert_array_equal(tokens[row], logits.argmax(-1))
+    logp = logits.max(-1) - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) - logits.max(-1)
+    np.testing.assert_allclose(np.asarray(out.model_logprobs)[row, 0], logp, atol=1e-5)
+
+
 def test_inverse_cdf_never_picks_a_zero_probability_token():
   probs = jnp.asarray([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
   uniforms = jnp.asarray([0.0, 0.4999, 0.5, np.nextafter(np.float32(1), np.float32(0))])
@@ -203,6 +241,21 @@ def test_same_samples_on_one_device_and_the_8_device_mesh(llama):
   logical = sharding.logical_specs(jax.eval_shape(lambda r: transformer.init_boxed(cfg, r),
                                                   jax.random.key(0)))
   placed = sharding.place(params, logical, mesh)
+  multi = sampling.generate(cfg, placed, prompts, mask, jax.random.key(3), **kwargs)
+  assert multi.tokens.sharding.mesh.size == 8
+  np.testing.assert_array_equal(np.asarray(single.tokens), np.asarray(multi.tokens))
+  np.testing.assert_allclose(np.asarray(single.model_logprobs), np.asarray(multi.model_logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CASES))
+def test_every_family_samples_the_same_on_one_device_and_the_8_device_mesh(name):
+  cfg = ModelConfig(**FAMILY_CASES[name])
+  params = _params(cfg)
+  prompts, mask = _prompts(4, lengths=(4, 9, 1), width=9)
+  kwargs = dict(num_samples=2, max_new_tokens=10, temperature=1.0, eos_ids=EOS_IDS, pad_id=PAD)
+  single = sampling.generate(cfg, params, prompts, mask, jax.random.key(3), **kwargs)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  placed = sharding.place(params, params_lib.logical_axes(cfg, "lm"), mesh)
   multi = sampling.generate(cfg, placed, prompts, mask, jax.random.key(3), **kwargs)
   assert multi.tokens.sharding.mesh.size == 8
   np.testing.assert_array_equal(np.asarray(single.tokens), np.asarray(multi.tokens))

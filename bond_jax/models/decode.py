@@ -15,11 +15,13 @@ Cache layout (what `prefill` and `empty_block` build):
   mask valid [B, P].
 - The generated tokens: one block of S slots per chunk of steps (`chunks`), keys and values [R, K, S, Dh]
   per layer. Finished blocks are loop invariants of later chunks (full: read unmasked); the current one is
-  carried and written in place, its slots past the step masked.
+  carried and written in place, its slots past the step masked. A sliding layer masks, in addition, the
+  prompt slots and generated slots out of its window (_window_masks: the same for every row, since rows
+  decode in step); the caches keep every slot.
 Per-layer arrays are lists of L arrays (unrolled layers; see per_layer) or stacked [L, ...] (scanned).
 
 Weights (`decode_weights`, built once per call, outside the loop): matrices cast to the compute dtype, q's
-weights carrying the 1/sqrt(Dh) score scale, q/k/v fused into one [D, (H + 2K) * Dh] matrix and gate/up into
+weights carrying the score scale (layers.query_scale; after a q norm, q is scaled instead), q/k/v fused into one [D, (H + 2K) * Dh] matrix and gate/up into
 one [D, 2M] matrix, the LM head a contiguous [D, V] matrix. Every product takes compute-dtype operands and
 accumulates in float32 (layers.dense). BENCHMARKS.md measures why each of these choices matters.
 """
@@ -81,22 +83,25 @@ def per_layer(cfg: ModelConfig, stacked: jax.Array) -> list[jax.Array] | jax.Arr
 def fuse_layer(cfg: ModelConfig, p: Any, fuse: bool) -> Any:
   """A layer's params (or the stacked [L, ...] ones) for the decode step.
 
-  Always: q's weights carry the score scale (RoPE is linear, so scaling the weights once equals scaling q
-  every step).
-  fuse: q, k, v as ONE [D, (H + 2K) * Dh] matrix and gate, up as ONE [D, 2M] matrix, so each step runs
-  two matmuls where it would run five: at decode sizes the per-op overhead, not the FLOPs, sets the pace.
-  Not done when heads are sharded over 'tensor' (a fused matrix would mix the head shards).
+  Always: q's weights (and bias) carry the score scale (RoPE is linear, so scaling the weights once equals
+  scaling q every step), unless a q norm follows them (its output is scale-free: the step scales q then).
+  fuse: q, k, v as ONE [D, (H + 2K) * Dh] matrix (their biases one [(H + 2K) * Dh] vector) and gate, up
+  as ONE [D, 2M] matrix, so each step runs two matmuls where it would run five: at decode sizes the per-op
+  overhead, not the FLOPs, sets the pace. Not done when heads are sharded over 'tensor' (a fused matrix
+  would mix the head shards).
   """
   attn, mlp = p["attn"], p["mlp"]
-  q = attn["q"] * jnp.asarray(layers.query_scale(cfg), attn["q"].dtype)
+  if not cfg.qk_norm:
+    scale = lambda w: w * jnp.asarray(layers.query_scale(cfg), w.dtype)
+    attn = dict(attn, q=scale(attn["q"]), **({"q_bias": scale(attn["q_bias"])} if cfg.qkv_bias else {}))
   if not fuse:
-    return dict(p, attn=dict(attn, q=q))
-  flat = lambda w: w.reshape(*w.shape[:-2], -1)  # [..., D, heads, Dh] -> [..., D, heads * Dh]
-  qkv = jnp.concatenate([flat(q), flat(attn["k"]), flat(attn["v"])], axis=-1)
-  return dict(p, attn={
-      "qkv": qkv,
-      "o": attn["o"]
-  }, mlp={
+    return dict(p, attn=attn)
+  flat = lambda w: w.reshape(*w.shape[:-2], -1)  # [..., D?, heads, Dh] -> [..., D?, heads * Dh]
+  fused = {"qkv": jnp.concatenate([flat(attn[name]) for name in ("q", "k", "v")], axis=-1), "o": attn["o"]}
+  if cfg.qkv_bias:
+    fused["qkv_bias"] = jnp.concatenate([flat(attn[f"{name}_bias"]) for name in ("q", "k", "v")], axis=-1)
+  fused.update({name: attn[name] for name in ("q_norm", "k_norm") if name in attn})
+  return dict(p, attn=fused, mlp={
       "gate_up": jnp.concatenate([mlp["gate"], mlp["up"]], axis=-1),
       "down": mlp["down"]
   })
@@ -132,12 +137,15 @@ def prefill(cfg: ModelConfig, params: Any, prompts: jax.Array,
                              v=per_layer(cfg, cache["v"].swapaxes(2, 3)), valid=cache["valid"])
 
 
-def rope_by_position(cfg: ModelConfig, length: int) -> tuple[jax.Array, jax.Array]:
+def rope_by_position(cfg: ModelConfig, length: int) -> tuple[jax.Array, ...]:
   """RoPE (cos, sin) [length, 1, Dh/2] of positions 0..length-1, built once and gathered per step: computed
   inside the step, XLA fuses cos/sin into each layer's rotation and evaluates them per head and element
-  (~13% of a tiny step)."""
-  return layers.rope_table(jnp.arange(length, dtype=jnp.int32), layers.rope_inverse_frequencies(cfg),
-                           cfg.dtype)
+  (~13% of a tiny step). With a sliding layers' own base (Gemma 3): (cos, sin, local cos, local sin)."""
+  positions = jnp.arange(length, dtype=jnp.int32)
+  table = layers.rope_table(positions, layers.rope_inverse_frequencies(cfg), cfg.dtype)
+  if cfg.rope_local_theta is None:
+    return table
+  return table + layers.rope_table(positions, layers.rope_inverse_frequencies(cfg, local=True), cfg.dtype)
 
 
 def chunks(num_steps: int) -> tuple[int, list[tuple[int, int]]]:
@@ -175,15 +183,30 @@ def empty_block(cfg: ModelConfig, rows: int, slots: int) -> dict[str, Any]:
 def _project_qkv(cfg: ModelConfig, p: Any, x: jax.Array, rope):
   """x [R, D] -> q [R, H, Dh], k [R, K, Dh] (both rotated), v [R, K, Dh], from fuse_layer's params
   (q's scale is in its weights). Fused weights: one matmul, and q, k rotated as one [R, H + K, Dh] array
-  (one RoPE op per layer, not two).
+  (one RoPE op per layer, not two). Biases and q/k norms (then q's scale) as configured.
   """
   h, kv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   if "qkv" not in p:
     q, k, v = (layers.dense(x, p[name], "rd,dhk->rhk") for name in ("q", "k", "v"))
+    if cfg.qkv_bias:
+      q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    if cfg.qk_norm:
+      q, k = _qk_norm(cfg, p, q, k)
     return layers.rotate(q, *rope), layers.rotate(k, *rope), v
   qkv = layers.dense(x, p["qkv"])
-  qk = layers.rotate(qkv[:, :(h + kv) * dh].reshape(-1, h + kv, dh), *rope)
+  if cfg.qkv_bias:
+    qkv = qkv + p["qkv_bias"]
+  qk = qkv[:, :(h + kv) * dh].reshape(-1, h + kv, dh)
+  if cfg.qk_norm:
+    qk = jnp.concatenate(_qk_norm(cfg, p, qk[:, :h], qk[:, h:]), axis=1)
+  qk = layers.rotate(qk, *rope)
   return qk[:, :h], qk[:, h:], qkv[:, (h + kv) * dh:].reshape(-1, kv, dh)
+
+
+def _qk_norm(cfg: ModelConfig, p: Any, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """q [R, H, Dh], k [R, K, Dh] normed per head; q then carries the score scale (see fuse_layer)."""
+  q = layers.rms_norm(cfg, p["q_norm"], q)
+  return q * jnp.asarray(layers.query_scale(cfg), q.dtype), layers.rms_norm(cfg, p["k_norm"], k)
 
 
 def _attend(cfg: ModelConfig, q, prompt_kv, prompt_valid, blocks, num_samples: int) -> jax.Array:
@@ -199,11 +222,11 @@ def _attend(cfg: ModelConfig, q, prompt_kv, prompt_valid, blocks, num_samples: i
   q_by_prompt = q.reshape(batch, num_samples, k_heads, groups,
                           dh).transpose(0, 2, 1, 3, 4).reshape(batch, k_heads, num_samples * groups, dh)
   s_prompt = jnp.einsum("bkmd,bkdp->bkmp", q_by_prompt, prompt_kv[0], preferred_element_type=f32)
-  s_prompt = layers.mask_scores(s_prompt, prompt_valid[:, None, None, :])
+  s_prompt = layers.mask_scores(cfg, s_prompt, prompt_valid[:, None, None, :])
   s_gen = [jnp.einsum("rkgd,rksd->rkgs", q, gk, preferred_element_type=f32) for gk, _, _ in blocks]
   s_gen = [
-      s if valid is None else layers.mask_scores(s, valid[:, None, None, :])
-      for s, (_, _, valid) in zip(s_gen, blocks)
+      layers.soft_cap(s, cfg.attn_softcap) if valid is None else layers.mask_scores(
+          cfg, s, valid[:, None, None, :]) for s, (_, _, valid) in zip(s_gen, blocks)
   ]
 
   by_row = lambda t: t.reshape(batch, k_heads, num_samples, groups, *t.shape[3:]).swapaxes(1, 2).reshape(
@@ -223,7 +246,7 @@ def _attend(cfg: ModelConfig, q, prompt_kv, prompt_valid, blocks, num_samples: i
   return (total / denom[..., None]).astype(dt).reshape(rows, cfg.num_heads, dh)
 
 
-def _attention(cfg: ModelConfig, p: Any, x, rope, prompt_kv, prompt_valid, earlier, current, slot,
+def _attention(cfg: ModelConfig, p: Any, x, rope, window, prompt_kv, prompt_valid, earlier, current, slot,
                num_samples: int):
   """One decode token per row: x [R, D] -> (out [R, D], current (keys, values) with this token at `slot`).
 
@@ -234,7 +257,8 @@ def _attention(cfg: ModelConfig, p: Any, x, rope, prompt_kv, prompt_valid, earli
   a batched matmul, which XLA CPU runs far faster than reductions over a non-minor axis. The generated keys
   are not transposed ([S, Dh], unlike the prompt's), so that each step's write is one contiguous Dh-row per
   head instead of a strided column (BENCHMARKS.md: faster in bfloat16, equal in float32, at 16-slot
-  blocks). Each block is read whole (a slice of a bigger buffer would be copied first).
+  blocks). Each block is read whole (a slice of a bigger buffer would be copied first). window: None, or a
+  sliding layer's _window_masks.
   """
   dt = cfg.dtype
   rows = x.shape[0]
@@ -244,6 +268,12 @@ def _attention(cfg: ModelConfig, p: Any, x, rope, prompt_kv, prompt_valid, earli
   span = current[1].shape[2]
   blocks = [(gk, gv, None) for gk, gv in earlier
            ] + [(current[0], current[1], jnp.broadcast_to(jnp.arange(span) <= slot, (rows, span)))]
+  if window is not None:
+    prompt_ok, blocks_ok = window
+    prompt_valid = prompt_valid & prompt_ok
+    blocks = [
+        (gk, gv, ok[None] if valid is None else valid & ok) for (gk, gv, valid), ok in zip(blocks, blocks_ok)
+    ]
   q = q.reshape(rows, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
   q = sharding.constrain(q, ("act_batch", "act_kv_heads", None, None))
   out = layers.dense(_attend(cfg, q, prompt_kv, prompt_valid, blocks, num_samples), p["o"], "rhk,hkd->rd")
@@ -262,13 +292,41 @@ def mlp(cfg: ModelConfig, p: Any, x: jax.Array) -> jax.Array:
   return layers.dense(h, p["down"])
 
 
-def _block(cfg, p, x, rope, prompt_kv, prompt_valid, earlier, current, slot, num_samples):
-  """Pre-norm residual block (transformer.Block) of one token per row: x [R, D] -> (x, current)."""
-  h, current = _attention(cfg, p["attn"], layers.rms_norm(cfg, p["attn_norm"]["scale"], x), rope, prompt_kv,
-                          prompt_valid, earlier, current, slot, num_samples)
-  x = x + h
-  x = x + mlp(cfg, p["mlp"], layers.rms_norm(cfg, p["mlp_norm"]["scale"], x))
+def _block(cfg, p, x, rope, window, prompt_kv, prompt_valid, earlier, current, slot, num_samples):
+  """Pre-norm residual block (transformer.Block) of one token per row: x [R, D] -> (x, current).
+  rope, window: this layer's (see _for_layer)."""
+  norm = lambda name, y: layers.rms_norm(cfg, p[name]["scale"], y)
+  h, current = _attention(cfg, p["attn"], norm("attn_norm", x), rope, window, prompt_kv, prompt_valid,
+                          earlier, current, slot, num_samples)
+  x = x + (norm("attn_post_norm", h) if cfg.sandwich_norms else h)
+  h = mlp(cfg, p["mlp"], norm("mlp_norm", x))
+  x = x + (norm("mlp_post_norm", h) if cfg.sandwich_norms else h)
   return sharding.constrain(x, ("act_batch", "act_embed")), current
+
+
+def _window_masks(cfg: ModelConfig, prompt_slots: int, num_earlier: int, slots: int, slot):
+  """What a sliding layer's query may read: (prompt slots [P] bool, [S] bool for each generated block,
+  the earlier ones then the current). The query's cache slot is P + (its generated index), the same for
+  every row (rows decode in step); None without a sliding window."""
+  if cfg.sliding_window is None:
+    return None
+  query = prompt_slots + num_earlier * slots + slot
+  prompt_ok = layers.in_window(cfg, query, jnp.arange(prompt_slots))
+  return prompt_ok, [
+      layers.in_window(cfg, query, prompt_slots + c * slots + jnp.arange(slots))
+      for c in range(num_earlier + 1)
+  ]
+
+
+def _for_layer(cfg: ModelConfig, rope, window, sliding):
+  """This layer's (rope, window): the local RoPE table and the window masks where it slides. sliding: a
+  bool (unrolled layers), or a traced flag (scanned mixed layers), or None (scanned, all alike)."""
+  sliding = cfg.sliding_layers[0] if sliding is None else sliding
+  if len(rope) == 4:  # rope_by_position's local table too
+    rope = layers.pick(sliding, rope[2:], rope[:2])
+  if window is None or sliding is False:
+    return rope, None
+  return rope, window if sliding is True else jax.tree.map(lambda ok: ok | ~sliding, window)
 
 
 def lm_logits(head: jax.Array, hidden: jax.Array) -> jax.Array:
@@ -289,20 +347,26 @@ def step(cfg: ModelConfig, weights: DecodeWeights, rope_table, prompt_cache: Pro
   x = layers.embed(cfg, weights.embedding, tokens)
   pk, pv, p_valid = prompt_cache
   earlier_kv = [(b["k"], b["v"]) for b in earlier]
+  window = _window_masks(cfg, p_valid.shape[1], len(earlier),
+                         jax.tree.leaves(current["k"])[0].shape[-2], slot)
   if cfg.scan_layers:
+    sliding = jnp.asarray(cfg.sliding_layers) if cfg.mixed_layers else None
 
     def body(x, xs):
-      p, lpk, lpv, layer_kv, ck, cv = xs
-      return _block(cfg, p, x, rope, (lpk, lpv), p_valid, layer_kv, (ck, cv), slot, num_samples)
+      p, lpk, lpv, layer_kv, ck, cv, flag = xs
+      return _block(cfg, p, x, *_for_layer(cfg, rope, window, flag), (lpk, lpv), p_valid, layer_kv, (ck, cv),
+                    slot, num_samples)
 
-    x, (new_k, new_v) = jax.lax.scan(body, x,
-                                     (weights.layers, pk, pv, earlier_kv, current["k"], current["v"]))
+    x, (new_k,
+        new_v) = jax.lax.scan(body, x,
+                              (weights.layers, pk, pv, earlier_kv, current["k"], current["v"], sliding))
   else:
     new_k, new_v = [], []
     for i, p in enumerate(weights.layers):
-      x, (k, v) = _block(cfg, p, x, rope, (pk[i], pv[i]), p_valid, [(k[i], v[i]) for k, v in earlier_kv],
-                         (current["k"][i], current["v"][i]), slot, num_samples)
+      x, (k, v) = _block(cfg, p, x, *_for_layer(cfg, rope, window, cfg.sliding_layers[i]), (pk[i], pv[i]),
+                         p_valid, [(k[i], v[i]) for k, v in earlier_kv], (current["k"][i], current["v"][i]),
+                         slot, num_samples)
       new_k.append(k)
       new_v.append(v)
   x = layers.rms_norm(cfg, weights.final_norm, x)
-  return lm_logits(weights.head, x), {"k": new_k, "v": new_v}
+  return layers.soft_cap(lm_logits(weights.head, x), cfg.final_softcap), {"k": new_k, "v": new_v}

@@ -1,5 +1,6 @@
 """Pure building blocks of the decoder LM, shared by the Flax forward (transformer.py) and the fused decode
-step (decode.py): every family difference (Llama vs Gemma) and every numeric convention lives here once.
+step (decode.py): every family difference (Llama vs Gemma style, biases, q/k norms, sliding windows,
+soft-capping) and every numeric convention lives here once.
 
 Shapes: R rows (any leading axes), T tokens, D d_model, H heads, Dh head_dim, M mlp_dim, V vocab.
 """
@@ -17,9 +18,22 @@ from bond_jax.models.config import ModelConfig
 NEG_INF = -1e30  # finite, so a score row with nothing to attend to (a left pad) gives no NaN
 
 
-def rope_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
-  """[Dh / 2] rotary inverse frequencies, with Llama 3 scaling when configured."""
+def pick(flag, if_true, if_false):
+  """if_true where flag, else if_false: chosen at trace time for a Python bool (an unrolled layer knows its
+  kind), by jnp.where for a traced one (a scanned body of mixed layers reads its kind as a flag)."""
+  if isinstance(flag, bool):
+    return if_true if flag else if_false
+  return jax.tree.map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
+
+
+def rope_inverse_frequencies(cfg: ModelConfig, local: bool = False) -> jax.Array:
+  """[Dh / 2] rotary inverse frequencies of a full layer, with Llama 3 or linear scaling when configured;
+  local: of a sliding layer, which has its own unscaled base when rope_local_theta is set (Gemma 3)."""
+  if local and cfg.rope_local_theta is not None:
+    return 1.0 / (cfg.rope_local_theta**(jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
   inv_freq = 1.0 / (cfg.rope_theta**(jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+  if cfg.rope_linear_factor is not None:
+    inv_freq = inv_freq / cfg.rope_linear_factor
   if cfg.rope_llama3_scaling is None:
     return inv_freq
   factor, low_freq_factor, high_freq_factor, original_context = cfg.rope_llama3_scaling
@@ -48,14 +62,15 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def norm_init(cfg: ModelConfig):
   """Initializer of an RMSNorm scale: the identity norm, since Gemma scales by (1 + w) and Llama by w."""
-  return nn.initializers.zeros if cfg.family == "gemma" else nn.initializers.ones
+  return nn.initializers.zeros if cfg.gemma_style else nn.initializers.ones
 
 
 def rms_norm(cfg: ModelConfig, scale: jax.Array, x: jax.Array) -> jax.Array:
-  """RMSNorm of x [..., D] with scale [D], normalised in float32, returned in x's dtype."""
+  """RMSNorm of x [..., F] with scale [F] (F: D, or Dh for q/k norms), normalised in float32, returned in
+  x's dtype."""
   x32 = x.astype(jnp.float32)
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
-  if cfg.family == "gemma":  # Gemma scales in float32 by (1 + w), then casts
+  if cfg.gemma_style:  # Gemma scales in float32 by (1 + w), then casts
     return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
   return scale.astype(x.dtype) * normed.astype(x.dtype)  # Llama casts first, then scales
 
@@ -64,25 +79,39 @@ def gated(cfg: ModelConfig, gate: jax.Array, up: jax.Array) -> jax.Array:
   """The MLP's hidden activation [..., M] from its two input products: GeGLU (tanh GELU) for Gemma,
   SwiGLU for Llama. Runs in the operands' dtype (the decode step passes float32: XLA CPU's bf16 exp is
   slow)."""
-  act = jax.nn.gelu(gate, approximate=True) if cfg.family == "gemma" else jax.nn.silu(gate)
+  act = jax.nn.gelu(gate, approximate=True) if cfg.gemma_style else jax.nn.silu(gate)
   return act * up
 
 
 def query_scale(cfg: ModelConfig) -> float:
-  """The attention-score scale 1/sqrt(Dh) (the forward multiplies scores by it; the decode step folds it
-  into q's weights, which is the same map since RoPE is linear)."""
-  return cfg.head_dim**-0.5
+  """The attention-score scale 1/sqrt(Dh), or query_pre_attn_scalar ** -0.5 when set (the forward
+  multiplies scores by it; the decode step folds it into q's weights, which is the same map since RoPE is
+  linear, or, after a q norm, multiplies q by it)."""
+  return (cfg.head_dim if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar)**-0.5
 
 
-def mask_scores(scores: jax.Array, attend: jax.Array) -> jax.Array:
-  """Scores with the slots a query may not read (attend False, broadcast against scores) set to NEG_INF."""
-  return jnp.where(attend, scores, NEG_INF)
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+  """cap * tanh(x / cap) (Gemma 2's bound on attention scores and logits); x unchanged when cap is None."""
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def mask_scores(cfg: ModelConfig, scores: jax.Array, attend: jax.Array) -> jax.Array:
+  """Scores (float32, scaled) soft-capped when configured, with the slots a query may not read (attend
+  False, broadcast against scores) set to NEG_INF: the cap comes first, so a masked slot stays masked."""
+  return jnp.where(attend, soft_cap(scores, cfg.attn_softcap), NEG_INF)
+
+
+def in_window(cfg: ModelConfig, query_slots: jax.Array, key_slots: jax.Array) -> jax.Array:
+  """Whether a sliding layer's query at cache slot query_slots may read key_slots (broadcast together):
+  the last sliding_window slots, its own included. Slots, not positions: a row's tokens fill consecutive
+  slots after its left padding, as in Hugging Face's masks."""
+  return query_slots - key_slots < cfg.sliding_window
 
 
 def embed(cfg: ModelConfig, embedding: jax.Array, tokens: jax.Array) -> jax.Array:
   """Token embeddings [*tokens.shape, D] in the compute dtype, times sqrt(D) for Gemma."""
   x = jnp.take(embedding, tokens, axis=0).astype(cfg.dtype)
-  if cfg.family == "gemma":
+  if cfg.gemma_style:
     x = x * jnp.asarray(cfg.d_model**0.5, dtype=cfg.dtype)
   return x
 

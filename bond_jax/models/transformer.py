@@ -1,4 +1,4 @@
-"""Decoder-only LM (Llama and Gemma families) as Flax Linen modules, with a KV cache.
+"""Decoder-only LM (Llama, Qwen, Mistral and Gemma families) as Flax Linen modules, with a KV cache.
 
 Shapes: B batch rows, T tokens in this call, S cache slots, D d_model, H query heads, K kv heads,
 Dh head_dim, V vocab.
@@ -9,7 +9,8 @@ Pad tokens are never attended to; their own outputs are garbage and must be igno
 
 KV cache (init_cache): {'k','v': [L, B, S, K, Dh], 'valid': [B, S] bool, 'index': int32 []}. A call
 with a cache writes its T tokens at slots [index, index + T) and attends to every valid slot up to its
-own. Prefill = one call with the whole prompt; decode = calls with T = 1.
+own (a sliding layer: only the last sliding_window slots of those). Prefill = one call with the whole
+prompt; decode = calls with T = 1.
 
 The math of a block (RMSNorm, RoPE, the MLP activation, the score scale and mask, the embedding, the LM
 head) is layers.py's, shared with the sampler's fused one-token decode step (decode.py), so a family or
@@ -29,6 +30,7 @@ from bond_jax.models.config import ModelConfig
 from bond_jax.sharding import constrain
 
 Cache = dict[str, jax.Array]
+_HEADS = {True: "heads", False: "kv_heads"}  # logical axis of a projection's heads: query or key/value
 
 
 def _param(module: nn.Module, name: str, init, shape, names, dtype):
@@ -59,23 +61,36 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
   cfg: ModelConfig
 
+  def _project(self, x, name, heads, init):
+    """x [B, T, D] -> [B, T, heads, Dh]: the `name` projection, plus its bias when the config has them."""
+    cfg = self.cfg
+    w = _param(self, name, init, (cfg.d_model, heads, cfg.head_dim),
+               ("embed", _HEADS[heads == cfg.num_heads], "head_dim"), cfg.params_dtype)
+    out = jnp.einsum("btd,dhk->bthk", x, w.astype(cfg.dtype))
+    if cfg.qkv_bias:
+      bias = _param(self, f"{name}_bias", nn.initializers.zeros, (heads, cfg.head_dim),
+                    (_HEADS[heads == cfg.num_heads], "head_dim"), cfg.params_dtype)
+      out = out + bias.astype(cfg.dtype)
+    if cfg.qk_norm and name != "v":
+      scale = _param(self, f"{name}_norm", layers.norm_init(cfg), (cfg.head_dim,), ("head_dim",),
+                     cfg.params_dtype)
+      out = layers.rms_norm(cfg, scale, out)
+    return out
+
   @nn.compact
-  def __call__(self, x, positions, attend, layer_cache):
-    """x [B, T, D]; attend [B, S, T?]: see Transformer; layer_cache None or (k, v) [B, S, K, Dh]."""
+  def __call__(self, x, positions, attend, layer_cache, sliding=False):
+    """x [B, T, D]; attend (full, window or None) [B, T, S]: see Transformer; layer_cache None or (k, v)
+    [B, S, K, Dh]; sliding: whether this layer reads the window (a bool, or a traced one when scanned)."""
     cfg, dt = self.cfg, self.cfg.dtype
     init = nn.initializers.normal(stddev=cfg.d_model**-0.5)
-    wq = _param(self, "q", init, (cfg.d_model, cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
-                cfg.params_dtype)
-    wk = _param(self, "k", init, (cfg.d_model, cfg.num_kv_heads, cfg.head_dim),
-                ("embed", "kv_heads", "head_dim"), cfg.params_dtype)
-    wv = _param(self, "v", init, (cfg.d_model, cfg.num_kv_heads, cfg.head_dim),
-                ("embed", "kv_heads", "head_dim"), cfg.params_dtype)
+    inv_freq = layers.rope_inverse_frequencies(cfg)
+    if cfg.rope_local_theta is not None:
+      inv_freq = layers.pick(sliding, layers.rope_inverse_frequencies(cfg, local=True), inv_freq)
+    q = apply_rope(self._project(x, "q", cfg.num_heads, init), positions, inv_freq)
+    k = apply_rope(self._project(x, "k", cfg.num_kv_heads, init), positions, inv_freq)
+    v = self._project(x, "v", cfg.num_kv_heads, init)
     wo = _param(self, "o", nn.initializers.normal(stddev=(cfg.num_heads * cfg.head_dim)**-0.5),
                 (cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"), cfg.params_dtype)
-    inv_freq = layers.rope_inverse_frequencies(cfg)
-    q = apply_rope(jnp.einsum("btd,dhk->bthk", x, wq.astype(dt)), positions, inv_freq)
-    k = apply_rope(jnp.einsum("btd,dhk->bthk", x, wk.astype(dt)), positions, inv_freq)
-    v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     if layer_cache is not None:
       cache_k, cache_v, index = layer_cache
@@ -88,7 +103,8 @@ class Attention(nn.Module):
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt)).astype(jnp.float32) * layers.query_scale(cfg)
-    scores = layers.mask_scores(scores, attend[:, None, None, :, :])
+    attend = attend[0] if attend[1] is None else layers.pick(sliding, attend[1], attend[0])
+    scores = layers.mask_scores(cfg, scores, attend[:, None, None, :, :])
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(batch, length, cfg.num_heads,
                                                                        cfg.head_dim)
@@ -113,15 +129,18 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block. Returns (x, new layer cache); scan-compatible signature."""
+  """Pre-norm residual block (Gemma 2/3: the attention's and the MLP's outputs normed too, by attn_post_norm
+  and mlp_post_norm). Returns (x, new layer cache); scan-compatible signature."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, attend, layer_cache):
-    h, new_cache = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), positions, attend,
-                                                    layer_cache)
-    x = x + h
-    x = x + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+  def __call__(self, x, positions, attend, layer_cache, sliding=False):
+    cfg = self.cfg
+    h, new_cache = Attention(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x), positions, attend,
+                                               layer_cache, sliding)
+    x = x + (RMSNorm(cfg, name="attn_post_norm")(h) if cfg.sandwich_norms else h)
+    h = Mlp(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
+    x = x + (RMSNorm(cfg, name="mlp_post_norm")(h) if cfg.sandwich_norms else h)
     return constrain(x, ("act_batch", "act_length", "act_embed")), new_cache
 
 
@@ -130,11 +149,12 @@ class _ScanBlock(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, attend, index):
+  def __call__(self, x, layer_cache, sliding, positions, attend, index):
+    """sliding: this layer's scanned flag [] when the layers are mixed, else None (all alike)."""
     block = nn.remat(Block, prevent_cse=False)(self.cfg, name="block") if self.cfg.remat else \
         Block(self.cfg, name="block")
     cache_in = None if layer_cache is None else (layer_cache[0], layer_cache[1], index)
-    return block(x, positions, attend, cache_in)
+    return block(x, positions, attend, cache_in, self.cfg.sliding_layers[0] if sliding is None else sliding)
 
 
 class Transformer(nn.Module):
@@ -149,7 +169,7 @@ class Transformer(nn.Module):
                             (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.params_dtype)
     if cfg.scan_layers:
       self.layers = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     else:
       block_cls = nn.remat(Block) if cfg.remat else Block
@@ -169,21 +189,26 @@ class Transformer(nn.Module):
       causal = jnp.tril(jnp.ones((length, length), bool))
       attend = causal[None] & token_mask[:, None, :]  # [B, T, T]: query t may read key s
       index = None
+      slots = lambda: (jnp.arange(length)[:, None], jnp.arange(length)[None, :])  # (query [T, 1], key [1, T])
     else:
       index = cache["index"]
       positions = positions_from_mask(token_mask, jnp.sum(cache["valid"], axis=-1))
       valid = jax.lax.dynamic_update_slice(cache["valid"], token_mask, (0, index))
-      slots = jnp.arange(valid.shape[1])
-      causal = slots[None, :] <= (index + jnp.arange(length))[:, None]  # [T, S]
-      attend = causal[None] & valid[:, None, :]  # [B, T, S]
+      key_slots = jnp.arange(valid.shape[1])[None, :]  # [1, S]
+      query_slots = (index + jnp.arange(length))[:, None]  # [T, 1]
+      attend = (key_slots <= query_slots)[None] & valid[:, None, :]  # [B, T, S]
+      slots = lambda: (query_slots, key_slots)
+    window = None if cfg.sliding_window is None else attend & layers.in_window(cfg, *slots())
+    attend = (attend, window)
     if cfg.scan_layers:
       layer_caches = None if cache is None else (cache["k"], cache["v"])
-      x, new_kv = self.layers(x, layer_caches, positions, attend, index)
+      sliding = jnp.asarray(cfg.sliding_layers) if cfg.mixed_layers else None
+      x, new_kv = self.layers(x, layer_caches, sliding, positions, attend, index)
     else:
       new_k, new_v = [], []
       for i, block in enumerate(self.blocks):
         layer_cache = None if cache is None else (cache["k"][i], cache["v"][i], index)
-        x, kv = block(x, positions, attend, layer_cache)
+        x, kv = block(x, positions, attend, layer_cache, cfg.sliding_layers[i])
         if kv is not None:
           new_k.append(kv[0])
           new_v.append(kv[1])
@@ -196,7 +221,8 @@ class Transformer(nn.Module):
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden [B, T, D] -> float32 logits [B, T, V]."""
     head = layers.head_matrix(self.cfg, self.embedding, getattr(self, "lm_head", None))
-    logits = (hidden @ head.astype(self.cfg.dtype)).astype(jnp.float32)
+    logits = layers.soft_cap((hidden @ head.astype(self.cfg.dtype)).astype(jnp.float32),
+                             self.cfg.final_softcap)
     return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
   def __call__(self, tokens: jax.Array, token_mask: jax.Array, cache: Cache | None = None):

@@ -2,6 +2,7 @@
 left-padded prompts of different lengths, N samples sharing each prompt's cache, several cache chunks."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -16,6 +17,14 @@ SMALL = dict(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads
              max_seq_len=128)
 LLAMA3 = (8.0, 1.0, 4.0, 32)  # a short original context: scaled, ramped and unscaled frequencies all occur
 PROMPT_LENGTHS, WIDTH = (7, 2, 11), 16
+QWEN2 = dict(SMALL, family="qwen2", qkv_bias=True, tie_embeddings=False)
+QWEN3 = dict(SMALL, family="qwen3", qk_norm=True, head_dim=24)
+GEMMA2 = dict(SMALL, family="gemma2", head_dim=24, sliding_window=5, query_pre_attn_scalar=16.0,
+              attn_softcap=1.0, final_softcap=3.0, layer_types=("sliding_attention", "full_attention"))
+GEMMA3 = dict(SMALL, family="gemma3", num_layers=3, qk_norm=True, sliding_window=5,
+              query_pre_attn_scalar=16.0,
+              layer_types=("sliding_attention", "sliding_attention", "full_attention"), rope_theta=1e6,
+              rope_local_theta=1e4, rope_linear_factor=8.0)
 FORWARD = jax.jit(transformer.forward, static_argnums=0)
 
 # name: (config, fuse, N samples per prompt, T tokens per row: T - 1 decode steps)
@@ -26,6 +35,17 @@ CASES = {
     "gemma_scanned": (ModelConfig(**SMALL, family="gemma", scan_layers=True), True, 2, 20),
     "llama3_rope": (ModelConfig(**SMALL, rope_theta=500_000.0, rope_llama3_scaling=LLAMA3), True, 2, 20),
     "micro_unfused": (presets.get("micro"), False, 2, 20),  # the layout used when heads are sharded
+    # Windows shorter than the prompts (5) and crossed during decode (20 > WIDTH = 16), mixed layers scanned
+    "qwen2": (ModelConfig(**QWEN2), True, 2, 20),
+    "qwen2_unfused": (ModelConfig(**QWEN2), False, 1, 20),
+    "qwen3": (ModelConfig(**QWEN3), True, 2, 20),
+    "qwen3_unfused_scanned": (ModelConfig(**QWEN3, scan_layers=True), False, 1, 20),
+    "mistral": (ModelConfig(**SMALL, family="mistral", sliding_window=5), True, 2, 40),
+    "mistral_window_20": (ModelConfig(**SMALL, family="mistral", sliding_window=20), True, 1, 40),
+    "gemma2": (ModelConfig(**GEMMA2), True, 2, 40),
+    "gemma2_scanned": (ModelConfig(**GEMMA2, scan_layers=True), True, 1, 20),
+    "gemma3": (ModelConfig(**GEMMA3), True, 2, 40),
+    "gemma3_scanned_unfused": (ModelConfig(**GEMMA3, scan_layers=True), False, 1, 20),
     "tiny": (presets.get("tiny"), True, 2, 20),
     "tiny_scanned": (presets.get("tiny", scan_layers=True), True, 1, 20),
 }
@@ -70,6 +90,10 @@ def decode_vs_forward(name):
   """(max |decode - forward| over every row and step, max |forward|, number of cache chunks crossed)."""
   cfg, fuse, num_samples, length = CASES[name]
   params = nn.unbox(jax.jit(lambda r: transformer.init_boxed(cfg, r))(jax.random.key(0)))
+  # biases start at 0 and norms at identity: perturb them so a step that drops or misplaces one shows
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.2 * jax.random.normal(jax.random.key(len(jax.tree_util.keystr(p))), x.shape)
+      if re.search("norm|bias", jax.tree_util.keystr(p)) else x, params)
   prompts, mask, fed = _inputs(cfg, num_samples, length)
   decoded = np.asarray(_decode_logits(cfg, params, prompts, mask, fed, num_samples, fuse))
   rows = np.concatenate([np.repeat(prompts, num_samples, 0), fed], 1)
