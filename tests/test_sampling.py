@@ -247,9 +247,17 @@ def test_same_samples_on_one_device_and_the_8_device_mesh(llama):
   np.testing.assert_allclose(np.asarray(single.model_logprobs), np.asarray(multi.model_logprobs), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(FAMILY_CASES))
+# Every family, the first two and Llama 3 RoPE scaling included (test_same_samples_on_one_device... above
+# covers plain llama with top-k).
+MESH_CASES = {
+    **FAMILY_CASES, "gemma": dict(BASE, family="gemma"),
+    "llama3_rope": dict(BASE, rope_theta=5e5, rope_llama3_scaling=(8.0, 1.0, 4.0, 32))
+}
+
+
+@pytest.mark.parametrize("name", list(MESH_CASES))
 def test_every_family_samples_the_same_on_one_device_and_the_8_device_mesh(name):
-  cfg = ModelConfig(**FAMILY_CASES[name])
+  cfg = ModelConfig(**MESH_CASES[name])
   params = _params(cfg)
   prompts, mask = _prompts(4, lengths=(4, 9, 1), width=9)
   kwargs = dict(num_samples=2, max_new_tokens=10, temperature=1.0, eos_ids=EOS_IDS, pad_id=PAD)
