@@ -150,7 +150,8 @@ class _Run:
     if restored is not None:
       self.state, meta, self.start = restored
       self.iterator = pipeline.restore_iterator(stage.batches, meta["data_iterator"])
-      _say(f"[{stage.name}] resumed from {self.mngr.directory} at step {self.start}")
+      # every process says where it resumed (each restores its own shards)
+      print(f"[{stage.name}] resumed from {self.mngr.directory} at step {self.start}", flush=True)
     self.writer = metrics_lib.MetricsWriter(workdir_lib.stage_dir(workdir, stage.name), self.start)
     self.progress = metrics_lib.Progress(stage.name, self.schedule.steps)
     self.pending: list[dict[str, float]] = []

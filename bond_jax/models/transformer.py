@@ -30,7 +30,7 @@ from bond_jax.models.config import ModelConfig
 from bond_jax.sharding import constrain
 
 Cache = dict[str, jax.Array]
-_HEADS = {True: "heads", False: "kv_heads"}  # logical axis of a projection's heads: query or key/value
+_HEADS = {"q": "heads", "k": "kv_heads", "v": "kv_heads"}  # the logical axis of each projection's heads
 
 
 def _param(module: nn.Module, name: str, init, shape, names, dtype):
@@ -64,12 +64,12 @@ class Attention(nn.Module):
   def _project(self, x, name, heads, init):
     """x [B, T, D] -> [B, T, heads, Dh]: the `name` projection, plus its bias when the config has them."""
     cfg = self.cfg
-    w = _param(self, name, init, (cfg.d_model, heads, cfg.head_dim),
-               ("embed", _HEADS[heads == cfg.num_heads], "head_dim"), cfg.params_dtype)
+    w = _param(self, name, init, (cfg.d_model, heads, cfg.head_dim), ("embed", _HEADS[name], "head_dim"),
+               cfg.params_dtype)
     out = jnp.einsum("btd,dhk->bthk", x, w.astype(cfg.dtype))
     if cfg.qkv_bias:
       bias = _param(self, f"{name}_bias", nn.initializers.zeros, (heads, cfg.head_dim),
-                    (_HEADS[heads == cfg.num_heads], "head_dim"), cfg.params_dtype)
+                    (_HEADS[name], "head_dim"), cfg.params_dtype)
       out = out + bias.astype(cfg.dtype)
     if cfg.qk_norm and name != "v":
       scale = _param(self, f"{name}_norm", layers.norm_init(cfg), (cfg.head_dim,), ("head_dim",),
