@@ -63,7 +63,7 @@ class Samples(NamedTuple):
     (temperature 0: a point mass) and on padding. Use it for importance weights of the sampler.
   model_logprobs: [B, N, T] float32 log pi(token) of the model itself: log-softmax of the raw logits
     (temperature 1, no truncation), 0 on padding. This is the log pi that BOND's math uses; it equals
-    `sequence_logprobs(...)[0]` of the same tokens.
+    `scoring.sequence_logprobs(...)[0]` of the same tokens.
   """
   tokens: jax.Array
   mask: jax.Array
