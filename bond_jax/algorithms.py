@@ -46,18 +46,20 @@ class Algorithm:
 
 def _jbond_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
   del bond
-  return rollout.jbond(frozen, state.params, state.anchor_params, prompts, mask, rng, max_new_tokens)
+  return rollout.jbond(frozen, frozen.model_params(state.params), frozen.model_params(state.anchor_params),
+                       prompts, mask, rng, max_new_tokens)
 
 
 def _bond_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
-  base = state.anchor_params if state.anchor_params is not None else frozen.reference_params
-  return rollout.bond(frozen, state.params, base, prompts, mask, rng, max_new_tokens, n=bond.n, k=bond.k,
-                      num_policy_samples=POLICY_SAMPLES)
+  base = (frozen.model_params(state.anchor_params)
+          if state.anchor_params is not None else frozen.reference_params)
+  return rollout.bond(frozen, frozen.model_params(state.params), base, prompts, mask, rng, max_new_tokens,
+                      n=bond.n, k=bond.k, num_policy_samples=POLICY_SAMPLES)
 
 
 def _reinforce_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
   del bond
-  return rollout.reinforce(frozen, state.params, prompts, mask, rng, max_new_tokens,
+  return rollout.reinforce(frozen, frozen.model_params(state.params), prompts, mask, rng, max_new_tokens,
                            num_policy_samples=POLICY_SAMPLES)
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 from jax.sharding import Mesh
 
 from bond_jax import checkpoint, hf, workdir as workdir_lib
+from bond_jax.models import lora as lora_lib
 from bond_jax.models import params as params_lib
 from bond_jax.models.config import ModelConfig
 
@@ -46,8 +48,34 @@ def _restore_params(directory: str, item: str, kind: str, mesh: Mesh) -> tuple[A
   if meta.get("kind") != kind:
     raise ValueError(f"checkpoint {directory} step {step} is of kind {meta.get('kind')!r}; wanted {kind!r}")
   cfg = ModelConfig.from_dict(meta["model"])
+  if meta.get("base") is not None:  # LoRA: the model is the base with these adapters, merged
+    adapters, base, lora = load_adapters(directory, step, item, meta, mesh)
+    return merged(base, adapters, lora), cfg
   target = params_lib.placement(cfg, kind, mesh)
   return checkpoint.restore_item(directory, step, item, target), cfg
+
+
+def load_adapters(directory: str, step: int, item: str, meta: dict[str, Any],
+                  mesh: Mesh) -> tuple[Any, Any, lora_lib.LoraConfig]:
+  """(adapters, base, LoraConfig) of a LoRA checkpoint: state[item] and the base its metadata names, which
+  must still hold the content it was trained on (one-line ValueError otherwise), stored as the run did."""
+  cfg, identity = ModelConfig.from_dict(meta["model"]), meta["base"]
+  lora = lora_lib.LoraConfig.from_dict(identity["lora"])
+  adapters = checkpoint.restore_item(directory, step, item, params_lib.adapter_placement(cfg, lora, mesh))
+  base, _ = load(identity["path"], "lm", mesh)
+  digest = checkpoint.tree_digest(base)
+  if digest != identity["hash"]:
+    raise ValueError(
+        f"checkpoint {directory}/{step} holds adapters for the base {identity['path']} with hash "
+        f"{identity['hash']}, but that path now holds another model (hash {digest})")
+  if lora.base_dtype:
+    base = jax.tree.map(lambda x: x.astype(lora.base_dtype), base)
+  return adapters, base, lora
+
+
+def merged(base: Any, adapters: Any, lora: lora_lib.LoraConfig) -> Any:
+  """base + adapters as one params tree (lora.merge, jitted as the sampler runs it)."""
+  return jax.jit(lambda b, a: lora_lib.merge(lora_lib.attach(b, a, lora)))(base, adapters)
 
 
 def load(source: str, kind: str, mesh: Mesh) -> tuple[Any, ModelConfig]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
 import logging as std_logging
 import os
 import re
@@ -445,3 +446,11 @@ def restore_item(directory: str, step: int, key: str, target: Any) -> Any:
   item = ocp.PyTreeCheckpointer().restore(path, args=args)[key]
   _verify(item, _raw_meta(directory, step)[0], step, os.path.abspath(directory), prefix=key)
   return item
+
+
+def tree_digest(tree: Any) -> str:
+  """One hex digest of every array of a tree (names, dtypes, shapes and contents: the per-array checksums
+  `save` stores, hashed together): the identity of a frozen base. Collective, like `save`."""
+  scanned = _scan(tree)
+  text = ";".join(f"{name}:{x.dtype}:{tuple(x.shape)}:{scanned[name][0]}" for name, x in _named_leaves(tree))
+  return hashlib.sha256(text.encode()).hexdigest()[:32]

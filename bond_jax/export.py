@@ -1,7 +1,9 @@
 """`python -m bond_jax.export --workdir=runs/dialogue --out=hf_policy`: a run's model in Hugging Face format.
 
 --which: policy (default; the latest J-BOND checkpoint), anchor, reference (the SFT stage) or reward (the
-reward-model stage). The tokenizer of the run is written beside the weights. Every file gets the mode
+reward-model stage). The tokenizer of the run is written beside the weights. A LoRA run exports its base with
+the adapters merged (the function its sampler ran), or with --peft the adapters alone as a PEFT adapter
+directory (bond_jax/hf_peft.py). Every file gets the mode
 open() gives (0644 under a 022 umask).
 
 Before anything loads, the paths are checked (one-line errors, exit 2): the workdir must hold a
@@ -15,14 +17,18 @@ import tempfile
 from absl import app, flags
 import jax
 
-from bond_jax import artifacts, cli, hf, sharding
+from bond_jax import artifacts, checkpoint, cli, hf, hf_peft, sharding
 from bond_jax import workdir as workdir_lib
 from bond_jax.data.tokenizer import load_tokenizer
+from bond_jax.models.config import ModelConfig
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A bond_jax run directory.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (must be empty unless --overwrite).")
 _WHICH = flags.DEFINE_enum("which", "policy", list(artifacts.WHICH), "Which model.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an earlier export in --out.")
+_PEFT = flags.DEFINE_bool(
+    "peft", False, "A LoRA run's policy or anchor as a PEFT adapter directory (adapter_config.json + "
+    "adapter_model.safetensors, for peft.PeftModel.from_pretrained on its base) instead of merged weights.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "Tensor dtype (default: params').")
 flags.mark_flags_as_required(["workdir", "out"])
@@ -81,9 +87,28 @@ def load_run_params(workdir: str, which: str):
   return artifacts.load_run_model(workdir, which, sharding.make_mesh({}, jax.devices()[:1]))
 
 
+def export_adapters(workdir: str, out: str, which: str = "policy", overwrite: bool = False) -> str:
+  """A LoRA run's policy or anchor adapters as a PEFT adapter directory; returns it."""
+  if which not in ("policy", "anchor"):
+    raise cli.UserError(f"--peft exports a LoRA run's policy or anchor adapters, not --which={which}")
+  check_workdir(workdir, which)
+  hf.check_out_dir(out, overwrite)
+  directory = workdir_lib.checkpoint_dir(workdir, _STAGES[which][0])
+  meta, step = checkpoint.read_meta(directory)
+  if meta.get("base") is None:
+    raise cli.UserError(f"--peft: {directory} step {step} holds full params, not LoRA adapters (trained "
+                        "with lora.rank=0); export the merged model without --peft")
+  mesh = sharding.make_mesh({}, jax.devices()[:1])
+  adapters, _, lora = artifacts.load_adapters(directory, step,
+                                              "params" if which == "policy" else "anchor_params", meta, mesh)
+  hf_peft.export_adapters(adapters, ModelConfig.from_dict(meta["model"]), lora, out,
+                          base_path=meta["base"]["path"], overwrite=overwrite)
+  return out
+
+
 def export_run(workdir: str, out: str, which: str = "policy", overwrite: bool = False,
                dtype: str | None = None) -> str:
-  """Export one model of a run; returns the output directory."""
+  """Export one model of a run (a LoRA run's merged: base + adapters); returns the output directory."""
   check_workdir(workdir, which)
   check_out(workdir, out, overwrite)
   params, cfg = load_run_params(workdir, which)
@@ -99,7 +124,10 @@ def export_run(workdir: str, out: str, which: str = "policy", overwrite: bool = 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  out = export_run(_WORKDIR.value, _OUT.value, _WHICH.value, _OVERWRITE.value, _DTYPE.value)
+  if _PEFT.value:
+    out = export_adapters(_WORKDIR.value, _OUT.value, _WHICH.value, _OVERWRITE.value)
+  else:
+    out = export_run(_WORKDIR.value, _OUT.value, _WHICH.value, _OVERWRITE.value, _DTYPE.value)
   print(f"exported {_WHICH.value} of {_WORKDIR.value} to {out}")
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from jax.sharding import Mesh
 
+from bond_jax.models import lora as lora_lib
 from bond_jax.models.config import ModelConfig
 
 
@@ -15,7 +16,10 @@ class FrozenModels:
   """policy_cfg: the shape of the policy, its anchor and pi_ref (one module, three params trees).
   reference_params: pi_ref's params (on `mesh`). reward_cfg / reward_params: the reward model.
   eos_ids: token ids that end a sampled response. pad_id: the id written after EOS and as left padding.
-  mesh: where every array of the run lives."""
+  mesh: where every array of the run lives.
+  lora: None (the state trains whole params trees), or the adapters' LoraConfig: then reference_params is
+  also the frozen base that the policy's and the anchor's adapters sit on (models/lora.py), so one copy of
+  the base serves the policy, the anchor and pi_ref."""
   policy_cfg: ModelConfig
   reference_params: Any
   reward_cfg: ModelConfig
@@ -23,3 +27,14 @@ class FrozenModels:
   eos_ids: tuple[int, ...]
   pad_id: int
   mesh: Mesh
+  lora: lora_lib.LoraConfig | None = None
+
+  def model_params(self, trainable: Any) -> Any:
+    """The params tree of the policy (or the anchor) from a TrainState's params (or anchor_params):
+    itself, or with LoRA the base with those adapters attached (no array copied)."""
+    return trainable if self.lora is None else lora_lib.attach(self.reference_params, trainable, self.lora)
+
+  @property
+  def merge_adapters(self) -> bool:
+    """Whether the sampler merges adapters into its weights once per call (lora.decode 'merge')."""
+    return self.lora is None or self.lora.decode == "merge"

@@ -74,6 +74,8 @@ class Stage:
   eval_line: results -> the console line of an evaluation (default: the scalars).
   evaluate_first: evaluate at step 0 before training (a fresh run only).
   progress_keys: the metrics the progress line shows (default: all).
+  base: with LoRA, the identity of the frozen base the state's adapters sit on ({'path', 'hash', 'lora'}),
+    stored in every checkpoint's metadata; a resume onto another base is refused before the restore.
   """
   name: str
   kind: str
@@ -88,6 +90,7 @@ class Stage:
   eval_line: Callable[[dict[str, Any]], str] | None = None
   evaluate_first: bool = False
   progress_keys: Sequence[str] = ()
+  base: dict[str, Any] | None = None
 
 
 def finished(workdir: str, stage: str, steps: int) -> dict[str, Any] | None:
@@ -137,6 +140,23 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _check_base(mngr, base: dict[str, Any] | None) -> None:
+  """One-line ValueError when the newest checkpoint's adapters were trained on another base (or with other
+  LoRA settings, or without LoRA) than this run's: restoring them onto it would train a different model."""
+  steps = mngr.all_steps()
+  if not steps:
+    return
+  meta, step = checkpoint.read_meta(str(mngr.directory), max(steps))
+  old = meta.get("base")
+  if old == base:
+    return
+  what = lambda b: "no LoRA base (full params)" if b is None else f"base {b['path']} (hash {b['hash']}, " \
+      f"lora rank {b['lora']['rank']})"
+  raise ValueError(f"checkpoint {mngr.directory}/{step} holds adapters for {what(old)}, but this run's is "
+                   f"{what(base)}: resume with the same reference model and lora settings, or use a new "
+                   "workdir")
+
+
 class _Run:
   """One call of `run`: the loop's state between steps (kept out of `run` so each part reads alone)."""
 
@@ -146,6 +166,7 @@ class _Run:
     self.mngr = checkpoint.manager(workdir_lib.checkpoint_dir(workdir, stage.name),
                                    max_to_keep=self.schedule.keep_checkpoints)
     self.state, self.iterator, self.start = stage.state, iter(stage.batches), 0
+    _check_base(self.mngr, stage.base)
     restored = checkpoint.restore_latest_good(self.mngr, stage.state)
     if restored is not None:
       self.state, meta, self.start = restored
@@ -163,6 +184,8 @@ class _Run:
     meta = dict(kind=self.stage.kind, stage=self.stage.name, model=self.stage.model.to_dict(),
                 steps=self.schedule.steps, final_metrics=self.final,
                 data_iterator=pipeline.iterator_state_json(self.iterator))
+    if self.stage.base is not None:
+      meta["base"] = self.stage.base
     checkpoint.save(self.mngr, step, self.state, meta, force=force)
     self.applied_since_save = 0
 

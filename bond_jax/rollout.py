@@ -32,7 +32,8 @@ def sample(frozen: FrozenModels, params: Any, prompts: jax.Array, prompt_mask: j
   """num_samples responses [B, N, T] per prompt of a model with the policy's shape, at temperature 1."""
   return sampling.generate(frozen.policy_cfg, params, prompts, prompt_mask, rng, num_samples=num_samples,
                            max_new_tokens=max_new_tokens, eos_ids=frozen.eos_ids, pad_id=frozen.pad_id,
-                           mesh=frozen.mesh, prompt_width=prompts.shape[1])
+                           mesh=frozen.mesh, prompt_width=prompts.shape[1],
+                           merge_adapters=frozen.merge_adapters)
 
 
 def _rewards(frozen: FrozenModels, prompts, prompt_mask, samples: sampling.Samples) -> jax.Array:

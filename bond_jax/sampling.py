@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bond_jax import sharding
 from bond_jax.models import decode
+from bond_jax.models import lora
 from bond_jax.models import params as params_lib
 from bond_jax.models.config import ModelConfig
 
@@ -307,14 +308,17 @@ def _decode_chunks(cfg: ModelConfig, weights, prompt_cache, rope, row_lengths, s
 
 
 def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, temperature, top_p, eos_mask,
-                   pad_id, *, num_samples: int, max_new_tokens: int, mode: dict[str,
-                                                                                Any], fuse: bool) -> Samples:
+                   pad_id, *, num_samples: int, max_new_tokens: int, mode: dict[str, Any], fuse: bool,
+                   merge_adapters: bool) -> Samples:
   """The jitted generate. temperature, top_p: float32 []; eos_mask [V] bool; pad_id int32 [] (traced, so
   changing them does not recompile); mode: _static_mode's decisions (compiled in); fuse: see
-  decode.fuse_layer."""
+  decode.fuse_layer; merge_adapters: fold LoRA adapters (if params carry any) into the weights once here,
+  else apply their product at every step (models/lora.py)."""
   TRACE_COUNT["generate"] += 1
   batch, width = prompts.shape
   rows, steps = batch * num_samples, max_new_tokens
+  if merge_adapters:
+    params = lora.merge(params)
   params = decode.cast_weights(params, cfg.dtype)  # once, for the prefill and the decode weights
   first_logits, prompt_cache = decode.prefill(cfg, params, prompts, prompt_mask)
   weights = decode.decode_weights(cfg, params, fuse)
@@ -345,14 +349,20 @@ def _mesh_of(params: Any, mesh: Mesh | None) -> Mesh:
 
 @functools.lru_cache(maxsize=None)
 def _jitted_generate(cfg: ModelConfig, mesh: Mesh, batch: int, num_samples: int, max_new_tokens: int,
-                     mode: tuple[tuple[str, Any], ...]):
-  """One jax.jit per (config, mesh, static options, batch); jit's own cache keys the prompt bucket."""
-  param_shardings = sharding.tree_shardings(params_lib.logical_axes(cfg, "lm"), mesh)
+                     mode: tuple[tuple[str, Any],
+                                 ...], adapters: tuple[Any, ...] = (), merge_adapters: bool = True):
+  """One jax.jit per (config, mesh, static options, batch, adapter layout: lora.layout); jit's own cache
+  keys the prompt bucket."""
+  axes = params_lib.logical_axes(cfg, "lm")
+  if adapters:
+    axes = lora.attached_axes(axes, adapters)
+  param_shardings = sharding.tree_shardings(axes, mesh)
   prompt_sharding = sharding.fitted(mesh, (batch, 1), ("act_batch", None))
   out_3d = sharding.fitted(mesh, (batch, num_samples, 1), ("act_batch", None, None))
   out_2d = sharding.fitted(mesh, (batch, num_samples), ("act_batch", None))
   body = functools.partial(_generate_body, cfg, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                           mode=dict(mode), fuse=mesh.shape.get("tensor", 1) == 1)
+                           mode=dict(mode), fuse=mesh.shape.get("tensor",
+                                                                1) == 1, merge_adapters=merge_adapters)
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(body, in_shardings=(param_shardings, prompt_sharding, prompt_sharding) + (replicated,) * 5,
                  out_shardings=Samples(out_3d, out_3d, out_2d, out_3d, out_3d))
@@ -361,7 +371,7 @@ def _jitted_generate(cfg: ModelConfig, mesh: Mesh, batch: int, num_samples: int,
 def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
              num_samples: int, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0, mesh: Mesh | None = None,
-             prompt_width: int | None = None) -> Samples:
+             prompt_width: int | None = None, merge_adapters: bool = True) -> Samples:
   """Sample N responses per prompt.
 
   Args:
@@ -376,6 +386,8 @@ def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax
     mesh: defaults to the params' mesh; rows run on ('data', 'fsdp'), heads on 'tensor'.
     prompt_width: compile for exactly this prompt width instead of bucket_length(longest real prompt),
       e.g. the caller's own padding bucket (the trainer's prompts come in a few fixed widths already).
+    merge_adapters: with LoRA adapters attached to params (models/lora.py), merge them into the weights
+      once per call (True) or apply the low-rank product at every decode step (False).
   Compiles once per (cfg, mesh, B, N, T, prompt bucket, top_k, and whether temperature is 0 or 1 and
   top_p < 1); the values of temperature, top_p, eos_ids and pad_id are traced and never recompile.
   Returns:
@@ -400,7 +412,8 @@ def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax
   eos_mask = np.zeros(cfg.vocab_size, bool)
   eos_mask[list(eos_ids)] = True
   fn = _jitted_generate(cfg, mesh, prompts.shape[0], int(num_samples), int(max_new_tokens),
-                        tuple(sorted(_static_mode(temperature, top_k, top_p).items())))
+                        tuple(sorted(_static_mode(temperature, top_k, top_p).items())), lora.layout(params),
+                        bool(merge_adapters))
   # jit refuses committed arguments on another layout (e.g. prompts replicated over a multi-process mesh)
   prompts, prompt_mask = jax.device_put((prompts, prompt_mask),
                                         sharding.fitted(mesh, (prompts.shape[0], 1), ("act_batch", None)))

@@ -38,6 +38,10 @@ LossFn = Callable[[Any, Any, Any, dict], tuple[Array, dict]]
 class TrainState:
   """params and anchor_params share one structure; anchor_params is None for plain BOND / RLOO.
 
+  With LoRA (models/lora.py) params and anchor_params are the ADAPTERS (and, for a reward model, its head):
+  the frozen base is not part of the state (the step gets it as ref_params and build_update_step's
+  params_view attaches them), so the optimizer's moments and the anchor's EMA cover the adapters only.
+
   step counts applied updates; skipped_steps counts updates dropped by the non-finite guard.
   """
   params: Any
@@ -268,13 +272,31 @@ def _loss_and_grads(loss_fn: LossFn, params, anchor_params, ref_params, batch, n
 
 
 AnchorUpdate = Callable[[Any, Any, Array], Any]  # (anchor, new_params, new_step) -> anchor
+ParamsView = Callable[[Any, Any], Any]  # (frozen base, trainable params) -> the model's params tree
+
+
+def _viewed(loss_fn: LossFn, params_view: ParamsView | None) -> LossFn:
+  """loss_fn on the models' params trees when the state holds only what trains (LoRA: adapters): the
+  policy and the anchor are params_view(base, theirs), with the base passed as ref_params (it is pi_ref
+  too). Gradients reach the trainable leaves only; the base is a constant of the step."""
+  if params_view is None:
+    return loss_fn
+
+  def viewed(params, anchor_params, base, batch):
+    anchor = None if anchor_params is None else params_view(base, anchor_params)
+    return loss_fn(params_view(base, params), anchor, base, batch)
+
+  return viewed
 
 
 def build_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                       anchor_update: AnchorUpdate | None = None, num_microbatches: int = 1,
                       mesh: jax.sharding.Mesh | None = None, state_sharding: Any = None,
-                      batch_sharding: Any = None, ref_sharding: Any = None, donate: bool = True):
+                      batch_sharding: Any = None, ref_sharding: Any = None, donate: bool = True,
+                      params_view: ParamsView | None = None):
   """jit(step(state, ref_params, batch) -> (state, metrics)) for any loss_fn.
+
+  params_view: with LoRA, (base, adapters) -> the model's params (see _viewed); ref_params is the base.
 
   Gradients are averaged over `num_microbatches` slices of the batch (lax.scan, one optimizer update per
   call). If the loss, a gradient, an update or a float input of the batch is non-finite, the update is
@@ -288,6 +310,7 @@ def build_update_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, 
   """
   if int(num_microbatches) != num_microbatches or num_microbatches < 1:
     raise ValueError(f"num_microbatches={num_microbatches} is not allowed: need an integer >= 1")
+  loss_fn = _viewed(loss_fn, params_view)
 
   def step(state: TrainState, ref_params: Any, batch: dict) -> tuple[TrainState, dict]:
     loss, metrics, grads = _loss_and_grads(loss_fn, state.params, state.anchor_params, ref_params, batch,

@@ -31,6 +31,7 @@ import ml_collections
 
 from bond_jax import algorithms, checkpoint, sharding, update
 from bond_jax.data import prepare
+from bond_jax.models import lora as lora_lib
 from bond_jax.models import presets
 from bond_jax.models.config import ModelConfig
 
@@ -192,6 +193,9 @@ def _distill(config: ml_collections.ConfigDict, policy: ModelConfig, rows: int) 
   _optimizer("optimizer", config.optimizer)
   _rows_divide("train.batch_size", config.train.batch_size, config.optimizer.grad_accum_steps, rows)
   algorithms.validate(config.bond)
+  lora = lora_lib.from_section(config.get("lora"))
+  if lora is not None:
+    lora.validate(policy)
   s = config.sampling
   _require((s.temperature, s.top_k, s.top_p) == (1.0, 0, 1.0),
            f"sampling temperature={s.temperature}, top_k={s.top_k}, top_p={s.top_p}: BOND's losses need "

@@ -73,6 +73,14 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
           anchor_period=100,  # hard anchor update every this many steps (iterative BOND)
           beta_rl=0.05,  # KL weight of the REINFORCE baseline
       ))
+  # LoRA for the distillation stage (bond_jax/models/lora.py): rank 0 = off (the policy trains whole).
+  # On, the policy and the anchor are adapters on one frozen base (pi_ref): optimizer state and EMA cover
+  # the adapters only. alpha / rank scales the product; targets among q k v o gate up down; layers: the
+  # adapted layer indices (() = all); base_dtype: '' (as loaded) or bfloat16 / float32; decode: merge
+  # (adapters folded into the sampler's weights once per call) or low_rank (applied every step).
+  c.lora = ml_collections.ConfigDict(
+      dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o", "gate", "up", "down"), layers=(), rslora=False,
+           base_dtype="", decode="merge"))
   # 48 tokens hold 75% of two-turn responses whole (median 26); a longer one is cut and scored as cut.
   c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=48))
   c.optimizer = ml_collections.ConfigDict(

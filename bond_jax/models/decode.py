@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from bond_jax import sharding
-from bond_jax.models import layers, transformer
+from bond_jax.models import layers, lora, transformer
 from bond_jax.models.config import ModelConfig
 
 
@@ -93,7 +93,8 @@ def fuse_layer(cfg: ModelConfig, p: Any, fuse: bool) -> Any:
   attn, mlp = p["attn"], p["mlp"]
   if not cfg.qk_norm:
     scale = lambda w: w * jnp.asarray(layers.query_scale(cfg), w.dtype)
-    attn = dict(attn, q=scale(attn["q"]), **({"q_bias": scale(attn["q_bias"])} if cfg.qkv_bias else {}))
+    scaled = [n for n in ("q", "q_bias", "q" + lora.SUFFIX_B) if n in attn]  # q's product, wherever it is
+    attn = dict(attn, **{n: scale(attn[n]) for n in scaled})
   if not fuse:
     return dict(p, attn=attn)
   flat = lambda w: w.reshape(*w.shape[:-2], -1)  # [..., D?, heads, Dh] -> [..., D?, heads * Dh]
@@ -101,10 +102,32 @@ def fuse_layer(cfg: ModelConfig, p: Any, fuse: bool) -> Any:
   if cfg.qkv_bias:
     fused["qkv_bias"] = jnp.concatenate([flat(attn[f"{name}_bias"]) for name in ("q", "k", "v")], axis=-1)
   fused.update({name: attn[name] for name in ("q_norm", "k_norm") if name in attn})
-  return dict(p, attn=fused, mlp={
-      "gate_up": jnp.concatenate([mlp["gate"], mlp["up"]], axis=-1),
-      "down": mlp["down"]
-  })
+  fused_mlp = {"gate_up": jnp.concatenate([mlp["gate"], mlp["up"]], axis=-1), "down": mlp["down"]}
+  _fuse_adapters(fused, attn, ("q", "k", "v"), "qkv", flat)
+  _fuse_adapters(fused_mlp, mlp, ("gate", "up"), "gate_up", lambda w: w)
+  for group, out, name in ((attn, fused, "o"), (mlp, fused_mlp, "down")):
+    out.update({name + s: group[name + s] for s in (lora.SUFFIX_A, lora.SUFFIX_B) if name + s in group})
+  return dict(p, attn=fused, mlp=fused_mlp)
+
+
+def _fuse_adapters(out: dict, group: dict, names: tuple[str, ...], fused: str, flat) -> None:
+  """out[fused + '_lora_a' / '_lora_b']: the fused adapter of the `names` weights of `group`, if any has
+  one (lora.decode 'low_rank'; with 'merge' the sampler's params carry none)."""
+  parts = [
+      (group.get(n + lora.SUFFIX_A),
+       None if n + lora.SUFFIX_B not in group else flat(group[n + lora.SUFFIX_B]), flat(group[n]).shape[-1])
+      for n in names
+  ]
+  adapter = lora.fuse(parts)
+  if adapter is not None:
+    out[fused + lora.SUFFIX_A], out[fused + lora.SUFFIX_B] = adapter
+
+
+def _adapted(p: Any, name: str, x: jax.Array, out: jax.Array, n_in: int = 1) -> jax.Array:
+  """out plus the low-rank product of the `name` adapter on x where p carries one."""
+  if name + lora.SUFFIX_A not in p:
+    return out
+  return out + lora.low_rank(x, p[name + lora.SUFFIX_A], p[name + lora.SUFFIX_B], n_in, out.dtype)
 
 
 def decode_weights(cfg: ModelConfig, params: Any, fuse: bool) -> DecodeWeights:
@@ -187,13 +210,13 @@ def _project_qkv(cfg: ModelConfig, p: Any, x: jax.Array, rope):
   """
   h, kv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   if "qkv" not in p:
-    q, k, v = (layers.dense(x, p[name], "rd,dhk->rhk") for name in ("q", "k", "v"))
+    q, k, v = (_adapted(p, name, x, layers.dense(x, p[name], "rd,dhk->rhk")) for name in ("q", "k", "v"))
     if cfg.qkv_bias:
       q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if cfg.qk_norm:
       q, k = _qk_norm(cfg, p, q, k)
     return layers.rotate(q, *rope), layers.rotate(k, *rope), v
-  qkv = layers.dense(x, p["qkv"])
+  qkv = _adapted(p, "qkv", x, layers.dense(x, p["qkv"]))
   if cfg.qkv_bias:
     qkv = qkv + p["qkv_bias"]
   qk = qkv[:, :(h + kv) * dh].reshape(-1, h + kv, dh)
@@ -276,7 +299,8 @@ def _attention(cfg: ModelConfig, p: Any, x, rope, window, prompt_kv, prompt_vali
     ]
   q = q.reshape(rows, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
   q = sharding.constrain(q, ("act_batch", "act_kv_heads", None, None))
-  out = layers.dense(_attend(cfg, q, prompt_kv, prompt_valid, blocks, num_samples), p["o"], "rhk,hkd->rd")
+  heads = _attend(cfg, q, prompt_kv, prompt_valid, blocks, num_samples)
+  out = _adapted(p, "o", heads, layers.dense(heads, p["o"], "rhk,hkd->rd"), n_in=2)
   return sharding.constrain(out, ("act_batch", "act_embed")), current
 
 
@@ -285,11 +309,11 @@ def mlp(cfg: ModelConfig, p: Any, x: jax.Array) -> jax.Array:
   bfloat16 exp is slow)."""
   f32 = jnp.float32
   if "gate_up" in p:
-    g, up = jnp.split(layers.dense(x, p["gate_up"], out_dtype=f32), 2, axis=-1)
+    g, up = jnp.split(_adapted(p, "gate_up", x, layers.dense(x, p["gate_up"], out_dtype=f32)), 2, axis=-1)
   else:
-    g, up = layers.dense(x, p["gate"], out_dtype=f32), layers.dense(x, p["up"], out_dtype=f32)
+    g, up = (_adapted(p, n, x, layers.dense(x, p[n], out_dtype=f32)) for n in ("gate", "up"))
   h = sharding.constrain(layers.gated(cfg, g, up).astype(x.dtype), ("act_batch", "act_mlp"))
-  return layers.dense(h, p["down"])
+  return _adapted(p, "down", h, layers.dense(h, p["down"]))
 
 
 def _block(cfg, p, x, rope, window, prompt_kv, prompt_valid, earlier, current, slot, num_samples):

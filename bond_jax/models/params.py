@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 
 from bond_jax import sharding
-from bond_jax.models import reward, transformer
+from bond_jax.models import lora, reward, transformer
 from bond_jax.models.config import ModelConfig
 
 KINDS = ("lm", "reward")
@@ -51,3 +51,22 @@ def placement(cfg: ModelConfig, kind: str, mesh: jax.sharding.Mesh) -> Any:
 def init_sharded(cfg: ModelConfig, kind: str, rng: jax.Array, mesh: jax.sharding.Mesh) -> Any:
   """Fresh params initialised directly in their sharded layout."""
   return sharding.init_sharded(lambda r: init_boxed(cfg, kind, r), rng, mesh)[0]
+
+
+def adapter_axes(cfg: ModelConfig, lora_cfg: lora.LoraConfig) -> Any:
+  """The logical axes of LoRA adapters on an 'lm' params tree of `cfg` (models/lora.py)."""
+  return lora.logical_axes(cfg, lora_cfg, logical_axes(cfg, "lm"))
+
+
+def adapter_placement(cfg: ModelConfig, lora_cfg: lora.LoraConfig, mesh: jax.sharding.Mesh) -> Any:
+  """ShapeDtypeStructs of the adapters with their NamedShardings on `mesh` (a restore target)."""
+  return sharding.abstract_on_mesh(lora.adapter_shapes(cfg, lora_cfg, shapes(cfg, "lm")),
+                                   adapter_axes(cfg, lora_cfg), mesh)
+
+
+def init_adapters(cfg: ModelConfig, lora_cfg: lora.LoraConfig, rng: jax.Array,
+                  mesh: jax.sharding.Mesh) -> Any:
+  """Fresh adapters (B = 0: base + adapters is the base) made directly in their sharded layout."""
+  target = adapter_placement(cfg, lora_cfg, mesh)
+  return jax.jit(lambda r: lora.init(cfg, lora_cfg, shapes(cfg, "lm"), r),
+                 out_shardings=jax.tree.map(lambda s: s.sharding, target))(rng)

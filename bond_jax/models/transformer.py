@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bond_jax.models import layers
+from bond_jax.models import layers, lora
 from bond_jax.models.config import ModelConfig
 from bond_jax.sharding import constrain
 
@@ -35,6 +35,15 @@ _HEADS = {"q": "heads", "k": "kv_heads", "v": "kv_heads"}  # the logical axis of
 
 def _param(module: nn.Module, name: str, init, shape, names, dtype):
   return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+def _adapted(module: nn.Module, name: str, x: jax.Array, out: jax.Array) -> jax.Array:
+  """out (x's product with the `name` weight) plus its LoRA product where the params tree carries one
+  (models/lora.py: a tree without adapters, such as pi_ref's, compiles to the base's graph)."""
+  if not module.has_variable("params", name + lora.SUFFIX_A):
+    return out
+  a, b = (module.get_variable("params", name + suffix) for suffix in (lora.SUFFIX_A, lora.SUFFIX_B))
+  return out + lora.low_rank(x, a, b, lora.TARGETS[name][1], out.dtype)
 
 
 def positions_from_mask(token_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
@@ -66,7 +75,7 @@ class Attention(nn.Module):
     cfg = self.cfg
     w = _param(self, name, init, (cfg.d_model, heads, cfg.head_dim), ("embed", _HEADS[name], "head_dim"),
                cfg.params_dtype)
-    out = jnp.einsum("btd,dhk->bthk", x, w.astype(cfg.dtype))
+    out = _adapted(self, name, x, jnp.einsum("btd,dhk->bthk", x, w.astype(cfg.dtype)))
     if cfg.qkv_bias:
       bias = _param(self, f"{name}_bias", nn.initializers.zeros, (heads, cfg.head_dim),
                     (_HEADS[name], "head_dim"), cfg.params_dtype)
@@ -108,7 +117,7 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(batch, length, cfg.num_heads,
                                                                        cfg.head_dim)
-    out = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
+    out = _adapted(self, "o", out, jnp.einsum("bthk,hkd->btd", out, wo.astype(dt)))
     return constrain(out, ("act_batch", "act_length", "act_embed")), new_cache
 
 
@@ -123,9 +132,10 @@ class Mlp(nn.Module):
     up = _param(self, "up", init_in, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), cfg.params_dtype)
     down = _param(self, "down", nn.initializers.normal(stddev=cfg.mlp_dim**-0.5), (cfg.mlp_dim, cfg.d_model),
                   ("mlp", "embed"), cfg.params_dtype)
-    h = layers.gated(cfg, x @ gate.astype(dt), x @ up.astype(dt))
+    h = layers.gated(cfg, _adapted(self, "gate", x, x @ gate.astype(dt)),
+                     _adapted(self, "up", x, x @ up.astype(dt)))
     h = constrain(h, ("act_batch", "act_length", "act_mlp"))
-    return h @ down.astype(dt)
+    return _adapted(self, "down", h, h @ down.astype(dt))
 
 
 class Block(nn.Module):

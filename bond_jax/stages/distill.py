@@ -17,24 +17,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bond_jax import algorithms, artifacts, evaluate as evaluate_lib, loop, scoring, sharding, update
+from bond_jax import algorithms, artifacts, checkpoint, evaluate as evaluate_lib, loop, scoring, sharding
+from bond_jax import update
 from bond_jax import workdir as workdir_lib
 from bond_jax.data import prompts as prompts_lib
 from bond_jax.frozen import FrozenModels
+from bond_jax.models import lora as lora_lib
+from bond_jax.models import params as params_lib
 from bond_jax.stages.context import Context
 
 STAGE, KIND = "bond", "lm"  # <workdir>/bond/{checkpoints, metrics.jsonl, tensorboard, eval}
 _POOL_SEED = 2**31 - 1  # fold_in index of the reference pool's draws (the evaluations use their step)
+_ADAPTER_SEED = 3  # fold_in index of the LoRA adapters' initial A
 
 
-def frozen_models(ctx: Context) -> FrozenModels:
-  """pi_ref and the reward model of the run (given directories, or this workdir's earlier stages)."""
+def frozen_models(ctx: Context) -> tuple[FrozenModels, dict[str, Any] | None]:
+  """pi_ref and the reward model of the run (given directories, or this workdir's earlier stages), and
+  with LoRA the identity of the base (pi_ref as loaded: its path and content hash), which the checkpoints
+  record. With lora.base_dtype the base is stored in that dtype (the reference is then that rounding)."""
   config, mesh = ctx.config, ctx.mesh
-  reference, cfg = artifacts.load(config.reference or ctx.workdir, "lm", mesh)
+  lora = lora_lib.from_section(config.get("lora"))
+  source = config.reference or ctx.workdir
+  reference, cfg = artifacts.load(source, "lm", mesh)
+  base = None
+  if lora is not None:
+    base = dict(path=os.path.abspath(source), hash=checkpoint.tree_digest(reference), lora=lora.to_dict())
+    if lora.base_dtype:
+      reference = jax.tree.map(lambda x: x.astype(lora.base_dtype), reference)
   reward_params, reward_cfg = artifacts.load(config.reward_model or ctx.workdir, "reward", mesh)
   return FrozenModels(policy_cfg=cfg, reference_params=reference, reward_cfg=reward_cfg,
                       reward_params=reward_params, eos_ids=(ctx.tokenizer.eos_id,),
-                      pad_id=ctx.tokenizer.pad_id, mesh=mesh)
+                      pad_id=ctx.tokenizer.pad_id, mesh=mesh, lora=lora), base
 
 
 class _Evaluation:
@@ -65,8 +78,8 @@ class _Evaluation:
       self.pool = evaluate_lib.reference_pool(frozen, prompts, mask, jax.random.fold_in(self.rng, _POOL_SEED),
                                               num_samples=c.eval.quantile_samples,
                                               max_new_tokens=c.sampling.max_new_tokens)
-    result = evaluate_lib.evaluate(frozen, state.params, prompts, mask, jax.random.fold_in(self.rng,
-                                                                                           step), self.pool,
+    result = evaluate_lib.evaluate(frozen, frozen.model_params(state.params), prompts, mask,
+                                   jax.random.fold_in(self.rng, step), self.pool,
                                    best_of=tuple(c.eval.best_of), policy_samples=c.eval.policy_samples,
                                    max_new_tokens=c.sampling.max_new_tokens)
     target = algorithms.get(c.bond.algorithm).target_best_of(c.bond, step)
@@ -109,14 +122,12 @@ def build(ctx: Context) -> loop.Stage:
   """The distillation stage: the policy starts at pi_ref (and so does the anchor, where there is one)."""
   config, mesh = ctx.config, ctx.mesh
   algorithm = algorithms.get(config.bond.algorithm)
-  frozen = frozen_models(ctx)
+  frozen, base = frozen_models(ctx)
   train_prompts, eval_prompts = prompts_lib.prompt_sources(config, ctx.preferences)
   optimizer = update.make_optimizer(update.OptimizerConfig.from_section(config.optimizer, config.train.steps))
-  with jax.set_mesh(mesh):
-    policy = jax.tree.map(jnp.copy, frozen.reference_params)
-  state = update.new_state(policy, optimizer, mesh,
-                           frozen.reference_params if algorithm.uses_anchor else None)
-  options = dict(num_microbatches=config.optimizer.grad_accum_steps, mesh=mesh,
+  policy, options = _initial_policy(config, frozen)
+  state = update.new_state(policy, optimizer, mesh, policy if algorithm.uses_anchor else None)
+  options.update(num_microbatches=config.optimizer.grad_accum_steps, mesh=mesh,
                  state_sharding=sharding.shardings_of(state),
                  ref_sharding=sharding.shardings_of(frozen.reference_params))
   step = algorithm.make_step(config.bond, scoring.sequence_logprob_fn(frozen.policy_cfg, frozen.pad_id),
@@ -136,7 +147,20 @@ def build(ctx: Context) -> loop.Stage:
                     schedule=loop.Schedule.from_section(config.train), state=state, step=run_step,
                     batches=prompts_lib.prompt_dataset(config, train_prompts, ctx.tokenizer), prepare=prepare,
                     evaluate=evaluation, eval_line=eval_line, evaluate_first=True,
-                    progress_keys=algorithms.PROGRESS_KEYS + ("response_length",))
+                    progress_keys=algorithms.PROGRESS_KEYS + ("response_length",), base=base)
+
+
+def _initial_policy(config, frozen: FrozenModels) -> tuple[Any, dict[str, Any]]:
+  """What the state trains at step 0 (the anchor starts equal to it) and the step's extra options: a copy
+  of pi_ref, or with LoRA fresh adapters (B = 0, so policy = anchor = pi_ref exactly) and the view that
+  attaches them to the frozen base."""
+  if frozen.lora is None:
+    with jax.set_mesh(frozen.mesh):
+      return jax.tree.map(jnp.copy, frozen.reference_params), {}
+  rng = jax.random.fold_in(jax.random.key(config.seed), _ADAPTER_SEED)
+  adapters = params_lib.init_adapters(frozen.policy_cfg, frozen.lora, rng, frozen.mesh)
+  lora = frozen.lora
+  return adapters, dict(params_view=lambda base, trainable: lora_lib.attach(base, trainable, lora))
 
 
 def report(result: dict[str, Any]) -> str:
