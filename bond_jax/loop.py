@@ -24,6 +24,7 @@ until the stage finished; then its scalar evaluation results).
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -148,7 +149,7 @@ def _check_base(mngr, base: dict[str, Any] | None) -> None:
     return
   meta, step = checkpoint.read_meta(str(mngr.directory), max(steps))
   old = meta.get("base")
-  if old == base:
+  if old == (None if base is None else json.loads(json.dumps(base))):  # as JSON stores it (tuples: lists)
     return
   what = lambda b: "no LoRA base (full params)" if b is None else f"base {b['path']} (hash {b['hash']}, " \
       f"lora rank {b['lora']['rank']})"

@@ -17,6 +17,7 @@ import transformers
 from bond_jax import algorithms, artifacts, checkpoint, export, hf, pipeline, sharding
 from bond_jax import workdir as workdir_lib
 from bond_jax.data import local, prepare
+from bond_jax.models import params as params_lib
 from bond_jax.stages import distill
 from configs import dialogue
 
@@ -50,16 +51,23 @@ def _copy(stages, tmp_path, name):
   return target
 
 
-def _start(workdir, compile_cache):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=REPO)
-  cmd = [
+def _env(compile_cache):
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+              JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=REPO)
+
+
+def _command(workdir, *extra, steps=STEPS):
+  return [
       sys.executable, "-m", "bond_jax.train", "--config=configs/dialogue.py:smoke", f"--workdir={workdir}",
-      "--config.eval.num_prompts=0", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=2",
-      "--config.train.log_every=1"
+      "--config.eval.num_prompts=0", f"--config.train.steps={steps}", "--config.train.checkpoint_every=2",
+      "--config.train.log_every=1", *extra
   ]
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _start(workdir, compile_cache, *extra, steps=STEPS):
+  return subprocess.Popen(_command(workdir, *extra, steps=steps), cwd=REPO, env=_env(compile_cache),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _steps(workdir):
@@ -79,9 +87,9 @@ def _wait_for_checkpoint(proc, workdir, at_least, timeout=400):
   raise AssertionError(f"no checkpoint >= {at_least} within {timeout}s")
 
 
-def _final_state(workdir):
+def _final_state(workdir, steps=STEPS):
   state, meta, step = checkpoint.restore_arrays(workdir_lib.checkpoint_dir(workdir, distill.STAGE))
-  assert step == STEPS
+  assert step == steps
   return state, meta
 
 
@@ -307,3 +315,50 @@ def test_an_immutable_workdir_or_parent_is_one_line_exit_2(where, message, tmp_p
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
   assert os.listdir(locked) == []
+
+
+LORA_STEPS = 6
+
+
+def test_lora_resume_after_sigkill_is_bitwise_and_a_changed_base_is_one_line_exit_2(
+    stages, tiny_hf_models, compile_cache, tmp_path):
+  """LoRA J-BOND on a Hugging Face base: killed mid-run and resumed, it ends bitwise where an uninterrupted
+  run ends; when the base directory then holds another model, a resume is refused in one line."""
+  base = tmp_path / "base"
+  shutil.copytree(tiny_hf_models / "policy", base)
+  flags = (f"--config.reference={base}", f"--config.reward_model={stages}", "--config.lora.rank=4",
+           f"--config.data.tokenizer={workdir_lib.tokenizer_path(stages)}")
+  runs = {}
+  for name in ("straight", "interrupted"):
+    runs[name] = _copy(stages, tmp_path, name)
+    os.remove(os.path.join(runs[name], "config.json"))  # its data and tokenizer, under other models
+  proc = _start(runs["straight"], compile_cache, *flags, steps=LORA_STEPS)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  proc = _start(runs["interrupted"], compile_cache, *flags, steps=LORA_STEPS)
+  for line in proc.stdout:
+    if line.startswith("[bond] step 4/"):
+      proc.send_signal(signal.SIGKILL)
+      break
+  proc.communicate(timeout=60)
+  assert max(_steps(runs["interrupted"])) < LORA_STEPS
+  proc = _start(runs["interrupted"], compile_cache, *flags, steps=LORA_STEPS)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0 and "resumed from" in out, out[-3000:]
+  (a, meta), (b, _) = (_final_state(runs[n], LORA_STEPS) for n in ("straight", "interrupted"))
+  assert meta["base"]["path"] == str(base) and len(meta["base"]["hash"]) == 32
+  assert "layer_0" in a["params"] and "embedding" not in a["params"]  # adapters only
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+  shutil.rmtree(base)  # the same path, another model: a resume would train adapters of another base
+  cfg = hf.load_config(str(tiny_hf_models / "policy"))[0]
+  hf.export(params_lib.init_sharded(cfg, "lm", jax.random.key(1), sharding.make_mesh({},
+                                                                                     jax.devices()[:1])), cfg,
+            str(base), pad_id=0)
+  proc = subprocess.run(_command(runs["straight"], *flags, steps=LORA_STEPS + 2), cwd=REPO,
+                        env=_env(compile_cache), capture_output=True, text=True, timeout=300)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith("error: checkpoint") and f"base {base} (hash {meta['base']['hash']}" in lines[0]
+  assert max(_steps(runs["straight"])) == LORA_STEPS
