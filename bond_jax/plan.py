@@ -53,6 +53,18 @@ ACCELERATORS: dict[str, float | None] = {
     "cpu": None
 }
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# logical names (after the layer axis) of each projection's weight, and of the head (the embedding's
+# contiguous transpose, or lm_head)
+_PROJECTIONS = {
+    "q": ("embed", "heads", "head_dim"),
+    "k": ("embed", "kv_heads", "head_dim"),
+    "v": ("embed", "kv_heads", "head_dim"),
+    "o": ("heads", "head_dim", "embed"),
+    "gate": ("embed", "mlp"),
+    "up": ("embed", "mlp"),
+    "down": ("mlp", "embed")
+}
+_HEAD = (("vocab", "embed"), ("embed", "vocab"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,13 +160,81 @@ def check_mesh(cfg, config: Any, mesh: Mapping[str, int]) -> None:
                      f"not shard evenly")
 
 
+def _adapter_shapes(cfg, lora) -> list[tuple[tuple[int, ...], tuple]]:
+  """(shape, logical names) of every LoRA adapter (models/lora.py) on an 'lm' tree of cfg."""
+  import jax
+  from bond_jax.models import lora as lora_lib
+  from bond_jax.models import params as params_lib
+  shapes = jax.tree.leaves(lora_lib.adapter_shapes(cfg, lora, params_lib.shapes(cfg, "lm")))
+  names = jax.tree.leaves(params_lib.adapter_axes(cfg, lora), is_leaf=lambda x: isinstance(x, tuple))
+  return [(tuple(s.shape), n) for s, n in zip(shapes, names)]
+
+
+def _model_rows(cfg, lora, lm_elems: float, rm_elems: float, adapter_elems: float, how: str) -> list[Row]:
+  """The four model trees and Adam's moments. With LoRA one base (in lora.base_dtype) is pi_ref and what
+  the policy's and the anchor's adapters sit on; the adapters and their moments are float32."""
+  ps = _BYTES[cfg.param_dtype]
+  reward = Row("reward model params", rm_elems * ps, "persistent", how)
+  if lora is None:
+    return [
+        Row("policy params", lm_elems * ps, "persistent", how),
+        Row("anchor params", lm_elems * ps, "persistent", how),
+        Row("reference params", lm_elems * ps, "persistent", how), reward,
+        Row("adam mu+nu (f32)", 2 * lm_elems * 4, "persistent", how)
+    ]
+  base = _BYTES[lora.base_dtype or cfg.param_dtype]
+  return [
+      Row(f"policy adapters (r={lora.rank})", adapter_elems * 4, "persistent", how),
+      Row("anchor adapters (EMA)", adapter_elems * 4, "persistent", how),
+      Row("reference = base (shared)", lm_elems * base, "persistent", how), reward,
+      Row("adam mu+nu (f32, adapters)", 2 * adapter_elems * 4, "persistent", how)
+  ]
+
+
+def _sampler_weights(cfg, lora, lm, mesh) -> list[Row]:
+  """What a sampling call holds besides the KV cache (measured with XLA CPU's memory_analysis): a
+  compute-dtype copy when the stored dtype differs; with LoRA's merge the merged projections; the decode
+  layout's copies (fused q/k/v and gate/up, the contiguous head: decode.decode_weights); and with fsdp > 1
+  the weights all-gathered for the prefill (in the stored dtype) and once for every decode chunk."""
+  t, s = mesh["tensor"], _BYTES[cfg.compute_dtype]
+  stored = (lora.base_dtype or cfg.param_dtype) if lora is not None else cfg.param_dtype
+  pick = lambda names: [(shape, n) for shape, n in lm if n[1:] in names or n in names]
+  rows = []
+  if stored != cfg.compute_dtype:
+    rows.append(
+        Row(f"sampled weights ({cfg.compute_dtype})",
+            _shard_elements(lm, mesh) * s, "sampling", "as params"))
+  if lora is not None and lora.decode == "merge":
+    merged = pick(tuple(_PROJECTIONS[name] for name in lora.targets))
+    rows.append(Row("merged weights (LoRA)", _shard_elements(merged, mesh) * s, "sampling", "as params"))
+  fused = pick(tuple(_PROJECTIONS[name] for name in ("q", "k", "v", "gate", "up")) + _HEAD)
+  rows.append(Row("decode weights (fused copies)", _shard_elements(fused, mesh) * s, "sampling", "as params"))
+  if mesh["fsdp"] > 1:
+    whole = _shard_elements(lm, {"data": 1, "fsdp": 1, "tensor": t})
+    prefill = _gathered_layer(cfg, lm, t) if cfg.scan_layers else whole
+    rows.append(Row("gathered weights (prefill)", prefill * _BYTES[stored], "sampling", f"tensor={t}"))
+    rows.append(Row("gathered weights (decode)", whole * s, "sampling", f"tensor={t}"))
+  return rows
+
+
+def _gathered_layer(cfg, lm, t: int) -> float:
+  """Elements of one layer plus the embedding, split only over tensor: what a scanned model's all-gather
+  holds at a time."""
+  per_layer = [(shape[1:], names[1:]) for shape, names in lm if names[0] == "layers"]
+  embed = [(shape, names) for shape, names in lm if "vocab" in names]
+  return _shard_elements(per_layer + embed, {"data": 1, "fsdp": 1, "tensor": t})
+
+
 def plan(config: Any, mesh_shape: Mapping[str, int], num_devices: int | None = None) -> list[Row]:
-  """Per-device memory rows of a J-BOND run of `config` (a configs/*.py ConfigDict) on `mesh_shape`."""
+  """Per-device memory rows of a J-BOND run of `config` (a configs/*.py ConfigDict) on `mesh_shape`, with
+  LoRA when config.lora.rank > 0 (models/lora.py)."""
+  from bond_jax.models import lora as lora_lib
   if config.bond.algorithm != "jbond":
     raise ValueError(f"bond.algorithm={config.bond.algorithm!r}: the plan models 'jbond' only")
   mesh = resolve_mesh(mesh_shape, num_devices)
   cfg = model_config(config)
   check_mesh(cfg, config, mesh)
+  lora = lora_lib.from_section(config.get("lora"))
   t, fsdp, dp = mesh["tensor"], mesh["fsdp"], mesh["data"] * mesh["fsdp"]
   ps, s = _BYTES[cfg.param_dtype], _BYTES[cfg.compute_dtype]
   D, H, K, Dh, M, V, layers = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim,
@@ -166,19 +246,13 @@ def plan(config: Any, mesh_shape: Mapping[str, int], num_devices: int | None = N
   lm = _param_shapes(cfg, "lm")
   rm = _param_shapes(cfg, "reward")
   lm_elems, rm_elems = _shard_elements(lm, mesh), _shard_elements(rm, mesh)
+  adapter_elems = 0.0 if lora is None else _shard_elements(_adapter_shapes(cfg, lora), mesh)
+  trainable = (lm_elems * ps, lm_elems) if lora is None else (adapter_elems * 4, adapter_elems)
   params_how = f"embed/fsdp={fsdp}, heads/kv/mlp/vocab/tensor={t}"
   rows_how = f"rows/(data*fsdp)={dp}"
 
-  rows = [
-      Row("policy params", lm_elems * ps, "persistent", params_how),
-      Row("anchor params", lm_elems * ps, "persistent", params_how),
-      Row("reference params", lm_elems * ps, "persistent", params_how),
-      Row("reward model params", rm_elems * ps, "persistent", params_how),
-      Row("adam mu+nu (f32)", 2 * lm_elems * 4, "persistent", params_how),
-  ]
-  cast = cfg.param_dtype != cfg.compute_dtype
-  if cast:
-    rows.append(Row(f"sampled weights ({cfg.compute_dtype})", lm_elems * s, "sampling", params_how))
+  rows = _model_rows(cfg, lora, lm_elems, rm_elems, adapter_elems, params_how)
+  rows += _sampler_weights(cfg, lora, lm, mesh)
   kv = layers * 2 * (K // t) * Dh * s * (B * P + 2 * B * max(T - 1, 1)) / dp
   rows.append(Row("kv cache (anchor, n=2)", kv, "sampling", f"{rows_how}, kv_heads/tensor={t}"))
 
@@ -193,14 +267,18 @@ def plan(config: Any, mesh_shape: Mapping[str, int], num_devices: int | None = N
     acts_name = "activations (no remat)"
   rows.append(Row(acts_name, acts, "update", f"{rows_how}, heads/mlp/tensor={t}"))
   rows.append(Row("logits (f32)", 3 * b * (L - 1) * (V / t) * 4, "update", f"{rows_how}, vocab/tensor={t}"))
-  rows.append(Row("gradients", lm_elems * ps, "update", params_how))
+  if lora is not None:  # XLA keeps each adapted projection's low-rank output of both gradient calls
+    width = {"q": H * Dh / t, "k": K * Dh / t, "v": K * Dh / t, "o": D, "gate": M / t, "up": M / t, "down": D}
+    adapted = len(lora.adapted_layers(cfg)) * sum(width[n] for n in lora.targets)
+    rows.append(Row("adapter activations", 2 * b * L * s * adapted, "update", rows_how))
+  rows.append(Row("gradients" + (" (adapters)" if lora else ""), trainable[0], "update", params_how))
+  rows.append(Row("optimizer update (f32)", trainable[1] * 4, "update", params_how))
   if m > 1:
-    rows.append(Row("grad accumulator (f32)", lm_elems * 4, "update", params_how))
-  if fsdp > 1 or cast:
-    per_layer = [(shape[1:], names[1:]) for shape, names in lm if names[0] == "layers"]
-    embed = [(shape, names) for shape, names in lm if "vocab" in names]
-    gathered = _shard_elements(per_layer + embed, {"data": 1, "fsdp": 1, "tensor": t}) * s
-    rows.append(Row("gathered layer+embedding", gathered, "update", f"all-gathered, tensor={t}"))
+    rows.append(Row("grad accumulator (f32)", trainable[1] * 4, "update", params_how))
+  if fsdp > 1:  # XLA keeps every layer's gathered weights for the backward, which gathers them again
+    # (scanned layers too: measured on tiny, data 2 x fsdp 4, scanned 70.0 MiB vs unrolled 67.7)
+    whole = _shard_elements(lm, {"data": 1, "fsdp": 1, "tensor": t}) * s
+    rows.append(Row("gathered weights x2", 2 * whole, "update", f"forward + backward, tensor={t}"))
   return rows
 
 
@@ -242,10 +320,40 @@ def report(config: Any, mesh_text: str = "", accelerator: str = "cpu", num_devic
   return header + "\n" + format_table(rows, mesh, accelerator)
 
 
+def full_vs_lora(config: Any, mesh_text: str, accelerator: str, rank: int) -> str:
+  """Side by side: the run of `config` with full params and with LoRA adapters of `rank` (the config's
+  other lora settings; base_dtype defaults to the compute dtype), GiB per device."""
+  if accelerator not in ACCELERATORS:
+    raise ValueError(f"accelerator {accelerator!r} is not known; allowed: {', '.join(ACCELERATORS)}")
+  mesh = resolve_mesh(parse_mesh(mesh_text) if mesh_text else dict(config.mesh))
+  full, adapted = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+  full.lora.rank = 0
+  adapted.lora.rank = rank
+  adapted.lora.base_dtype = adapted.lora.base_dtype or model_config(config).compute_dtype
+  tables = [plan(c, mesh) for c in (full, adapted)]
+  lines = [f"{'full':<28}{'GiB':>7}   {f'LoRA r={rank}':<28}{'GiB':>7}  phase", "-" * 86]
+  for phase in ("persistent", "sampling", "update"):
+    left, right = ([r for r in rows if r.phase == phase] for rows in tables)
+    for i in range(max(len(left), len(right))):
+      a = f"{left[i].component:<28}{left[i].gib:>7.2f}" if i < len(left) else " " * 35
+      b = f"{right[i].component:<28}{right[i].gib:>7.2f}" if i < len(right) else " " * 35
+      lines.append(f"{a}   {b}  {phase}")
+  peaks = [peak_bytes(rows) / GIB for rows in tables]
+  persistent = [sum(r.bytes for r in rows if r.phase == "persistent") / GIB for rows in tables]
+  lines.append(f"{'params + optimizer':<28}{persistent[0]:>7.2f}   {'':<28}{persistent[1]:>7.2f}  "
+               f"{persistent[0] / persistent[1]:.1f}x smaller")
+  lines.append(f"{'TOTAL (peak)':<28}{peaks[0]:>7.2f}   {'':<28}{peaks[1]:>7.2f}  "
+               f"{accelerator} HBM {ACCELERATORS[accelerator]} GiB")
+  return "\n".join(lines)
+
+
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   jax.config.update("jax_platforms", "cpu")  # shapes only: never claim the accelerators
+  if _VS_LORA.value:
+    print(full_vs_lora(_CONFIG.value, _MESH.value, _ACCELERATOR.value, _VS_LORA.value))
+    return
   print(report(_CONFIG.value, _MESH.value, _ACCELERATOR.value, _DEVICES.value))  # bad input: cli.entry
 
 
@@ -258,5 +366,6 @@ if __name__ == "__main__":
   _MESH = flags.DEFINE_string("mesh", "", "data=..,fsdp=..,tensor=..; overrides the config's mesh.")
   _DEVICES = flags.DEFINE_integer("devices", None, "Device count, to resolve a -1 mesh axis.")
   _ACCELERATOR = flags.DEFINE_string("accelerator", "cpu", f"One of {', '.join(ACCELERATORS)}.")
+  _VS_LORA = flags.DEFINE_integer("vs_lora", 0, "Print full params vs LoRA adapters of this rank.")
   flags.mark_flags_as_required(["config"])
   cli.entry(_main)

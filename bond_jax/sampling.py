@@ -322,6 +322,9 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
   params = decode.cast_weights(params, cfg.dtype)  # once, for the prefill and the decode weights
   first_logits, prompt_cache = decode.prefill(cfg, params, prompts, prompt_mask)
   weights = decode.decode_weights(cfg, params, fuse)
+  if fuse:  # all-gathered once, here, for every decode chunk: else XLA gathers them in each chunk's loop
+    # and holds every copy at once (fsdp 8, 3 chunks: 58 -> 31 MiB temp per device; BENCHMARKS.md)
+    weights = jax.tree.map(lambda w: jax.lax.with_sharding_constraint(w, PartitionSpec()), weights)
   uniforms = sharding.constrain(row_uniforms(rng, rows, steps), ("act_batch", None))
   emit = lambda state, step, logits: _emit(
       state, step, _choose(logits, uniforms[:, step], temperature, top_p, **mode), eos_mask, pad_id)
