@@ -268,8 +268,10 @@ def plan(config: Any, mesh_shape: Mapping[str, int], num_devices: int | None = N
   rows.append(Row(acts_name, acts, "update", f"{rows_how}, heads/mlp/tensor={t}"))
   rows.append(Row("logits (f32)", 3 * b * (L - 1) * (V / t) * 4, "update", f"{rows_how}, vocab/tensor={t}"))
   if lora is not None:  # XLA keeps each adapted projection's low-rank output of both gradient calls
+    # (of every adapted layer; with remat of the one layer recomputed at a time)
     width = {"q": H * Dh / t, "k": K * Dh / t, "v": K * Dh / t, "o": D, "gate": M / t, "up": M / t, "down": D}
-    adapted = len(lora.adapted_layers(cfg)) * sum(width[n] for n in lora.targets)
+    held = 1 if cfg.remat else len(lora.adapted_layers(cfg))
+    adapted = held * sum(width[n] for n in lora.targets)
     rows.append(Row("adapter activations", 2 * b * L * s * adapted, "update", rows_how))
   rows.append(Row("gradients" + (" (adapters)" if lora else ""), trainable[0], "update", params_how))
   rows.append(Row("optimizer update (f32)", trainable[1] * 4, "update", params_how))
