@@ -309,7 +309,7 @@ def _decode_chunks(cfg: ModelConfig, weights, prompt_cache, rope, row_lengths, s
 
 def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, temperature, top_p, eos_mask,
                    pad_id, *, num_samples: int, max_new_tokens: int, mode: dict[str, Any], fuse: bool,
-                   merge_adapters: bool) -> Samples:
+                   merge_adapters: bool = True) -> Samples:
   """The jitted generate. temperature, top_p: float32 []; eos_mask [V] bool; pad_id int32 [] (traced, so
   changing them does not recompile); mode: _static_mode's decisions (compiled in); fuse: see
   decode.fuse_layer; merge_adapters: fold LoRA adapters (if params carry any) into the weights once here,
@@ -324,7 +324,7 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
   weights = decode.decode_weights(cfg, params, fuse)
   if fuse:  # all-gathered once, here, for every decode chunk: else XLA gathers them in each chunk's loop
     # and holds every copy at once (fsdp 8, 3 chunks: 58 -> 31 MiB temp per device; BENCHMARKS.md)
-    weights = jax.tree.map(lambda w: jax.lax.with_sharding_constraint(w, PartitionSpec()), weights)
+    weights = jax.tree.map(lambda w: sharding.constrain(w, (None,) * w.ndim), weights)
   uniforms = sharding.constrain(row_uniforms(rng, rows, steps), ("act_batch", None))
   emit = lambda state, step, logits: _emit(
       state, step, _choose(logits, uniforms[:, step], temperature, top_p, **mode), eos_mask, pad_id)

@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
@@ -336,10 +337,8 @@ def test_lora_resume_after_sigkill_is_bitwise_and_a_changed_base_is_one_line_exi
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out[-3000:]
   proc = _start(runs["interrupted"], compile_cache, *flags, steps=LORA_STEPS)
-  for line in proc.stdout:
-    if line.startswith("[bond] step 4/"):
-      proc.send_signal(signal.SIGKILL)
-      break
+  _wait_for_checkpoint(proc, runs["interrupted"], 2)
+  proc.send_signal(signal.SIGKILL)  # mid-run, once a checkpoint is complete: no chance to save anything
   proc.communicate(timeout=60)
   assert max(_steps(runs["interrupted"])) < LORA_STEPS
   proc = _start(runs["interrupted"], compile_cache, *flags, steps=LORA_STEPS)
@@ -350,6 +349,17 @@ def test_lora_resume_after_sigkill_is_bitwise_and_a_changed_base_is_one_line_exi
   assert "layer_0" in a["params"] and "embedding" not in a["params"]  # adapters only
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+  # the run's exports: base + adapters merged, and the adapters as a PEFT directory on the base
+  export.export_run(runs["straight"], str(tmp_path / "merged"))
+  export.export_adapters(runs["straight"], str(tmp_path / "peft"))
+  tokens = torch.tensor([[5, 17, 33, 2, 9, 41, 7]])
+  merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").float().eval()
+  on_base = peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(base).float().eval(), str(tmp_path / "peft")).eval()
+  with torch.no_grad():
+    theirs, ours = on_base(input_ids=tokens).logits, merged(input_ids=tokens).logits
+  assert float((theirs - ours).abs().max()) <= 1e-5
 
   shutil.rmtree(base)  # the same path, another model: a resume would train adapters of another base
   cfg = hf.load_config(str(tiny_hf_models / "policy"))[0]
@@ -362,3 +372,5 @@ def test_lora_resume_after_sigkill_is_bitwise_and_a_changed_base_is_one_line_exi
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
   assert lines[0].startswith("error: checkpoint") and f"base {base} (hash {meta['base']['hash']}" in lines[0]
   assert max(_steps(runs["straight"])) == LORA_STEPS
+  with pytest.raises(ValueError, match="now holds another model"):  # and its export too
+    export.export_run(runs["straight"], str(tmp_path / "merged_again"))
