@@ -30,9 +30,9 @@ from configs import hf as hf_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 REWARD_MODULE = """
-def length_and_vowels(prompts, responses):
-  assert len(prompts) == len(responses)
-  return [0.1 * len(r) + sum(c in "aeiou" for c in r) / (1 + len(r)) for r in responses]
+def says_hello(prompts, responses):
+  assert len(prompts) == len(responses) and all(isinstance(p, list) for p in prompts)
+  return [float("hello" in r.lower()) for r in responses]  # 0 / 1: mostly tied
 
 def wrong_shape(prompts, responses):
   return [[1.0, 2.0]] * len(responses)
@@ -40,6 +40,12 @@ def wrong_shape(prompts, responses):
 def not_finite(prompts, responses):
   return [float("nan")] * len(responses)
 """
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  """One compilation cache for every run here: the policy's sampling and update compile once."""
+  return str(tmp_path_factory.mktemp("xla_cache"))
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +116,8 @@ def _final(workdir):
   return state, meta
 
 
-def test_reward_model_with_its_own_tokenizer_resumes_bitwise_after_sigkill_and_exports(dirs, tmp_path):
-  cache, rm = str(tmp_path / "xla_cache"), f"--config.reward_model={dirs['rm']}"
+def test_reward_model_with_its_own_tokenizer_resumes_bitwise_after_sigkill_and_exports(dirs, cache, tmp_path):
+  rm = f"--config.reward_model={dirs['rm']}"
   straight = str(tmp_path / "straight")
   proc = _start(dirs, straight, cache, rm)
   out, _ = proc.communicate(timeout=600)
@@ -166,11 +172,10 @@ def _exported_policy_generates(workdir, dirs, out):
   assert np.abs(logits - theirs).max() <= 1e-4
 
 
-def test_python_reward_function_trains_and_evaluates(dirs, tmp_path, monkeypatch):
-  monkeypatch.syspath_prepend(str(dirs["root"]))
+def test_python_reward_function_trains_evaluates_and_warns_of_ties(dirs, cache, tmp_path):
   workdir = str(tmp_path / "fn")
-  proc = _start(dirs, workdir, str(tmp_path / "xla_cache"), "--config.reward_fn=my_rewards:length_and_vowels",
-                "--config.train.steps=2", "--config.eval.num_prompts=2", "--config.train.eval_every=2",
+  proc = _start(dirs, workdir, cache, "--config.reward_fn=my_rewards:says_hello", "--config.train.steps=2",
+                "--config.eval.num_prompts=2", "--config.train.eval_every=2",
                 "--config.eval.quantile_samples=4", "--config.eval.policy_samples=2",
                 "--config.eval.best_of=(1,2)")
   out, _ = proc.communicate(timeout=600)
@@ -178,9 +183,11 @@ def test_python_reward_function_trains_and_evaluates(dirs, tmp_path, monkeypatch
   assert _steps(workdir) == [2]
   evaluation = json.load(
       open(os.path.join(workdir_lib.stage_dir(workdir, "bond"), "eval", "eval_000002.json")))
-  assert 0 <= evaluation["policy_quantile_mean"] <= 1 and evaluation["reference_reward"] > 0
+  assert 0 <= evaluation["policy_quantile_mean"] <= 1 and evaluation["reward_ties_fraction"] > 0.5
   rows = [json.loads(line) for line in open(workdir_lib.metrics_path(workdir, distill.STAGE))]
-  assert all(0 <= r["reward_tie_rate"] <= 1 for r in rows if "reward_tie_rate" in r)
+  ties = [r["reward_tie_rate"] for r in rows if "reward_tie_rate" in r]
+  assert len(ties) == 2 and min(ties) > 0.5
+  assert out.count("[bond] warning: ") == 1 and "of the reward pairs of a prompt tie at step 1" in out
 
 
 def _config(dirs, **changes):

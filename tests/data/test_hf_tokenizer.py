@@ -7,7 +7,8 @@ import pytest
 import transformers
 
 import hf_dirs
-from bond_jax.data import hf_tokenizer
+from bond_jax.data import hf_tokenizer, prompts
+from configs import hf as hf_config
 
 TRAIN_CONVERSATIONS = 600  # as tests/data/conftest.py: later conversations are held out
 
@@ -77,9 +78,20 @@ def test_chat_templates_render_as_apply_chat_template_on_100_conversations(templ
                                                                       tokenize=True, return_dict=False)
 
 
-def test_end_of_turn_token_and_errors(qwen_dir, sentencepiece_dir, tmp_path):
+def test_end_of_turn_token_ends_a_response_and_errors(qwen_dir, sentencepiece_dir, tmp_path):
+  """A base model's eos is <|endoftext|>; with chat prompts the template's <|im_end|> also ends a response."""
+  import json
+  import shutil
   qwen = hf_tokenizer.load(qwen_dir)
   assert qwen.id_to_piece(qwen.chat.end_of_turn_id(qwen)) == "<|im_end|>"
+  base = shutil.copytree(qwen_dir, tmp_path / "base")
+  config = json.loads((base / "tokenizer_config.json").read_text())
+  (base / "tokenizer_config.json").write_text(json.dumps(dict(config, eos_token="<|endoftext|>")))
+  base_tok, run = hf_tokenizer.load(base), hf_config.get_config()
+  ids = lambda *pieces: tuple(base_tok.piece_to_id(p) for p in pieces)
+  assert prompts.eos_ids(run, base_tok) == ids("<|endoftext|>", "<|im_end|>")
+  run.data.chat_template = False
+  assert prompts.eos_ids(run, base_tok) == ids("<|endoftext|>")
   sp = hf_tokenizer.load(sentencepiece_dir)
   assert sp.chat.end_of_turn_id(sp) == sp.eos_id  # GEMMA_STYLE closes a turn with eos_token
   with pytest.raises(jinja2.exceptions.TemplateError, match="roles must alternate"):
