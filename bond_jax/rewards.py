@@ -4,7 +4,7 @@
 2. a reward model with its OWN tokenizer and chat template (another family, another vocabulary): the
    policy's responses are decoded to text, the conversation is rendered with the reward model's template
    (prompt turns + the response as the assistant turn; without a template, prompt text + response) and
-   encoded with its tokenizer, left-padded to a power-of-two width and scored on device;
+   encoded with its tokenizer, left-padded to a bucketed width (`bucket`) and scored on device;
 3. a Python function `--config.reward_fn=package.module:function`: fn(prompts, responses) -> one float per
    response. prompts are the prompt records' values (a string, or a chat messages list), responses the
    decoded texts. It is the user's code, run in the training process.
@@ -83,6 +83,13 @@ def place(tree: Any, mesh) -> Any:
   return jax.device_put(tree, sharding.replicated(mesh))
 
 
+def bucket(length: int) -> int:
+  """The row width for `length` tokens: a multiple of a quarter of the power of two below it (>= 16), so at
+  most 4 widths (compilations) per octave and at most 25% padding."""
+  quarter = max(16, 1 << max(0, length.bit_length() - 3))
+  return -(-length // quarter) * quarter
+
+
 class ModelTexts:
   """A reward model with its own tokenizer: (prompts, responses) -> scores [len(responses)] float32."""
 
@@ -104,8 +111,7 @@ class ModelTexts:
 
   def __call__(self, prompts: Sequence[Any], responses: Sequence[str]) -> np.ndarray:
     seqs = [self.ids(p, r)[-self.cfg.max_seq_len:] for p, r in zip(prompts, responses)]
-    width = max(2, 1 << (max(len(s) for s in seqs) - 1).bit_length())  # few widths: few compilations
-    width = min(width, self.cfg.max_seq_len)
+    width = min(bucket(max(len(s) for s in seqs)), self.cfg.max_seq_len)
     tokens = np.full((len(seqs), width), self.tokenizer.pad_id, np.int32)
     mask = np.zeros((len(seqs), width), bool)
     for row, seq in enumerate(seqs):

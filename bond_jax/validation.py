@@ -1,9 +1,10 @@
 """The whole run config, checked once before anything is written or computed.
 
 `validate(config, until)` is what the pipeline (and the plan CLI) calls first: every error is one line
-naming the full config key, its value and what is allowed. It reads no dataset and builds no model: the
-model shapes come from the preset (or, for given models, from their config.json / checkpoint metadata),
-so a bad value is reported in seconds, before the tokenizer, the datasets or any stage is built.
+naming the full config key, its value and what is allowed. It builds no model and reads no dataset but
+the user's prompt files: the model shapes come from the preset (or, for given models, from their
+config.json / checkpoint metadata), so a bad value is reported in seconds, before the tokenizer, the
+datasets or any stage is built.
 What it checks, by section:
   model, mesh      the preset exists; the mesh fits the devices and divides the model's sharded dims;
   data             the task, turns, prompt buckets; prompt bucket + sampling.max_new_tokens fit the context;
@@ -17,7 +18,12 @@ What it checks, by section:
                    losses need samples of pi itself);
   eval             sample counts and the Best-of-N list;
   paths            reference, reward_model and data.tokenizer exist and hold what they must; a given
-                   reference and reward model agree on the vocabulary.
+                   reference and reward model agree on the vocabulary, unless the reward model directory
+                   holds its own tokenizer (then its responses are re-encoded: rewards.py);
+  prompts, rewards (task 'prompts', or a reward_fn) the prompt files are read and encoded (a missing, empty
+                   or unknown source, a field no record has, chat prompts without a chat template, no usable
+                   record: data/prompt_files.py), and a reward function is imported and CALLED once on two
+                   probe responses (its shape and finiteness can only be seen by calling it).
 """
 
 from __future__ import annotations
