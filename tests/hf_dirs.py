@@ -52,14 +52,15 @@ def train_qwen_style(lines, vocab_size):
   return tok
 
 
-def qwen_tokenizer_dir(directory, lines, vocab_size=700, template=CHATML):
-  """tokenizer.json + tokenizer_config.json as a Qwen instruct model ships them (eos <|im_end|>)."""
+def qwen_tokenizer_dir(directory, lines, vocab_size=700, template=CHATML, eos="<|im_end|>"):
+  """tokenizer.json + tokenizer_config.json as a Qwen instruct model ships them (eos <|im_end|>; a base
+  model's is <|endoftext|>)."""
   os.makedirs(directory, exist_ok=True)
   train_qwen_style(lines, vocab_size).save(os.path.join(directory, "tokenizer.json"))
   config = {
       "tokenizer_class": "Qwen2Tokenizer",
       "bos_token": None,
-      "eos_token": "<|im_end|>",
+      "eos_token": eos,
       "pad_token": "<|endoftext|>",
       "unk_token": None,
       "chat_template": template,

@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import hf_dirs
-from bond_jax import checkpoint, export, pipeline, validation
+from bond_jax import checkpoint, export, pipeline, rewards as rewards_lib, sharding, validation
 from bond_jax import workdir as workdir_lib
 from bond_jax.data import chitchat, hf_tokenizer, prompt_files
 from bond_jax.stages import distill
@@ -54,7 +54,8 @@ def dirs(tmp_path_factory):
   root = tmp_path_factory.mktemp("hf_run")
   conversations, _ = chitchat.load_conversations(max_conversations=400)
   lines = [t for c in conversations[:300] for t in (c.topic, *c.turns) if t]
-  qwen_tok = hf_dirs.qwen_tokenizer_dir(root / "qwen_tok", lines, vocab_size=400)
+  # a base model's eos (<|endoftext|>): the chat template's <|im_end|> must end responses as well
+  qwen_tok = hf_dirs.qwen_tokenizer_dir(root / "qwen_tok", lines, vocab_size=400, eos="<|endoftext|>")
   sp_tok = hf_dirs.sentencepiece_tokenizer_dir(root / "sp_tok", lines, vocab_size=600)
   out_plain = hf_dirs.sentencepiece_tokenizer_dir(root / "plain_tok", lines, vocab_size=400, template=None)
   policy_vocab = hf_tokenizer.load(qwen_tok).vocab_size
@@ -246,3 +247,35 @@ def test_bad_input_is_one_line_before_any_compute(dirs, tmp_path, monkeypatch):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "cli").exists()
+
+
+def test_the_text_route_scores_as_transformers_scores_the_rendered_conversation(dirs, tmp_path):
+  """The reward model with its own tokenizer: our text route's reward of a policy response equals
+  transformers' LlamaForSequenceClassification on AutoTokenizer.apply_chat_template of the conversation."""
+  config = _config(dirs)
+  ctx = pipeline.setup(config, str(tmp_path / "run"))
+  train, _ = prompt_files.load_splits(config, ctx.tokenizer)
+  frozen = distill.frozen_models(ctx, train.records)
+  policy = ctx.tokenizer
+  assert frozen.eos_ids == (policy.piece_to_id("<|endoftext|>"), policy.piece_to_id("<|im_end|>"))
+  assert frozen.text_rewards is not None and frozen.reward_cfg.vocab_size == 600
+  record, texts = train.records[0], ["I like pizza a lot, and you?", "no"]
+  width = len(record["tokens"])
+  responses, response_mask = np.zeros((1, 2, 24), np.int32), np.zeros((1, 2, 24), bool)
+  for n, text in enumerate(texts):
+    ids = policy.encode(text) + [policy.piece_to_id("<|im_end|>")]
+    responses[0, n, :len(ids)], response_mask[0, n, :len(ids)] = ids, True
+  arrays = (record["tokens"][None], np.ones((1, width), bool), responses, response_mask)
+  with jax.set_mesh(ctx.mesh):
+    ours = np.asarray(rewards_lib.score(frozen, *jax.device_put(arrays, sharding.replicated(ctx.mesh))))[0]
+  tok = transformers.AutoTokenizer.from_pretrained(dirs["rm"])
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(dirs["rm"]).eval()
+  for n, text in enumerate(texts):
+    ids = tok.apply_chat_template(record["prompt"] + [{
+        "role": "assistant",
+        "content": text
+    }], tokenize=True, return_dict=False)
+    with torch.no_grad():
+      theirs = model(torch.tensor([ids])).logits[0, 0].item()
+    assert abs(ours[n] - theirs) <= 1e-4, (n, ours[n], theirs)
+  assert abs(ours[0] - ours[1]) > 1e-3  # two responses, two rewards

@@ -174,11 +174,19 @@ def _split(config, train: Prompts) -> tuple[Prompts, Prompts]:
 _CACHE: dict[tuple, tuple[Prompts, Prompts]] = {}
 
 
+def _stamp(path: str) -> tuple:
+  """(name, size, mtime) of a source's files: a source changed on disk is read again."""
+  if not path or not os.path.exists(path):
+    return ()
+  names = [path] if os.path.isfile(path) else [os.path.join(path, n) for n in sorted(os.listdir(path))]
+  return tuple((n, os.stat(n).st_size, os.stat(n).st_mtime_ns) for n in names)
+
+
 def load_splits(config, tokenizer) -> tuple[Prompts, Prompts]:
   """(train, held-out) Prompts of config.data (see the module docstring); ValueError for a bad source."""
   d = config.data
-  key = (d.prompts, d.held_out, d.held_out_fraction, d.prompt_field, bool(d.chat_template),
-         max(d.prompt_buckets), config.seed, tuple(sorted(tokenizer.files.items())))
+  key = (d.prompts, _stamp(d.prompts), d.held_out, _stamp(d.held_out), d.held_out_fraction, d.prompt_field,
+         bool(d.chat_template), max(d.prompt_buckets), config.seed, tuple(sorted(tokenizer.files.items())))
   if key in _CACHE:
     return _CACHE[key]
   if not isinstance(d.prompt_field, str) or not d.prompt_field:

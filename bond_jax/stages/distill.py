@@ -109,13 +109,11 @@ def eval_line(result: dict[str, Any]) -> str:
   return line
 
 
-_warned = []  # steps this process warned about tied rewards at (once per run)
-
-
-def warn_ties(tie_rate: float, step: int) -> None:
-  """One warning per run when most of a prompt's rewards tie: BOND's quantiles then carry little signal."""
-  if tie_rate > rewards_lib.TIED_WARNING and not _warned and jax.process_index() == 0:
-    _warned.append(step)
+def warn_ties(tie_rate: float, step: int, warned: list[int]) -> None:
+  """One warning per run (`warned` holds the step it was given at) when most of a prompt's rewards tie:
+  BOND's quantiles then carry little signal."""
+  if tie_rate > rewards_lib.TIED_WARNING and not warned and jax.process_index() == 0:
+    warned.append(step)
     print(
         f"[{STAGE}] warning: {tie_rate:.0%} of the reward pairs of a prompt tie at step {step}: BOND needs "
         "continuous rewards (a reward of a few values, e.g. 0/1, ranks samples poorly); see reward_tie_rate",
@@ -139,6 +137,7 @@ def build(ctx: Context) -> loop.Stage:
   step = algorithm.make_step(config.bond, scoring.sequence_logprob_fn(frozen.policy_cfg, frozen.pad_id),
                              optimizer, options)
   base_rng = jax.random.key(config.seed)
+  warned: list[int] = []
 
   def prepare(host_batch, state, step):
     placed = sharding.global_batch(host_batch, mesh)  # the global batch, on every process
@@ -146,7 +145,7 @@ def build(ctx: Context) -> loop.Stage:
                                      jax.random.fold_in(base_rng, step - 1), config.sampling.max_new_tokens)
     lengths = np.asarray(sharding.to_host(stats.response_lengths))
     ties = rewards_lib.batch_tie_rate(batch)
-    warn_ties(ties, step)
+    warn_ties(ties, step, warned)
     return batch, {
         "response_length": float(lengths.mean()),
         "tokens": float(lengths.sum()),
