@@ -279,3 +279,11 @@ def test_the_text_route_scores_as_transformers_scores_the_rendered_conversation(
       theirs = model(torch.tensor([ids])).logits[0, 0].item()
     assert abs(ours[n] - theirs) <= 1e-4, (n, ours[n], theirs)
   assert abs(ours[0] - ours[1]) > 1e-3  # two responses, two rewards
+
+
+def test_presets_of_configs_hf():
+  shapes = {p: hf_config.get_config(p) for p in ("cpu", "1b", "8b")}
+  assert all(c.data.task == "prompts" and c.data.chat_template for c in shapes.values())
+  assert (shapes["1b"].mesh.tensor, shapes["8b"].mesh.tensor, shapes["8b"].train.batch_size) == (1, 2, 128)
+  with pytest.raises(ValueError, match="unknown preset 'huge' for configs/hf.py; allowed: cpu, 1b, 8b"):
+    hf_config.get_config("huge")
