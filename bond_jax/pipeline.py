@@ -79,8 +79,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, until: str,
   return Context(
       config=config, workdir=workdir, mesh=mesh, tokenizer=prepare.tokenizer(config, workdir),
       dialogues=prepare.dialogue_builder(config, workdir) if "sft" in names else None,
-      preferences=(prepare.preference_builder(config, workdir)
-                   if chitchat and names & {"reward", "bond"} else None))
+      preferences=prepare.preference_builder(config, workdir) if chitchat and "reward" in names else None)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, until: str = "bond") -> Context:

@@ -98,6 +98,9 @@ def _data(config: ml_collections.ConfigDict) -> None:
   if d.task == "chitchat":
     _positive_int("data.response_turns", d.response_turns)
     _require(
+        isinstance(d.prompt_turns, int) and d.prompt_turns >= 0,
+        f"data.prompt_turns={d.prompt_turns!r} must be an integer >= 0")
+    _require(
         isinstance(d.context_turns, int) and d.context_turns >= 0,
         f"data.context_turns={d.context_turns!r} must be an integer >= 0")
     _require(d.max_conversations >= 0, f"data.max_conversations={d.max_conversations} must be >= 0 (0 = all)")

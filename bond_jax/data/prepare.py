@@ -101,9 +101,10 @@ def preference_builder(config: ml_collections.ConfigDict, workdir: str):
   rt = config.reward_training
   max_conv = _max_conversations(config)
   per_prompt = rt.max_pairs_per_prompt or None
+  # the reward model scores a distillation prompt's opening turns and the response together
+  turns = config.data.prompt_turns + config.data.response_turns
   builder_config = chitchat.ChitchatPreferencesConfig(
-      name=f"{rt.rating}_m{rt.margin:g}_r{config.data.response_turns}_p{per_prompt or 'all'}"
-      f"_n{max_conv or 'all'}_s{config.seed}", max_conversations=max_conv, rating=rt.rating,
-      margin=float(rt.margin), response_turns=config.data.response_turns, max_pairs_per_prompt=per_prompt,
-      seed=config.seed)
+      name=f"{rt.rating}_m{rt.margin:g}_t{turns}_p{per_prompt or 'all'}_n{max_conv or 'all'}_s{config.seed}",
+      max_conversations=max_conv, rating=rt.rating, margin=float(rt.margin), response_turns=turns,
+      max_pairs_per_prompt=per_prompt, seed=config.seed)
   return local.prepare(chitchat.ChitchatPreferences, workdir_lib.data_dir(workdir), builder_config)

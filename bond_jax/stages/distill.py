@@ -3,8 +3,8 @@ model.
 
 One step: prompts [B, P] -> the algorithm's rollout (policy / anchor / reference samples, their rewards) ->
 its jitted update (algorithms.py) -> metrics. Every train.eval_every steps the policy's single sample is
-compared with Best-of-N of pi_ref on held-out prompts (evaluate.py); results, plots and a history go to
-<workdir>/bond/eval/. The loop (loop.py) does the rest. A step's randomness is fold_in(seed, step - 1).
+compared with Best-of-N of pi_ref on each held-out prompt set (evaluate.py; chitchat: 'in_distribution',
+then 'held_out_topics'); results, plots and a history go to <workdir>/bond/eval/. The loop (loop.py) does the rest. A step's randomness is fold_in(seed, step - 1).
 """
 
 from __future__ import annotations
@@ -42,16 +42,21 @@ def frozen_models(ctx: Context, prompt_records=()) -> FrozenModels:
 
 
 class _Evaluation:
-  """The policy vs Best-of-N of pi_ref on a fixed held-out batch; pi_ref's pool is drawn once per run."""
+  """The policy vs Best-of-N of pi_ref on fixed held-out batches, one per held-out set (the first is the
+  primary one: its metrics are the result's top level, the others' go under their names, their scalars also
+  as '<name>_<metric>'). pi_ref's pools are drawn once per run."""
 
-  def __init__(self, ctx: Context, frozen: FrozenModels, records):
+  def __init__(self, ctx: Context, frozen: FrozenModels, sets: dict[str, Any]):
     self.config, self.frozen = ctx.config, frozen
     self.out_dir = os.path.join(workdir_lib.stage_dir(ctx.workdir, STAGE), "eval")
-    batch = prompts_lib.eval_batch(ctx.config, records, ctx.tokenizer)
     # the same host batch on every process -> one replicated global array
-    self.batch = jax.device_put(batch, sharding.replicated(frozen.mesh))
+    self.batches = {
+        name:
+            jax.device_put(prompts_lib.eval_batch(ctx.config, records, ctx.tokenizer),
+                           sharding.replicated(frozen.mesh)) for name, records in sets.items()
+    }
     self.rng = jax.random.key(ctx.config.seed + 1)
-    self.pool: evaluate_lib.ReferencePool | None = None
+    self.pools: dict[str, evaluate_lib.ReferencePool] = {}
     self.history = self._read_history()
 
   def _read_history(self) -> list[dict[str, Any]]:
@@ -61,34 +66,46 @@ class _Evaluation:
     with open(path) as f:
       return [json.loads(line) for line in f if line.strip()]
 
+  def _evaluate_set(self, index: int, name: str, state: update.TrainState, step: int,
+                    tracked_n: float | None) -> dict[str, Any]:
+    c, frozen = self.config, self.frozen
+    prompts, mask = self.batches[name]["tokens"], self.batches[name]["mask"]
+    if name not in self.pools:  # set 0 keeps the pool seed of a single-set run
+      self.pools[name] = evaluate_lib.reference_pool(frozen, prompts, mask,
+                                                     jax.random.fold_in(self.rng, _POOL_SEED - index),
+                                                     num_samples=c.eval.quantile_samples,
+                                                     max_new_tokens=c.sampling.max_new_tokens)
+    rng = jax.random.fold_in(jax.random.fold_in(self.rng, step), index) if index else jax.random.fold_in(
+        self.rng, step)
+    return evaluate_lib.evaluate(frozen, state.params, prompts, mask, rng, self.pools[name],
+                                 best_of=tuple(c.eval.best_of), policy_samples=c.eval.policy_samples,
+                                 max_new_tokens=c.sampling.max_new_tokens, tracked_n=tracked_n)
+
   def __call__(self, state: update.TrainState, step: int, final: bool) -> dict[str, Any]:
     del final
-    c, frozen = self.config, self.frozen
-    prompts, mask = self.batch["tokens"], self.batch["mask"]
-    if self.pool is None:
-      self.pool = evaluate_lib.reference_pool(frozen, prompts, mask, jax.random.fold_in(self.rng, _POOL_SEED),
-                                              num_samples=c.eval.quantile_samples,
-                                              max_new_tokens=c.sampling.max_new_tokens)
-    result = evaluate_lib.evaluate(frozen, state.params, prompts, mask, jax.random.fold_in(self.rng,
-                                                                                           step), self.pool,
-                                   best_of=tuple(c.eval.best_of), policy_samples=c.eval.policy_samples,
-                                   max_new_tokens=c.sampling.max_new_tokens)
-    target = algorithms.get(c.bond.algorithm).target_best_of(c.bond, step)
+    target = algorithms.get(self.config.bond.algorithm).target_best_of(self.config.bond, step)
+    results = {name: self._evaluate_set(i, name, state, step, target) for i, name in enumerate(self.batches)}
+    primary, *others = results
+    result = dict(results[primary], eval_set=primary)
+    for name in others:
+      result[name] = results[name]
+      result.update({f"{name}_{k}": v for k, v in results[name].items() if isinstance(v, float)})
     if target is not None:
       result["target_best_of"] = target
       result["kl_target_best_of"] = evaluate_lib.bon_kl_bound(target)
     if jax.process_index() == 0:
-      self._record(step, result)
+      self._record(step, result, {name: results[name] for name in others})
     return result
 
-  def _record(self, step: int, result: dict[str, Any]) -> None:
+  def _record(self, step: int, result: dict[str, Any], others: dict[str, dict[str, Any]]) -> None:
     scalars = {k: v for k, v in result.items() if isinstance(v, float)}
     if not self.history or self.history[-1]["step"] < step:
       self.history.append({"step": step, **scalars})
       os.makedirs(self.out_dir, exist_ok=True)
       with open(os.path.join(self.out_dir, "history.jsonl"), "a") as f:
         f.write(json.dumps(self.history[-1]) + "\n")
-    evaluate_lib.write(result, self.out_dir, step, self.history)
+    primary = {k: v for k, v in result.items() if k not in others}
+    evaluate_lib.write(primary, self.out_dir, step, self.history, others)
 
 
 def eval_line(result: dict[str, Any]) -> str:
@@ -104,8 +121,16 @@ def eval_line(result: dict[str, Any]) -> str:
       f"{result['policy_effective_n']:.2f}) | KL(pi||ref) {result['kl_policy_ref']:.3f} +- "
       f"{result['kl_policy_ref_stderr']:.3f} (BoN at N_eff {result['kl_bon_at_effective_n']:.3f}) | length "
       f"{result['policy_response_length']:.1f} (ref {result['reference_response_length']:.1f}, {lengths})")
+  line += f" | KS to BoN-{result['tracked_n']:.2f} {result['quantile_ks']:.3f}"
   if "target_best_of" in result:
     line += f" | aims at BoN-{result['target_best_of']:.2f} (KL {result['kl_target_best_of']:.3f})"
+  for name, other in result.items():
+    if isinstance(other, dict) and "policy_quantile_mean" in other:
+      line += (
+          f"\n    {name.replace('_', ' ')}: quantile {other['policy_quantile_mean']:.3f} +- "
+          f"{other['policy_quantile_stderr']:.3f} (BoN-2 0.667, BoN-4 0.800), KL(pi||ref) "
+          f"{other['kl_policy_ref']:.3f}, KS {other['quantile_ks']:.3f}, reward {other['policy_reward']:.3f}, "
+          f"length {other['policy_response_length']:.1f}")
   return line
 
 
@@ -124,8 +149,8 @@ def build(ctx: Context) -> loop.Stage:
   """The distillation stage: the policy starts at pi_ref (and so does the anchor, where there is one)."""
   config, mesh = ctx.config, ctx.mesh
   algorithm = algorithms.get(config.bond.algorithm)
-  train_prompts, eval_prompts = prompts_lib.prompt_sources(config, ctx.preferences, ctx.tokenizer)
-  frozen = frozen_models(ctx, rewards_lib.records_of(train_prompts, eval_prompts))
+  train_prompts, eval_sets = prompts_lib.prompt_sources(config, ctx.tokenizer)
+  frozen = frozen_models(ctx, rewards_lib.records_of(train_prompts, *eval_sets.values()))
   optimizer = update.make_optimizer(update.OptimizerConfig.from_section(config.optimizer, config.train.steps))
   with jax.set_mesh(mesh):
     policy = jax.tree.map(jnp.copy, frozen.reference_params)
@@ -152,7 +177,7 @@ def build(ctx: Context) -> loop.Stage:
         "reward_tie_rate": ties
     }
 
-  evaluation = _Evaluation(ctx, frozen, eval_prompts) if config.eval.num_prompts else None
+  evaluation = _Evaluation(ctx, frozen, eval_sets) if config.eval.num_prompts and eval_sets else None
   run_step = lambda state, batch: step(state, frozen.reference_params, batch)
   return loop.Stage(name=STAGE, kind=KIND, mesh=mesh, model=frozen.policy_cfg,
                     schedule=loop.Schedule.from_section(config.train), state=state, step=run_step,
@@ -165,6 +190,14 @@ def report(result: dict[str, Any]) -> str:
   """The closing line of the stage (its final evaluation, or its last step without one)."""
   if "policy_quantile_mean" not in result:
     return f"[{STAGE}] finished at step {result.get('step')}"
-  return (f"[{STAGE}] step {result.get('step', '')}: policy quantile {result['policy_quantile_mean']:.3f} +- "
+  line = (f"[{STAGE}] step {result.get('step', '')}: policy quantile {result['policy_quantile_mean']:.3f} +- "
           f"{result['policy_quantile_stderr']:.3f}, KL(pi||ref) {result['kl_policy_ref']:.3f}, reward "
           f"{result['policy_reward']:.3f}")
+  if "quantile_ks" in result:
+    line += f", KS to BoN-{result['tracked_n']:.2f} {result['quantile_ks']:.3f}"
+  if "held_out_topics_policy_quantile_mean" in result:
+    line += (
+        f"; held-out topics: quantile {result['held_out_topics_policy_quantile_mean']:.3f} +- "
+        f"{result['held_out_topics_policy_quantile_stderr']:.3f}, KL {result['held_out_topics_kl_policy_ref']:.3f}"
+    )
+  return line

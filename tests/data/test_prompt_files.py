@@ -128,7 +128,7 @@ def test_grain_pipeline_resumes_exactly_and_shards_by_process(tok, chats, tmp_pa
   config = _config(path, held_out_fraction=0.0)
   config.train.batch_size = 4
   prompt_files._CACHE.clear()
-  train, _ = prompts.prompt_sources(config, tokenizer=tok)
+  train, _ = prompts.prompt_sources(config, tok)
   ds = prompts.prompt_dataset(config, train, tok)
   iterator = iter(ds)
   [next(iterator) for _ in range(3)]
