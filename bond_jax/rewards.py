@@ -49,8 +49,9 @@ def import_function(spec: str, key: str = "reward_fn") -> Callable:
   return fn
 
 
-def checked(values: Any, count: int, key: str) -> np.ndarray:
-  """values as float32 [count], or ValueError naming `key` for another shape or a non-finite value."""
+def checked(values: Any, count: int, key: str, finite: bool = True) -> np.ndarray:
+  """values as float32 [count], or ValueError naming `key` for another shape or (finite=True) a non-finite
+  value."""
   try:
     array = np.asarray(values, np.float64)
   except (TypeError, ValueError) as error:
@@ -59,7 +60,7 @@ def checked(values: Any, count: int, key: str) -> np.ndarray:
     raise ValueError(
         f"{key} returned shape {array.shape} for {count} responses; it must return one float per "
         "response (a list or 1-D array)")
-  if not np.all(np.isfinite(array)):
+  if finite and not np.all(np.isfinite(array)):
     raise ValueError(f"{key} returned non-finite values {array.tolist()}; rewards must be finite floats")
   return array.astype(np.float32)
 
@@ -84,8 +85,8 @@ def place(tree: Any, mesh) -> Any:
 
 
 def bucket(length: int) -> int:
-  """The row width for `length` tokens: a multiple of a quarter of the power of two below it (>= 16), so at
-  most 4 widths (compilations) per octave and at most 25% padding."""
+  """The row width for `length` tokens: a multiple of a quarter of the power of two below it (at least 16),
+  so at most 4 widths (compilations) per octave and, from 64 tokens on, at most 25% padding."""
   quarter = max(16, 1 << max(0, length.bit_length() - 3))
   return -(-length // quarter) * quarter
 
@@ -149,7 +150,9 @@ class TextRewards:
 
   def __call__(self, prompts, prompt_mask, responses, response_mask) -> jax.Array:
     values, texts = self.texts(prompts, prompt_mask, responses, response_mask)
-    scores = checked(self.scorer(values, texts), len(texts), self.key).reshape(responses.shape[:2])
+    # a non-finite reward in training is the update's non-finite guard's to drop, as a reward model's is
+    scores = checked(self.scorer(values, texts), len(texts), self.key,
+                     finite=False).reshape(responses.shape[:2])
     return place(scores, self.mesh)
 
 
