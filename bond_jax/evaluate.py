@@ -70,6 +70,18 @@ def quantile_ks(quantiles: np.ndarray, num_reference: int, n: float) -> float:
   return float(np.max(np.abs(empirical - law)))
 
 
+def _best_of_n_table(reference_rewards: np.ndarray, best_of: Sequence[int]) -> dict[str, dict[str, float]]:
+  """{N: reward, quantile_mean, win_rate_vs_ref, kl_bound} of Best-of-N of pi_ref for each N."""
+  return {
+      str(n): {
+          "reward": float(np.mean(best_of_n_mean(reference_rewards, n))),
+          "quantile_mean": n / (n + 1),
+          "win_rate_vs_ref": n / (n + 1),
+          "kl_bound": bon_kl_bound(n)
+      } for n in best_of
+  }
+
+
 def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_logprobs: np.ndarray,
               ref_logprobs: np.ndarray, best_of: Sequence[int], reference_lengths: np.ndarray | None = None,
               tracked_n: float | None = None) -> dict[str, Any]:
@@ -90,6 +102,8 @@ def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_
   out = {
       "policy_reward":
           float(np.mean(policy_rewards)),
+      "policy_reward_stderr":
+          float(np.std(policy_rewards) / np.sqrt(policy_rewards.size)),
       "policy_quantile_mean":
           mean_u,
       "policy_quantile_stderr":
@@ -110,14 +124,8 @@ def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_
           float(np.mean(ties)),
       "reference_reward":
           float(np.mean(reference_rewards)),
-      "best_of_n": {
-          str(n): {
-              "reward": float(np.mean(best_of_n_mean(reference_rewards, n))),
-              "quantile_mean": n / (n + 1),
-              "win_rate_vs_ref": n / (n + 1),
-              "kl_bound": bon_kl_bound(n)
-          } for n in best_of
-      },
+      "best_of_n":
+          _best_of_n_table(reference_rewards, best_of),
       "policy_quantiles":
           quantile.tolist(),
       "tracked_n":
@@ -137,9 +145,13 @@ def _host(x) -> np.ndarray:
 
 class ReferencePool(NamedTuple):
   """K samples of pi_ref per evaluation prompt, scored once per run: rewards and response lengths [B, K]
-  float64 (host)."""
+  float64 (host); the samples themselves, tokens / mask [B, K, T] and their log pi_ref [B, K] (device), for
+  the Best-of-N KL estimates (`best_of_n_kl`)."""
   rewards: np.ndarray
   lengths: np.ndarray
+  tokens: jax.Array
+  mask: jax.Array
+  ref_logprobs: jax.Array
 
 
 def reference_pool(frozen: FrozenModels, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
@@ -148,14 +160,40 @@ def reference_pool(frozen: FrozenModels, prompts: jax.Array, prompt_mask: jax.Ar
   reference = rollout.sample(frozen, frozen.reference_params, prompts, prompt_mask, rng, num_samples,
                              max_new_tokens)
   rewards = rewards_lib.score(frozen, prompts, prompt_mask, reference.tokens, reference.mask)
-  return ReferencePool(_host(rewards), _host(reference.lengths))
+  return ReferencePool(_host(rewards), _host(reference.lengths), reference.tokens, reference.mask,
+                       jnp.sum(reference.model_logprobs, axis=-1))
+
+
+def best_of_n_kl(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
+                 reference: ReferencePool, summary: dict[str, Any], n: float) -> dict[str, float]:
+  """Both KLs between the policy and Best-of-n of pi_ref (n an integer <= K), from the pool and `summary`:
+
+      KL(pi_BoN || pi) = log n - (n - 1)/n - E_BoN[log pi(y) - log pi_ref(y)]    (E_BoN[log F] = -1/n)
+      KL(pi || pi_BoN) = KL(pi || pi_ref) - log n - (n - 1) E_pi[log F(r(y))]
+
+  E_BoN by the order-statistics weights over the pool's K samples (`best_of_n_mean`); F(r(y)) by the policy
+  sample's quantile among them, floored at 1/K (a small upward bias of the second KL where quantiles are 0).
+  """
+  _, policy_on_pool = scoring.sequence_logprobs(frozen.policy_cfg, policy_params, prompts, prompt_mask,
+                                                reference.tokens, reference.mask)
+  log_ratio = _host(policy_on_pool) - _host(reference.ref_logprobs)  # [B, K]
+  n = int(n)
+  e_bon = float(np.mean(best_of_n_mean(reference.rewards, n, values=log_ratio)))
+  return {
+      "kl_bon_to_policy":
+          math.log(n) - (n - 1) / n - e_bon,
+      "kl_policy_to_bon":
+          summary["kl_policy_ref"] - math.log(n) - (n - 1) * summary["policy_log_quantile_mean"],
+  }
 
 
 def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
              rng: jax.Array, reference: ReferencePool, *, best_of: Sequence[int], policy_samples: int,
-             max_new_tokens: int, tracked_n: float | None = None) -> dict[str, Any]:
+             max_new_tokens: int, tracked_n: float | None = None,
+             with_best_of_n_kl: bool = False) -> dict[str, Any]:
   """Sample M = policy_samples responses of the policy per prompt [B, P], score them, rank them against
-  the `reference` pool of the same prompts, then `summarize`."""
+  the `reference` pool of the same prompts, then `summarize` (and `best_of_n_kl` at the tracked N when
+  asked: it scores the pool's K samples under the policy, ~K / M times the cost of the sampling)."""
   if max(best_of) > reference.rewards.shape[1]:
     raise ValueError(f"best_of={tuple(best_of)} needs at least {max(best_of)} reference samples per prompt; "
                      f"the pool has {reference.rewards.shape[1]}")
@@ -168,6 +206,8 @@ def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, promp
                   best_of=best_of, reference_lengths=reference.lengths, tracked_n=tracked_n)
   out["policy_response_length"] = float(jnp.mean(policy.lengths))
   out["reference_response_length"] = float(np.mean(reference.lengths))
+  if with_best_of_n_kl:
+    out.update(best_of_n_kl(frozen, policy_params, prompts, prompt_mask, reference, out, out["tracked_n"]))
   return out
 
 

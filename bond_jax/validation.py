@@ -254,3 +254,9 @@ def _distill(config: ml_collections.ConfigDict, policy: ModelConfig, rows: int) 
   _require(
       bool(e.best_of) and all(1 <= n <= e.quantile_samples for n in e.best_of),
       f"eval.best_of={tuple(e.best_of)}: each N must be in [1, eval.quantile_samples={e.quantile_samples}]")
+  if e.get("best_of_n_kl"):
+    tracked = algorithms.get(config.bond.algorithm).target_best_of(config.bond, config.train.steps)
+    _require(
+        tracked is not None and tracked <= e.quantile_samples,
+        f"eval.best_of_n_kl=True needs an algorithm that aims at a Best-of-N <= eval.quantile_samples="
+        f"{e.quantile_samples}; bond.algorithm={config.bond.algorithm!r} aims at {tracked}")

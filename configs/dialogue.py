@@ -63,7 +63,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # The distribution-matching stage (docs/math.md).
   c.bond = ml_collections.ConfigDict(
       dict(
-          algorithm="jbond",  # jbond | bond | iterative_bond | reinforce
+          algorithm="jbond",  # jbond | jbond_hard | bond | iterative_bond | reinforce (bond_jax/algorithms.py)
           n=2,  # Best-of-n per anchor (J-BOND uses 2); BOND: N
           beta=0.5,  # Jeffreys mix: (1 - beta) forward KL + beta backward KL
           # EMA anchor rate (J-BOND). After T steps J-BOND aims at ~Best-of-2^(eta T) of pi_ref: 0.01 x 100
@@ -100,7 +100,13 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # prompt, each ranked among quantile_samples samples of pi_ref of the same prompt (drawn and scored once per
   # run: pi_ref is frozen). 512 policy samples per set: quantile SE ~0.01, KS noise ~0.04.
   c.eval = ml_collections.ConfigDict(
-      dict(num_prompts=64, best_of=(1, 2, 4, 8, 16), quantile_samples=32, policy_samples=8))
+      dict(
+          num_prompts=64,
+          best_of=(1, 2, 4, 8, 16),
+          quantile_samples=32,
+          policy_samples=8,
+          # also KL(pi_BoN || pi) and KL(pi || pi_BoN) at the tracked N (scores the pool under the policy)
+          best_of_n_kl=False))
 
   if preset in ("gemma_2b", "gemma_7b"):
     c.model.preset = preset

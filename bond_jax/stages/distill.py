@@ -79,7 +79,8 @@ class _Evaluation:
         self.rng, step)
     return evaluate_lib.evaluate(frozen, state.params, prompts, mask, rng, self.pools[name],
                                  best_of=tuple(c.eval.best_of), policy_samples=c.eval.policy_samples,
-                                 max_new_tokens=c.sampling.max_new_tokens, tracked_n=tracked_n)
+                                 max_new_tokens=c.sampling.max_new_tokens, tracked_n=tracked_n,
+                                 with_best_of_n_kl=c.eval.best_of_n_kl)
 
   def __call__(self, state: update.TrainState, step: int, final: bool) -> dict[str, Any]:
     del final
