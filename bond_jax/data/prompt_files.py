@@ -14,7 +14,9 @@ Held-out prompts (the evaluation's) come from `data.held_out` (another source) o
 `data.held_out_fraction` of the records, picked by a permutation seeded with `seed`.
 
 Usable records are {"tokens": int32 [n], "prompt": the field's value}: the Grain prompt pipeline
-(pipeline.prompt_batches) reads the ids as they are, and a reward function reads the prompt.
+(pipeline.prompt_batches) reads the ids as they are, and a reward function reads the prompt. Like the
+embedded prompts, every process reads the same global batch (prompts.prompt_dataset says why) and keeps
+its own devices' rows when the batch is placed; pipeline.sharded_records splits a source by process.
 `load_splits` is memoised, so validation (which reads everything to report bad input before any compute)
 and the distillation stage share one read.
 """
