@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from bond_jax import rollout, scoring, sharding
+from bond_jax import rewards as rewards_lib, rollout, scoring, sharding
 from bond_jax.frozen import FrozenModels
 
 
@@ -159,8 +159,7 @@ def reference_pool(frozen: FrozenModels, prompts: jax.Array, prompt_mask: jax.Ar
   """Sample num_samples = K responses of pi_ref per prompt [B, P] and score them."""
   reference = rollout.sample(frozen, frozen.reference_params, prompts, prompt_mask, rng, num_samples,
                              max_new_tokens)
-  rewards = scoring.rewards(frozen.reward_cfg, frozen.reward_params, prompts, prompt_mask, reference.tokens,
-                            reference.mask)
+  rewards = rewards_lib.score(frozen, prompts, prompt_mask, reference.tokens, reference.mask)
   return ReferencePool(_host(rewards), _host(reference.lengths), reference.tokens, reference.mask,
                        jnp.sum(reference.model_logprobs, axis=-1))
 
@@ -199,8 +198,7 @@ def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, promp
     raise ValueError(f"best_of={tuple(best_of)} needs at least {max(best_of)} reference samples per prompt; "
                      f"the pool has {reference.rewards.shape[1]}")
   policy = rollout.sample(frozen, policy_params, prompts, prompt_mask, rng, policy_samples, max_new_tokens)
-  policy_rewards = scoring.rewards(frozen.reward_cfg, frozen.reward_params, prompts, prompt_mask,
-                                   policy.tokens, policy.mask)
+  policy_rewards = rewards_lib.score(frozen, prompts, prompt_mask, policy.tokens, policy.mask)
   _, ref_logprobs = scoring.sequence_logprobs(frozen.policy_cfg, frozen.reference_params, prompts,
                                               prompt_mask, policy.tokens, policy.mask)
   policy_logprobs = jnp.sum(policy.model_logprobs, axis=-1)

@@ -15,7 +15,9 @@ class FrozenModels:
   """policy_cfg: the shape of the policy, its anchor and pi_ref (one module, three params trees).
   reference_params: pi_ref's params (on `mesh`). reward_cfg / reward_params: the reward model.
   eos_ids: token ids that end a sampled response. pad_id: the id written after EOS and as left padding.
-  mesh: where every array of the run lives."""
+  mesh: where every array of the run lives. text_rewards: None when the reward model scores the policy's
+  ids on device, else the host route (rewards.TextRewards: a reward model with its own tokenizer, or a
+  reward function) that rewards.score calls instead."""
   policy_cfg: ModelConfig
   reference_params: Any
   reward_cfg: ModelConfig
@@ -23,3 +25,4 @@ class FrozenModels:
   eos_ids: tuple[int, ...]
   pad_id: int
   mesh: Mesh
+  text_rewards: Any = None

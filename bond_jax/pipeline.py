@@ -30,7 +30,11 @@ STAGES = (("sft", sft, "sft"), ("reward", reward_model, "reward_training"), ("bo
 
 def planned_stages(config: ml_collections.ConfigDict, until: str) -> list[tuple[str, Any, str]]:
   """The stages a run of `config` runs, in order, up to and including `until`."""
-  given = {"sft": bool(config.reference), "reward": bool(config.reward_model), "bond": False}
+  given = {
+      "sft": bool(config.reference),
+      "reward": bool(config.reward_model or config.get("reward_fn")),
+      "bond": False
+  }
   names = [name for name, _, _ in STAGES]
   return [s for s in STAGES[:names.index(until) + 1] if not given[s[0]]]
 

@@ -3,6 +3,9 @@
 summarization: documents of a TFDS dataset with XSum's features (TL;DR-style prompts, see
 data/formats.py); its reference and reward model come from Hugging Face directories.
 
+prompts: the user's own prompt files (data/prompt_files.py), encoded once with the run's tokenizer, through
+its chat template when data.chat_template is on; the template's end of turn then also ends a response.
+
 chitchat: one prompt per conversation, its starter topic and first data.prompt_turns turns
 ("Topic: ...\nA: hi there\nB:", chitchat.opening_prompts), split like the reward model's pairs: the training
 topics' conversations of the SFT train split train; two held-out sets evaluate: 'in_distribution' (the same
@@ -21,7 +24,7 @@ import grain
 import jax
 import numpy as np
 
-from bond_jax.data import chitchat, pipeline, summarization
+from bond_jax.data import chitchat, pipeline, prompt_files, summarization
 from bond_jax.data.tokenizer import Tokenizer
 
 
@@ -71,7 +74,7 @@ def eval_batch(config, records: Sequence[dict[str, str]], tok: Tokenizer) -> dic
   count = min(config.eval.num_prompts, len(records))
   picks = np.linspace(0, len(records) - 1, count).round().astype(int) if count else []
   max_len = max(config.data.prompt_buckets)
-  seqs = [pipeline.encode_prompt(tok, records[int(i)]["prompt"], max_len) for i in picks]
+  seqs = [pipeline.prompt_ids(tok, records[int(i)], max_len) for i in picks]
   tokens, mask = pipeline.pad_batch(seqs, tuple(config.data.prompt_buckets), tok.pad_id, side="left")
   return {"tokens": tokens, "mask": mask}
 
@@ -82,12 +85,19 @@ def prompt_sources(config, tok: Tokenizer):
   chitchat: `chitchat_prompts`. summarization: a TFDS dataset with XSum's features (config.data.dataset,
   e.g. 'xsum:1.1.0', already prepared in config.data.data_dir; nothing is downloaded), read lazily: it has
   200k documents; its validation split is the held-out set.
+  prompts: the user's prompt file(s) (data/prompt_files.py), encoded with `tok` once: records
+  {'tokens', 'prompt'}, the held-out set named 'held_out'; what was skipped is reported on process 0.
   """
+  if config.data.task == "prompts":
+    train, held_out = prompt_files.load_splits(config, tok)
+    if jax.process_index() == 0:
+      print(f"[prompts] train: {prompt_files.describe(train)}; held out: {len(held_out.records)}", flush=True)
+    return train.records, {"held_out": held_out.records}
   if config.data.task == "chitchat":
     return chitchat_prompts(config, tok)
   if config.data.task == "summarization":
     return _SummarizationPrompts(config, "train"), {"validation": _SummarizationPrompts(config, "validation")}
-  raise ValueError(f"data.task={config.data.task!r}; allowed: chitchat, summarization")
+  raise ValueError(f"data.task={config.data.task!r}; allowed: chitchat, summarization, prompts")
 
 
 class _SummarizationPrompts:
@@ -111,3 +121,13 @@ class _SummarizationPrompts:
 
   def __getitem__(self, index: int) -> dict[str, str]:
     return {"prompt": summarization.summarization_texts(self._source[index], self._max_chars)["prompt"]}
+
+
+def eos_ids(config, tokenizer) -> tuple[int, ...]:
+  """The ids that end a sampled response: the tokenizer's eos, and with chat prompts the template's end of
+  turn (data/chat.py), which an instruct model writes where a base model writes eos."""
+  ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+  if config.data.task == "prompts" and config.data.chat_template and tokenizer.chat is not None:
+    end = tokenizer.chat.end_of_turn_id(tokenizer)
+    ids += [] if end is None or end in ids else [end]
+  return tuple(ids)

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bond_jax import algorithms, artifacts, evaluate as evaluate_lib, loop, scoring, sharding, update
+from bond_jax import algorithms, artifacts, evaluate as evaluate_lib, loop, rewards as rewards_lib, scoring
+from bond_jax import sharding, update
 from bond_jax import workdir as workdir_lib
 from bond_jax.data import prompts as prompts_lib
 from bond_jax.frozen import FrozenModels
@@ -27,14 +28,17 @@ STAGE, KIND = "bond", "lm"  # <workdir>/bond/{checkpoints, metrics.jsonl, tensor
 _POOL_SEED = 2**31 - 1  # fold_in index of the reference pool's draws (the evaluations use their step)
 
 
-def frozen_models(ctx: Context) -> FrozenModels:
-  """pi_ref and the reward model of the run (given directories, or this workdir's earlier stages)."""
+def frozen_models(ctx: Context, prompt_records=()) -> FrozenModels:
+  """pi_ref and the reward route of the run (given directories, or this workdir's earlier stages; a reward
+  model with its own tokenizer or a reward function score text: rewards.py). `prompt_records`: the run's
+  prompts, which the text route hands the reward as the records' values."""
   config, mesh = ctx.config, ctx.mesh
   reference, cfg = artifacts.load(config.reference or ctx.workdir, "lm", mesh)
-  reward_params, reward_cfg = artifacts.load(config.reward_model or ctx.workdir, "reward", mesh)
-  return FrozenModels(policy_cfg=cfg, reference_params=reference, reward_cfg=reward_cfg,
-                      reward_params=reward_params, eos_ids=(ctx.tokenizer.eos_id,),
-                      pad_id=ctx.tokenizer.pad_id, mesh=mesh)
+  eos_ids = prompts_lib.eos_ids(config, ctx.tokenizer)
+  route = rewards_lib.route(config, ctx.tokenizer, ctx.workdir, mesh, prompt_records, eos_ids)
+  return FrozenModels(policy_cfg=cfg, reference_params=reference, reward_cfg=route.cfg,
+                      reward_params=route.params, eos_ids=eos_ids, pad_id=ctx.tokenizer.pad_id, mesh=mesh,
+                      text_rewards=route.text)
 
 
 class _Evaluation:
@@ -131,12 +135,23 @@ def eval_line(result: dict[str, Any]) -> str:
   return line
 
 
+def warn_ties(tie_rate: float, step: int, warned: list[int]) -> None:
+  """One warning per run (`warned` holds the step it was given at) when most of a prompt's rewards tie:
+  BOND's quantiles then carry little signal."""
+  if tie_rate > rewards_lib.TIED_WARNING and not warned and jax.process_index() == 0:
+    warned.append(step)
+    print(
+        f"[{STAGE}] warning: {tie_rate:.0%} of the reward pairs of a prompt tie at step {step}: BOND needs "
+        "continuous rewards (a reward of a few values, e.g. 0/1, ranks samples poorly); see reward_tie_rate",
+        flush=True)
+
+
 def build(ctx: Context) -> loop.Stage:
   """The distillation stage: the policy starts at pi_ref (and so does the anchor, where there is one)."""
   config, mesh = ctx.config, ctx.mesh
   algorithm = algorithms.get(config.bond.algorithm)
-  frozen = frozen_models(ctx)
   train_prompts, eval_sets = prompts_lib.prompt_sources(config, ctx.tokenizer)
+  frozen = frozen_models(ctx, rewards_lib.records_of(train_prompts, *eval_sets.values()))
   optimizer = update.make_optimizer(update.OptimizerConfig.from_section(config.optimizer, config.train.steps))
   with jax.set_mesh(mesh):
     policy = jax.tree.map(jnp.copy, frozen.reference_params)
@@ -148,13 +163,20 @@ def build(ctx: Context) -> loop.Stage:
   step = algorithm.make_step(config.bond, scoring.sequence_logprob_fn(frozen.policy_cfg, frozen.pad_id),
                              optimizer, options)
   base_rng = jax.random.key(config.seed)
+  warned: list[int] = []
 
   def prepare(host_batch, state, step):
     placed = sharding.global_batch(host_batch, mesh)  # the global batch, on every process
     batch, stats = algorithm.rollout(config.bond, frozen, state, placed["tokens"], placed["mask"],
                                      jax.random.fold_in(base_rng, step - 1), config.sampling.max_new_tokens)
     lengths = np.asarray(sharding.to_host(stats.response_lengths))
-    return batch, {"response_length": float(lengths.mean()), "tokens": float(lengths.sum())}
+    ties = rewards_lib.batch_tie_rate(batch)
+    warn_ties(ties, step, warned)
+    return batch, {
+        "response_length": float(lengths.mean()),
+        "tokens": float(lengths.sum()),
+        "reward_tie_rate": ties
+    }
 
   evaluation = _Evaluation(ctx, frozen, eval_sets) if config.eval.num_prompts and eval_sets else None
   run_step = lambda state, batch: step(state, frozen.reference_params, batch)
