@@ -1,6 +1,7 @@
 """The one table of distillation algorithms: what each samples, how it updates, what it aims at.
 
     jbond           J-BOND (Algorithm 2): 1 policy + 2 anchor samples, EMA anchor (the default).
+    jbond_hard      J-BOND with a hard anchor update every anchor_period steps instead of the EMA (Fig. 5).
     bond            BOND: Jeffreys divergence to Best-of-n of pi_ref, Monte-Carlo quantiles from k samples.
     iterative_bond  BOND of Best-of-n of an anchor that becomes the policy every anchor_period steps.
     reinforce       the RLOO baseline: REINFORCE on r - beta_rl * (log pi - log pi_ref).
@@ -73,6 +74,14 @@ ALGORITHMS: dict[str, Algorithm] = {
                                                                          eta=b.eta, **options),
             # the EMA anchor makes each step distil Best-of-2 of an anchor that is itself ahead of pi_ref
             target_best_of=lambda b, step: float(2.0**(b.eta * step))),
+        Algorithm(
+            "jbond_hard",
+            uses_anchor=True,
+            rollout=_jbond_rollout,
+            make_step=lambda b, fn, opt, options: update.make_jbond_step(
+                fn, opt, beta=b.beta, gamma=b.gamma, eta=b.eta, anchor_period=b.anchor_period, **options),
+            # Best-of-2 of an anchor that is Best-of-2^M after M hard updates
+            target_best_of=lambda b, step: float(2.0**(step // b.anchor_period + 1))),
         Algorithm(
             "bond", uses_anchor=False,
             rollout=_bond_rollout, make_step=lambda b, fn, opt, options: update.make_bond_step(

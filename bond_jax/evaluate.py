@@ -14,7 +14,11 @@ these:
   pi_ref (the quantile is a function of y, and KL cannot grow under a function), so KL above it is spent on
   changes the reward model does not see;
 - the response length of Best-of-N of the reference (same estimator as its reward), to tell a policy that
-  matches BoN from one that found a cheaper route to the same rewards (e.g. longer responses).
+  matches BoN from one that found a cheaper route to the same rewards (e.g. longer responses);
+- the Kolmogorov-Smirnov distance of the policy's quantiles to those of Best-of-N for the N the policy
+  tracks (`quantile_ks`). Ranked among K samples, a BoN-of-N sample's count K u is Beta-binomial(K, N, 1)
+  (u ~ Beta(N, 1), then Binomial(K, u)), so the distance is taken to that law: against Beta(N, 1) itself a
+  perfect BoN-of-N would sit 0.11 away at K = 32 (0.056 at K = 64) from the rank's graininess alone.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
-from bond_jax import rollout, scoring, sharding
+from bond_jax import rewards as rewards_lib, rollout, scoring, sharding
 from bond_jax.frozen import FrozenModels
 
 
@@ -51,13 +56,40 @@ def bon_kl_bound(n: float) -> float:
   return math.log(n) - (n - 1) / n
 
 
+def quantile_ks(quantiles: np.ndarray, num_reference: int, n: float) -> float:
+  """KS distance between quantiles [S] (mid-ranks among K = num_reference samples, in {0, 1/2K, ..., 1})
+  and the law of a Best-of-n sample's mid-rank, Beta-binomial(K, n, 1) / K (module doc; n >= 1 real).
+
+  Both are step functions jumping at the integers c = floor(K u) (a half-count tie rounds down), so the
+  largest gap is at one of them.
+  """
+  counts = np.floor(np.asarray(quantiles, np.float64) * num_reference + 1e-9)
+  support = np.arange(num_reference + 1)
+  empirical = np.searchsorted(np.sort(counts), support, side="right") / len(counts)
+  law = scipy.stats.betabinom(num_reference, float(n), 1.0).cdf(support)
+  return float(np.max(np.abs(empirical - law)))
+
+
+def _best_of_n_table(reference_rewards: np.ndarray, best_of: Sequence[int]) -> dict[str, dict[str, float]]:
+  """{N: reward, quantile_mean, win_rate_vs_ref, kl_bound} of Best-of-N of pi_ref for each N."""
+  return {
+      str(n): {
+          "reward": float(np.mean(best_of_n_mean(reference_rewards, n))),
+          "quantile_mean": n / (n + 1),
+          "win_rate_vs_ref": n / (n + 1),
+          "kl_bound": bon_kl_bound(n)
+      } for n in best_of
+  }
+
+
 def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_logprobs: np.ndarray,
-              ref_logprobs: np.ndarray, best_of: Sequence[int],
-              reference_lengths: np.ndarray | None = None) -> dict[str, Any]:
+              ref_logprobs: np.ndarray, best_of: Sequence[int], reference_lengths: np.ndarray | None = None,
+              tracked_n: float | None = None) -> dict[str, Any]:
   """Metrics from policy_rewards [B] or [B, M], reference_rewards [B, K] and the policy samples' sequence
   log-probs under pi and pi_ref ([B] or [B, M]); see the module doc. Each policy sample is ranked among
   the K reference samples of its own prompt. reference_lengths [B, K] (optional) adds Best-of-N's
-  response length."""
+  response length; tracked_n (the Best-of-N the policy aims at; default its effective N) the KS distance
+  of its quantiles to that Best-of-N's."""
   policy_rewards = np.asarray(policy_rewards).reshape(len(reference_rewards), -1)  # [B, M]
   below = np.mean(reference_rewards[:, None, :] < policy_rewards[:, :, None], axis=-1)
   ties = np.mean(reference_rewards[:, None, :] == policy_rewards[:, :, None], axis=-1)
@@ -70,6 +102,8 @@ def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_
   out = {
       "policy_reward":
           float(np.mean(policy_rewards)),
+      "policy_reward_stderr":
+          float(np.std(policy_rewards) / np.sqrt(policy_rewards.size)),
       "policy_quantile_mean":
           mean_u,
       "policy_quantile_stderr":
@@ -90,17 +124,14 @@ def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_
           float(np.mean(ties)),
       "reference_reward":
           float(np.mean(reference_rewards)),
-      "best_of_n": {
-          str(n): {
-              "reward": float(np.mean(best_of_n_mean(reference_rewards, n))),
-              "quantile_mean": n / (n + 1),
-              "win_rate_vs_ref": n / (n + 1),
-              "kl_bound": bon_kl_bound(n)
-          } for n in best_of
-      },
+      "best_of_n":
+          _best_of_n_table(reference_rewards, best_of),
       "policy_quantiles":
           quantile.tolist(),
+      "tracked_n":
+          float(tracked_n or max(effective_n, 1.0)),
   }
+  out["quantile_ks"] = quantile_ks(quantile, reference_rewards.shape[1], out["tracked_n"])
   if reference_lengths is not None:
     for n in best_of:
       out["best_of_n"][str(n)]["response_length"] = float(
@@ -114,9 +145,13 @@ def _host(x) -> np.ndarray:
 
 class ReferencePool(NamedTuple):
   """K samples of pi_ref per evaluation prompt, scored once per run: rewards and response lengths [B, K]
-  float64 (host)."""
+  float64 (host); the samples themselves, tokens / mask [B, K, T] and their log pi_ref [B, K] (device), for
+  the Best-of-N KL estimates (`best_of_n_kl`)."""
   rewards: np.ndarray
   lengths: np.ndarray
+  tokens: jax.Array
+  mask: jax.Array
+  ref_logprobs: jax.Array
 
 
 def reference_pool(frozen: FrozenModels, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
@@ -124,56 +159,88 @@ def reference_pool(frozen: FrozenModels, prompts: jax.Array, prompt_mask: jax.Ar
   """Sample num_samples = K responses of pi_ref per prompt [B, P] and score them."""
   reference = rollout.sample(frozen, frozen.reference_params, prompts, prompt_mask, rng, num_samples,
                              max_new_tokens)
-  rewards = scoring.rewards(frozen.reward_cfg, frozen.reward_params, prompts, prompt_mask, reference.tokens,
-                            reference.mask)
-  return ReferencePool(_host(rewards), _host(reference.lengths))
+  rewards = rewards_lib.score(frozen, prompts, prompt_mask, reference.tokens, reference.mask)
+  return ReferencePool(_host(rewards), _host(reference.lengths), reference.tokens, reference.mask,
+                       jnp.sum(reference.model_logprobs, axis=-1))
+
+
+def best_of_n_kl(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
+                 reference: ReferencePool, summary: dict[str, Any], n: float) -> dict[str, float]:
+  """Both KLs between the policy and Best-of-n of pi_ref (n an integer <= K), from the pool and `summary`:
+
+      KL(pi_BoN || pi) = log n - (n - 1)/n - E_BoN[log pi(y) - log pi_ref(y)]    (E_BoN[log F] = -1/n)
+      KL(pi || pi_BoN) = KL(pi || pi_ref) - log n - (n - 1) E_pi[log F(r(y))]
+
+  E_BoN by the order-statistics weights over the pool's K samples (`best_of_n_mean`); F(r(y)) by the policy
+  sample's quantile among them, floored at 1/K (a small upward bias of the second KL where quantiles are 0).
+  """
+  _, policy_on_pool = scoring.sequence_logprobs(frozen.policy_cfg, policy_params, prompts, prompt_mask,
+                                                reference.tokens, reference.mask)
+  log_ratio = _host(policy_on_pool) - _host(reference.ref_logprobs)  # [B, K]
+  n = int(n)
+  e_bon = float(np.mean(best_of_n_mean(reference.rewards, n, values=log_ratio)))
+  return {
+      "kl_bon_to_policy":
+          math.log(n) - (n - 1) / n - e_bon,
+      "kl_policy_to_bon":
+          summary["kl_policy_ref"] - math.log(n) - (n - 1) * summary["policy_log_quantile_mean"],
+  }
 
 
 def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
              rng: jax.Array, reference: ReferencePool, *, best_of: Sequence[int], policy_samples: int,
-             max_new_tokens: int) -> dict[str, Any]:
+             max_new_tokens: int, tracked_n: float | None = None,
+             with_best_of_n_kl: bool = False) -> dict[str, Any]:
   """Sample M = policy_samples responses of the policy per prompt [B, P], score them, rank them against
-  the `reference` pool of the same prompts, then `summarize`."""
+  the `reference` pool of the same prompts, then `summarize` (and `best_of_n_kl` at the tracked N when
+  asked: it scores the pool's K samples under the policy, ~K / M times the cost of the sampling)."""
   if max(best_of) > reference.rewards.shape[1]:
     raise ValueError(f"best_of={tuple(best_of)} needs at least {max(best_of)} reference samples per prompt; "
                      f"the pool has {reference.rewards.shape[1]}")
   policy = rollout.sample(frozen, policy_params, prompts, prompt_mask, rng, policy_samples, max_new_tokens)
-  policy_rewards = scoring.rewards(frozen.reward_cfg, frozen.reward_params, prompts, prompt_mask,
-                                   policy.tokens, policy.mask)
+  policy_rewards = rewards_lib.score(frozen, prompts, prompt_mask, policy.tokens, policy.mask)
   _, ref_logprobs = scoring.sequence_logprobs(frozen.policy_cfg, frozen.reference_params, prompts,
                                               prompt_mask, policy.tokens, policy.mask)
   policy_logprobs = jnp.sum(policy.model_logprobs, axis=-1)
   out = summarize(_host(policy_rewards), reference.rewards, _host(policy_logprobs), _host(ref_logprobs),
-                  best_of=best_of, reference_lengths=reference.lengths)
+                  best_of=best_of, reference_lengths=reference.lengths, tracked_n=tracked_n)
   out["policy_response_length"] = float(jnp.mean(policy.lengths))
   out["reference_response_length"] = float(np.mean(reference.lengths))
+  if with_best_of_n_kl:
+    out.update(best_of_n_kl(frozen, policy_params, prompts, prompt_mask, reference, out, out["tracked_n"]))
   return out
 
 
-def write(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict[str,
-                                                                                  Any]] = ()) -> list[str]:
-  """Write eval_<step>.json and PNG plots (BoN curve, quantile histogram, progress over training)."""
+def write(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict[str, Any]] = (),
+          others: dict[str, dict[str, Any]] | None = None) -> list[str]:
+  """Write eval_<step>.json (`result` and, under their names, the `others` sets' results) and PNG plots
+  (BoN curve, quantile histogram, progress over training)."""
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, f"eval_{step:06d}.json"), "w") as f:
-    json.dump({"step": step, **result}, f, indent=1)
-  return plot(result, out_dir, step, history)
+    json.dump({"step": step, **result, **(others or {})}, f, indent=1)
+  return plot(result, out_dir, step, history, others)
 
 
-def plot(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict[str, Any]]) -> list[str]:
-  """eval_latest.png (reward vs N, the quantile histogram, KL vs N) and, given a history, progress.png."""
+def plot(result: dict[str, Any], out_dir: str, step: int, history: Sequence[dict[str, Any]],
+         others: dict[str, dict[str, Any]] | None = None) -> list[str]:
+  """eval_latest.png (reward vs N, the quantile histogram, KL vs N), eval_latest_<name>.png for each of
+  `others` and, given a history, progress.png."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   paths = [os.path.join(out_dir, "eval_latest.png")]
   _plot_evaluation(plt, result, step, paths[0])
+  for name, other in (others or {}).items():
+    paths.append(os.path.join(out_dir, f"eval_latest_{name}.png"))
+    _plot_evaluation(plt, other, step, paths[-1], f" ({name.replace('_', ' ')})")
   if history:
     paths.append(os.path.join(out_dir, "progress.png"))
     _plot_progress(plt, history, paths[-1])
   return paths
 
 
-def _plot_evaluation(plt, result: dict[str, Any], step: int, path: str) -> None:
+def _plot_evaluation(plt, result: dict[str, Any], step: int, path: str, where: str = "") -> None:
   ns = sorted(int(n) for n in result["best_of_n"])
   bon = [result["best_of_n"][str(n)] for n in ns]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -181,7 +248,7 @@ def _plot_evaluation(plt, result: dict[str, Any], step: int, path: str) -> None:
   ax.plot(ns, [b["reward"] for b in bon], "o-", label="Best-of-N of pi_ref")
   ax.axhline(result["policy_reward"], color="C3",
              label=f"policy, 1 sample (N_eff={result['policy_effective_n']:.2f})")
-  ax.set(xscale="log", xlabel="N", ylabel="mean reward", title=f"reward, step {step}")
+  ax.set(xscale="log", xlabel="N", ylabel="mean reward", title=f"reward, step {step}{where}")
   _integer_ticks(ax, ns)
   ax.legend(fontsize=8)
   ax = axes[1]
@@ -190,6 +257,9 @@ def _plot_evaluation(plt, result: dict[str, Any], step: int, path: str) -> None:
   grid = np.linspace(0, 1, 101)
   for n in (1, 2, 4):
     ax.plot(grid, n * grid**(n - 1), label=f"BoN-{n}: {n} u^{n - 1}")
+  if "tracked_n" in result:
+    n = result["tracked_n"]
+    ax.plot(grid, n * grid**(n - 1), "k:", label=f"tracked BoN-{n:.2f} (KS {result['quantile_ks']:.3f})")
   ax.set(xlabel="reference quantile u", ylabel="density", title="quantile of the policy's sample")
   ax.legend(fontsize=8)
   ax = axes[2]

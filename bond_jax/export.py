@@ -1,8 +1,9 @@
 """`python -m bond_jax.export --workdir=runs/dialogue --out=hf_policy`: a run's model in Hugging Face format.
 
 --which: policy (default; the latest J-BOND checkpoint), anchor, reference (the SFT stage) or reward (the
-reward-model stage). The tokenizer of the run is written beside the weights. A LoRA run exports its base with
-the adapters merged (the function its sampler ran), or with --peft the adapters alone as a PEFT adapter
+reward-model stage). The tokenizer of the run is written beside the weights (the trained SentencePiece
+model as transformers reads it, or the given tokenizer directory's own files). A LoRA run exports its base
+with the adapters merged (the function its sampler ran), or with --peft the adapters alone as a PEFT adapter
 directory (bond_jax/hf_peft.py). Every file gets the mode
 open() gives (0644 under a 022 umask).
 
@@ -19,7 +20,7 @@ import jax
 
 from bond_jax import artifacts, checkpoint, cli, hf, hf_peft, sharding
 from bond_jax import workdir as workdir_lib
-from bond_jax.data.tokenizer import load_tokenizer
+from bond_jax.data import hf_tokenizer
 from bond_jax.models.config import ModelConfig
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A bond_jax run directory.")
@@ -56,9 +57,10 @@ def check_workdir(workdir: str, which: str) -> None:
   directory = workdir_lib.checkpoint_dir(workdir, stage)
   if not (os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))):
     raise cli.UserError(f"workdir {workdir} has no {which} checkpoint (none in {directory}); {hint}")
-  tokenizer = workdir_lib.tokenizer_path(workdir)
-  if not os.path.isfile(tokenizer):
-    raise cli.UserError(f"workdir {workdir} has no tokenizer ({tokenizer} is missing)")
+  tokenizer = workdir_lib.tokenizer_dir(workdir)
+  if not hf_tokenizer.has_tokenizer(tokenizer):
+    raise cli.UserError(f"workdir {workdir} has no tokenizer ({tokenizer} holds no tokenizer.model or "
+                        "tokenizer.json)")
 
 
 def check_out(workdir: str, out: str, overwrite: bool) -> None:
@@ -112,9 +114,14 @@ def export_run(workdir: str, out: str, which: str = "policy", overwrite: bool = 
   check_workdir(workdir, which)
   check_out(workdir, out, overwrite)
   params, cfg = load_run_params(workdir, which)
-  tok = load_tokenizer(workdir_lib.tokenizer_path(workdir))
+  tok = hf_tokenizer.load(workdir_lib.tokenizer_dir(workdir))
   with tempfile.TemporaryDirectory() as tmp:
-    tok.save_hf_tokenizer_files(tmp)
+    if "tokenizer_config.json" in tok.files:  # a given tokenizer directory: its own files
+      for name, data in tok.files.items():
+        with open(os.path.join(tmp, name), "wb") as f:
+          f.write(data)
+    else:  # trained here: the files transformers reads it from
+      tok.save_hf_tokenizer_files(tmp)
     files = {name: os.path.join(tmp, name) for name in os.listdir(tmp)}
     hf.export(params, cfg, out, kind="reward" if which == "reward" else "lm", overwrite=overwrite,
               tokenizer_files=files, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=dtype)

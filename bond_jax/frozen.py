@@ -16,7 +16,9 @@ class FrozenModels:
   """policy_cfg: the shape of the policy, its anchor and pi_ref (one module, three params trees).
   reference_params: pi_ref's params (on `mesh`). reward_cfg / reward_params: the reward model.
   eos_ids: token ids that end a sampled response. pad_id: the id written after EOS and as left padding.
-  mesh: where every array of the run lives.
+  mesh: where every array of the run lives. text_rewards: None when the reward model scores the policy's
+  ids on device, else the host route (rewards.TextRewards: a reward model with its own tokenizer, or a
+  reward function) that rewards.score calls instead.
   lora: None (the state trains whole params trees), or the adapters' LoraConfig: then reference_params is
   also the frozen base that the policy's and the anchor's adapters sit on (models/lora.py), so one copy of
   the base serves the policy, the anchor and pi_ref."""
@@ -27,7 +29,9 @@ class FrozenModels:
   eos_ids: tuple[int, ...]
   pad_id: int
   mesh: Mesh
+  text_rewards: Any = None
   lora: lora_lib.LoraConfig | None = None
+  base_identity: dict[str, Any] | None = None  # with LoRA: {'path', 'hash', 'lora'} (loop.Stage.base)
 
   def model_params(self, trainable: Any) -> Any:
     """The params tree of the policy (or the anchor) from a TrainState's params (or anchor_params):

@@ -30,7 +30,11 @@ STAGES = (("sft", sft, "sft"), ("reward", reward_model, "reward_training"), ("bo
 
 def planned_stages(config: ml_collections.ConfigDict, until: str) -> list[tuple[str, Any, str]]:
   """The stages a run of `config` runs, in order, up to and including `until`."""
-  given = {"sft": bool(config.reference), "reward": bool(config.reward_model), "bond": False}
+  given = {
+      "sft": bool(config.reference),
+      "reward": bool(config.reward_model or config.get("reward_fn")),
+      "bond": False
+  }
   names = [name for name, _, _ in STAGES]
   return [s for s in STAGES[:names.index(until) + 1] if not given[s[0]]]
 
@@ -75,8 +79,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, until: str,
   return Context(
       config=config, workdir=workdir, mesh=mesh, tokenizer=prepare.tokenizer(config, workdir),
       dialogues=prepare.dialogue_builder(config, workdir) if "sft" in names else None,
-      preferences=(prepare.preference_builder(config, workdir)
-                   if chitchat and names & {"reward", "bond"} else None))
+      preferences=prepare.preference_builder(config, workdir) if chitchat and "reward" in names else None)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, until: str = "bond") -> Context:

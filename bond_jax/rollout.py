@@ -1,7 +1,7 @@
 """From a batch of prompts to the batch an update step scores: sample, score, join.
 
-Each function samples with sampling.generate, scores the responses with the reward model
-(scoring.rewards), joins prompts and responses into rows (scoring.join) and returns
+Each function samples with sampling.generate, scores the responses by the run's reward route
+(rewards.score: the reward model on device, or the text route), joins prompts and responses into rows (scoring.join) and returns
 (the update's typed batch, Stats). Rows are [left pads | prompt | response | right pads]; a batch's
 `*_mask` marks the RESPONSE tokens whose log-probs the update sums (scoring.sequence_logprob_fn).
 
@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bond_jax import objectives, sampling, scoring, update
+from bond_jax import objectives, rewards as rewards_lib, sampling, scoring, update
 from bond_jax.frozen import FrozenModels
 
 
@@ -37,8 +37,7 @@ def sample(frozen: FrozenModels, params: Any, prompts: jax.Array, prompt_mask: j
 
 
 def _rewards(frozen: FrozenModels, prompts, prompt_mask, samples: sampling.Samples) -> jax.Array:
-  return scoring.rewards(frozen.reward_cfg, frozen.reward_params, prompts, prompt_mask, samples.tokens,
-                         samples.mask)
+  return rewards_lib.score(frozen, prompts, prompt_mask, samples.tokens, samples.mask)
 
 
 def jbond(frozen: FrozenModels, policy_params: Any, anchor_params: Any, prompts: jax.Array,
@@ -49,8 +48,7 @@ def jbond(frozen: FrozenModels, policy_params: Any, anchor_params: Any, prompts:
   anchor = sample(frozen, anchor_params, prompts, prompt_mask, anchor_rng, 2, max_new_tokens)
   responses = jnp.concatenate([policy.tokens, anchor.tokens], axis=1)
   response_mask = jnp.concatenate([policy.mask, anchor.mask], axis=1)
-  rewards = scoring.rewards(frozen.reward_cfg, frozen.reward_params, prompts, prompt_mask, responses,
-                            response_mask)
+  rewards = rewards_lib.score(frozen, prompts, prompt_mask, responses, response_mask)
   rows = scoring.join(prompts, prompt_mask, responses, response_mask)
   tokens, mask = rows.tokens, rows.response_mask
   batch = update.JBondBatch(policy_tokens=tokens[:, 0], policy_mask=mask[:, 0], policy_rewards=rewards[:, 0],

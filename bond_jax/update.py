@@ -389,12 +389,18 @@ def _hard_update(anchor, params, step, *, period):
 
 def make_jbond_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.GradientTransformation, *,
                     beta: float = 0.5, gamma: float = 0.0, eta: float = 0.02, baseline: str = "loo",
-                    penalty: float = objectives.JBOND_PENALTY, **step_options):
+                    penalty: float = objectives.JBOND_PENALTY, anchor_period: int | None = None,
+                    **step_options):
   """J-BOND (Algorithm 2) with the EMA anchor update theta_a <- (1 - eta) theta_a + eta theta after
-  every applied update. The state must carry anchor_params (start them at pi_ref)."""
-  objectives.validate_hparams(eta=eta)
+  every applied update, or (anchor_period given, the paper's Fig. 5 comparison) a hard anchor update: the
+  anchor becomes the policy every anchor_period updates. The state must carry anchor_params (start them at
+  pi_ref)."""
+  objectives.validate_hparams(eta=eta, anchor_period=anchor_period)
   loss_fn = jbond_loss_fn(sequence_logprob_fn, beta=beta, gamma=gamma, baseline=baseline, penalty=penalty)
-  anchor_update = lambda anchor, params, step: objectives.ema_anchor_update(anchor, params, eta)
+  if anchor_period is not None:
+    anchor_update = functools.partial(_hard_update, period=anchor_period)
+  else:
+    anchor_update = lambda anchor, params, step: objectives.ema_anchor_update(anchor, params, eta)
   return build_update_step(loss_fn, optimizer, anchor_update=anchor_update, **step_options)
 
 

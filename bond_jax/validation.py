@@ -1,9 +1,10 @@
 """The whole run config, checked once before anything is written or computed.
 
 `validate(config, until)` is what the pipeline (and the plan CLI) calls first: every error is one line
-naming the full config key, its value and what is allowed. It reads no dataset and builds no model: the
-model shapes come from the preset (or, for given models, from their config.json / checkpoint metadata),
-so a bad value is reported in seconds, before the tokenizer, the datasets or any stage is built.
+naming the full config key, its value and what is allowed. It builds no model and reads no dataset but
+the user's prompt files: the model shapes come from the preset (or, for given models, from their
+config.json / checkpoint metadata), so a bad value is reported in seconds, before the tokenizer, the
+datasets or any stage is built.
 What it checks, by section:
   model, mesh      the preset exists; the mesh fits the devices and divides the model's sharded dims;
   data             the task, turns, prompt buckets; prompt bucket + sampling.max_new_tokens fit the context;
@@ -17,7 +18,12 @@ What it checks, by section:
                    losses need samples of pi itself);
   eval             sample counts and the Best-of-N list;
   paths            reference, reward_model and data.tokenizer exist and hold what they must; a given
-                   reference and reward model agree on the vocabulary.
+                   reference and reward model agree on the vocabulary, unless the reward model directory
+                   holds its own tokenizer (then its responses are re-encoded: rewards.py);
+  prompts, rewards (task 'prompts', or a reward_fn) the prompt files are read and encoded (a missing, empty
+                   or unknown source, a field no record has, chat prompts without a chat template, no usable
+                   record: data/prompt_files.py), and a reward function is imported and CALLED once on two
+                   probe responses (its shape and finiteness can only be seen by calling it).
 """
 
 from __future__ import annotations
@@ -30,14 +36,14 @@ import jax
 import ml_collections
 
 from bond_jax import algorithms, checkpoint, sharding, update
-from bond_jax.data import prepare
+from bond_jax.data import hf_tokenizer, prepare
 from bond_jax.models import lora as lora_lib
 from bond_jax.models import presets
 from bond_jax.models.config import ModelConfig
 
 UNTIL = ("sft", "reward", "bond")  # the stages a run can stop after (the pipeline's order)
 _SCHEDULE_KEYS = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps")
-TASKS = ("chitchat", "summarization")
+TASKS = ("chitchat", "summarization", "prompts")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -93,11 +99,22 @@ def _data(config: ml_collections.ConfigDict) -> None:
   if d.task == "chitchat":
     _positive_int("data.response_turns", d.response_turns)
     _require(
+        isinstance(d.prompt_turns, int) and d.prompt_turns >= 0,
+        f"data.prompt_turns={d.prompt_turns!r} must be an integer >= 0")
+    _require(
         isinstance(d.context_turns, int) and d.context_turns >= 0,
         f"data.context_turns={d.context_turns!r} must be an integer >= 0")
     _require(d.max_conversations >= 0, f"data.max_conversations={d.max_conversations} must be >= 0 (0 = all)")
   if d.tokenizer:
-    _require(os.path.isfile(d.tokenizer), f"data.tokenizer={d.tokenizer!r} is not a file")
+    _require(
+        os.path.isfile(d.tokenizer) or
+        (os.path.isdir(d.tokenizer) and hf_tokenizer.has_tokenizer(d.tokenizer)),
+        f"data.tokenizer={d.tokenizer!r} is not a file (a SentencePiece .model) or a directory with "
+        "tokenizer.json or tokenizer.model")
+  elif d.task == "prompts":
+    _require(
+        bool(prepare.tokenizer_source(config)), f"data.tokenizer is empty and reference={config.reference!r} "
+        "holds no tokenizer.json or tokenizer.model; give --config.data.tokenizer")
   elif d.task not in prepare.TASKS_WITH_STAGES:
     raise ValueError(f"data.tokenizer is empty: the {d.task!r} task trains no tokenizer; give the policy's "
                      "tokenizer.model")
@@ -135,16 +152,17 @@ def _models(config: ml_collections.ConfigDict) -> tuple[ModelConfig, ModelConfig
     vocab = None if config.data.tokenizer else config.data.vocab_size
     policy = presets.from_config(config.model, vocab)
   rm = _model_of(config.reward_model, "reward", "reward_model") if config.reward_model else None
-  if rm is not None:
+  if rm is not None and not hf_tokenizer.has_tokenizer(config.reward_model):
     _require(
         rm.vocab_size == policy.vocab_size,
         f"reward_model={config.reward_model!r} has vocab_size={rm.vocab_size} but the policy has "
-        f"{policy.vocab_size}: it scores the policy's token ids, so the vocabularies must be the same")
-  if config.data.tokenizer:
-    from bond_jax.data.tokenizer import load_tokenizer
-    pieces = load_tokenizer(config.data.tokenizer).vocab_size
+        f"{policy.vocab_size} and the directory holds no tokenizer of its own (tokenizer.json or "
+        "tokenizer.model): it would score the policy's token ids, so the vocabularies must be the same")
+  if prepare.tokenizer_source(config):
+    pieces = hf_tokenizer.load(prepare.tokenizer_source(config)).vocab_size
     _require(
-        pieces <= policy.vocab_size, f"data.tokenizer={config.data.tokenizer!r} has {pieces} pieces but the "
+        pieces <= policy.vocab_size,
+        f"tokenizer {prepare.tokenizer_source(config)!r} has {pieces} pieces but the "
         f"policy's vocab_size is {policy.vocab_size}; give the policy's own "
         "tokenizer")
   return policy, rm
@@ -170,9 +188,12 @@ def validate(config: ml_collections.ConfigDict, until: str = "bond") -> ModelCon
   _require(until in UNTIL, f"--until={until!r}; allowed: {', '.join(UNTIL)}")
   _require(isinstance(config.seed, int), f"seed={config.seed!r} must be an integer")
   _data(config)
-  _require(config.data.task == "chitchat" or (config.reference and config.reward_model),
-           f"data.task={config.data.task!r} has no SFT / reward stages; give reference and reward_model")
-  policy, _ = _models(config)
+  _require(
+      config.data.task == "chitchat" or (config.reference and
+                                         (config.reward_model or config.get("reward_fn"))),
+      f"data.task={config.data.task!r} has no SFT / reward stages; give reference and reward_model "
+      "(or reward_fn)")
+  policy, rm = _models(config)
   rows = _mesh(config, policy)
   for name, section in (("sft", config.sft), ("reward_training", config.reward_training)):
     _schedule(name, section)
@@ -185,7 +206,29 @@ def validate(config: ml_collections.ConfigDict, until: str = "bond") -> ModelCon
       f"reward_training.max_len={rt.max_len}")
   if until == "bond":
     _distill(config, policy, rows)
+    _prompts_and_rewards(config, rm)
   return policy
+
+
+def _prompts_and_rewards(config: ml_collections.ConfigDict, rm: ModelConfig | None) -> None:
+  """Prompt files (read and encoded: bad sources and records are reported here) and the reward route
+  (a reward function is called once on probe responses: the only way to see what it returns)."""
+  from bond_jax import rewards  # deferred: imports the scoring path
+  from bond_jax.data import prompt_files, prompts as prompts_lib
+  source = prepare.tokenizer_source(config)
+  tok = hf_tokenizer.load(source) if source else None
+  probe_prompts = []
+  if config.data.task == "prompts":
+    train, held_out = prompt_files.load_splits(config, tok)
+    _require(
+        bool(prompts_lib.eos_ids(config, tok)), f"tokenizer {source!r} has no eos_token and no chat "
+        "template end of turn: nothing would end a sampled response")
+    _require(
+        bool(held_out.records) or not config.eval.num_prompts,
+        f"eval.num_prompts={config.eval.num_prompts} needs held-out prompts: set data.held_out or "
+        "data.held_out_fraction > 0 (or eval.num_prompts=0)")
+    probe_prompts = [r["prompt"] for r in train.records[:2]]
+  rewards.validate(config, tok, rm, probe_prompts)
 
 
 def _distill(config: ml_collections.ConfigDict, policy: ModelConfig, rows: int) -> None:
@@ -215,3 +258,9 @@ def _distill(config: ml_collections.ConfigDict, policy: ModelConfig, rows: int) 
   _require(
       bool(e.best_of) and all(1 <= n <= e.quantile_samples for n in e.best_of),
       f"eval.best_of={tuple(e.best_of)}: each N must be in [1, eval.quantile_samples={e.quantile_samples}]")
+  if e.get("best_of_n_kl"):
+    tracked = algorithms.get(config.bond.algorithm).target_best_of(config.bond, config.train.steps)
+    _require(
+        tracked is not None and tracked <= e.quantile_samples,
+        f"eval.best_of_n_kl=True needs an algorithm that aims at a Best-of-N <= eval.quantile_samples="
+        f"{e.quantile_samples}; bond.algorithm={config.bond.algorithm!r} aims at {tracked}")

@@ -2,7 +2,8 @@
 
 Layout:
     <workdir>/config.json                 the config fields that fix what the workdir holds (guard below)
-    <workdir>/tokenizer/tokenizer.model   SentencePiece BPE, trained once on the chitchat train split
+    <workdir>/tokenizer/tokenizer.model   SentencePiece BPE, trained once on the chitchat train split (or
+                                          a copy of the given tokenizer's files: tokenizer.json, ...)
     <workdir>/data/                       TFDS array_record datasets (built once)
     <workdir>/<stage>/checkpoints/<step>/ Orbax {state, meta} (checkpoint.py); stage = sft | reward | ...
     <workdir>/<stage>/metrics.jsonl       one JSON object per logged step / evaluation
@@ -33,6 +34,7 @@ GUARDED_FIELDS = (
     "model",
     "reference",
     "reward_model",
+    "reward_fn",
     "sft.batch_size",
     "sft.seq_len",
     "reward_training.batch_size",
@@ -46,6 +48,11 @@ GUARDED_FIELDS = (
 
 def tokenizer_path(workdir: str) -> str:
   return os.path.join(workdir, "tokenizer", "tokenizer.model")
+
+
+def tokenizer_dir(workdir: str) -> str:
+  """<workdir>/tokenizer: the trained tokenizer.model, or a copy of the given tokenizer's files."""
+  return os.path.join(workdir, "tokenizer")
 
 
 def data_dir(workdir: str) -> str:

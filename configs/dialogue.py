@@ -34,9 +34,13 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
           # opening turn carries almost none of it (held-out pairs at chance); two turns carry enough for a
           # reward model at ~67% held-out accuracy (README, "Results"); three add little for 50% more tokens.
           response_turns=2,
+          # Opening turns of a conversation shown in a distillation prompt ("Topic: ...\nA: hi\nB:"): one
+          # prompt per conversation, ~3,000 distinct training prompts instead of 28 starter topics. The reward
+          # model is trained on prompt_turns + response_turns turns, the transcript it scores. 0 = topic only.
+          prompt_turns=1,
           # Prompt widths (tokens) a batch is padded to; a longer prompt is left-truncated to the widest
           # (the longest topic has 65). One width: one compilation of the J-BOND step.
-          prompt_buckets=(64,),
+          prompt_buckets=(64,),  # prompts longer than the widest are dropped (89% of openings fit 64)
           max_conversations=0,  # 0 = all 7,168; smaller for quick runs
       ))
 
@@ -59,7 +63,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # The distribution-matching stage (docs/math.md).
   c.bond = ml_collections.ConfigDict(
       dict(
-          algorithm="jbond",  # jbond | bond | iterative_bond | reinforce
+          algorithm="jbond",  # jbond | jbond_hard | bond | iterative_bond | reinforce (bond_jax/algorithms.py)
           n=2,  # Best-of-n per anchor (J-BOND uses 2); BOND: N
           beta=0.5,  # Jeffreys mix: (1 - beta) forward KL + beta backward KL
           # EMA anchor rate (J-BOND). After T steps J-BOND aims at ~Best-of-2^(eta T) of pi_ref: 0.01 x 100
@@ -99,11 +103,18 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(
       dict(steps=100, batch_size=16, log_every=10, eval_every=50, checkpoint_every=50, keep_checkpoints=3,
            max_bad_steps=5))
-  # Every eval_every steps, on up to num_prompts distinct held-out prompts (chitchat has 3): policy_samples
-  # samples of the policy per prompt, each ranked among quantile_samples samples of pi_ref of the same
-  # prompt (drawn and scored once per run: pi_ref is frozen). 192 policy samples: quantile SE ~0.02.
+  # Every eval_every steps, on each held-out prompt set (chitchat: in-distribution conversations, then the
+  # held-out topics' ones), num_prompts prompts spread over the set: policy_samples samples of the policy per
+  # prompt, each ranked among quantile_samples samples of pi_ref of the same prompt (drawn and scored once per
+  # run: pi_ref is frozen). 512 policy samples per set: quantile SE ~0.01, KS noise ~0.04.
   c.eval = ml_collections.ConfigDict(
-      dict(num_prompts=64, best_of=(1, 2, 4, 8, 16), quantile_samples=128, policy_samples=64))
+      dict(
+          num_prompts=64,
+          best_of=(1, 2, 4, 8, 16),
+          quantile_samples=32,
+          policy_samples=8,
+          # also KL(pi_BoN || pi) and KL(pi || pi_BoN) at the tracked N (scores the pool under the policy)
+          best_of_n_kl=False))
 
   if preset in ("gemma_2b", "gemma_7b"):
     c.model.preset = preset

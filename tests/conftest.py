@@ -39,3 +39,14 @@ def tiny_config():
     return c
 
   return make
+
+
+@pytest.fixture(scope="session")
+def smoke_stages(tmp_path_factory):
+  """A workdir of configs/dialogue.py:smoke whose SFT and reward stages are done, shared by the session's
+  tests (tests/test_train.py, tests/test_study.py): read it, or copy it before writing."""
+  from bond_jax import pipeline
+  from configs import dialogue
+  workdir = str(tmp_path_factory.mktemp("smoke_stages"))
+  pipeline.run(dialogue.get_config("smoke"), workdir, until="reward")
+  return workdir

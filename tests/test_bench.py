@@ -51,3 +51,15 @@ def test_jbond_step_bench_reports_every_phase():
   assert out.returncode == 0, out.stderr[-2000:]
   (row,) = _rows(out.stdout)
   assert row[-1].endswith("%") and all(cell.split()[0].isdigit() for cell in row[2:7])
+
+
+def test_reward_routes_bench_times_both_routes():
+  out = _bench("bench.reward_routes", "--preset=micro", "--batch=2", "--samples=2", "--new_tokens=4",
+               "--repeats=1", "--conversations=450")
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [
+      line.strip("|").split("|") for line in out.stdout.splitlines()
+      if line.startswith("| ") and " ms" not in line
+  ]
+  times = {r[0].strip(): float(r[1]) for r in rows if r[1].strip().replace(".", "").isdigit()}
+  assert len(times) == 3 and all(t > 0 for t in times.values()), out.stdout

@@ -92,3 +92,15 @@ def test_kl_error_bar_bon_floor_at_effective_n_and_best_of_n_length():
                            best_of=(1,))
   n = 0.8125 / 0.1875  # mean quantile (1 + 1 + 1 + 1/4) / 4
   assert out["kl_bon_at_effective_n"] == pytest.approx(math.log(n) - (n - 1) / n)
+
+
+def test_quantile_ks_is_small_for_best_of_n_and_large_for_another_n():
+  # mid-ranks of true Best-of-4 samples among K = 32 reference samples: u ~ Beta(4, 1), count ~ Bin(32, u)
+  rng = np.random.default_rng(0)
+  quantiles = rng.binomial(32, rng.beta(4, 1, 4000)) / 32
+  assert evaluate.quantile_ks(quantiles, 32, 4) < 0.03
+  assert evaluate.quantile_ks(quantiles, 32, 1) > 0.4
+  assert evaluate.quantile_ks(quantiles, 32, 2) > 0.15
+  # the exact law's own CDF steps: every sample at the top count -> distance 1 - P(count < K)
+  top = np.ones(10)
+  assert evaluate.quantile_ks(top, 4, 1) == pytest.approx(0.8)

@@ -30,9 +30,9 @@ from configs import dialogue
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
-# One prompt width (16; prompts keep their last 15 tokens) so each jitted function compiles once: the
-# second process cannot use the persistent compilation cache (only process 0 writes it, under its own keys).
-BUCKETS = (16,)
+# One prompt width (64: longer openings are dropped) so each jitted function compiles once: the second
+# process cannot use the persistent compilation cache (only process 0 writes it, under its own keys).
+BUCKETS = (64,)
 FLAGS = [
     "--config=configs/dialogue.py:smoke", f"--config.train.steps={STEPS}",
     "--config.train.checkpoint_every=2", "--config.train.log_every=1",

@@ -57,7 +57,8 @@ def _tree_hashes(root: pathlib.Path) -> dict[str, str]:
 
 
 BAD_CONFIGS = [
-    ("bond.algorithm", "ppo", r"bond.algorithm='ppo'; allowed: jbond, bond, iterative_bond, reinforce"),
+    ("bond.algorithm", "ppo",
+     r"bond.algorithm='ppo'; allowed: jbond, jbond_hard, bond, iterative_bond, reinforce"),
     ("bond.eta", 1.5, r"bond.eta=1.5"),
     ("bond.beta", -0.1, r"bond.beta=-0.1"),
     ("bond.gamma", -1.0, r"bond.gamma=-1.0"),

@@ -34,11 +34,9 @@ def _config(**train):
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-  """A workdir whose SFT and reward stages are done (shared by every test here)."""
-  workdir = str(tmp_path_factory.mktemp("stages"))
-  pipeline.run(_config(), workdir, until="reward")
-  return workdir
+def stages(smoke_stages):
+  """A workdir whose SFT and reward stages are done (shared by every test here: read, or copy first)."""
+  return smoke_stages
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +230,7 @@ def test_the_best_of_n_each_algorithm_aims_at():
   assert [aims("jbond", s) for s in (0, 100, 300)] == [1.0, 2.0, 8.0]
   bond.update(n=2, anchor_period=100)
   assert [aims("iterative_bond", s) for s in (0, 99, 100, 250)] == [2.0, 2.0, 4.0, 8.0]
+  assert [aims("jbond_hard", s) for s in (0, 99, 100, 250)] == [2.0, 2.0, 4.0, 8.0]
   bond.update(n=4)
   assert aims("bond", 50) == 4.0
   assert aims("reinforce", 50) is None

@@ -328,6 +328,20 @@ def test_non_finite_guard_skips_the_step():
   assert float(jnp.max(jnp.abs(stepped.params - REF_TABLE))) > 0
 
 
+def test_jbond_hard_anchor_stays_until_its_period_then_becomes_the_policy():
+  optimizer = upd.make_optimizer(upd.OptimizerConfig(learning_rate=0.05))
+  step = upd.make_jbond_step(tabular_logprob, optimizer, beta=0.5, gamma=0.0, eta=0.5, anchor_period=3,
+                             donate=False)
+  state = upd.init_train_state(jnp.copy(REF_TABLE), optimizer, anchor_params=REF_TABLE)
+  for index in range(3):
+    state, _ = step(state, REF_TABLE,
+                    jbond_batch(jax.random.key(70 + index), state.params, state.anchor_params, 8))
+    if index < 2:  # eta is ignored: no EMA between refreshes
+      np.testing.assert_array_equal(state.anchor_params, REF_TABLE)
+  assert int(state.step) == 3 and float(jnp.max(jnp.abs(state.params - REF_TABLE))) > 0
+  np.testing.assert_array_equal(state.anchor_params, state.params)
+
+
 def test_nan_reward_that_leaves_the_loss_finite_still_skips_the_step():
   """J-BOND compares rewards, and comparisons with NaN are False: the loss stays finite. The guard must
   look at the inputs too, or a broken reward model would silently train the policy."""

@@ -16,7 +16,15 @@ Two builders:
                        Excluded and counted: unrated conversations, conversations without a starter
                        prompt, pairs whose two responses are the same text. At most
                        `max_pairs_per_prompt` pairs are drawn per prompt (seeded). Split by starter
-                       prompt, so validation/test accuracy is measured on unseen prompts.
+                       prompt AND by conversation (PREFERENCE_SPLITS): 'train' pairs come from the
+                       training topics' conversations of the dialogue train split; 'in_distribution'
+                       pairs from the same topics' held-out conversations (the ones the distillation
+                       stage evaluates on); 'validation' / 'test' from unseen topics.
+
+Prompts for the distillation stage (`opening_prompts`): a conversation's topic and its first
+`prompt_turns` turns ("Topic: ...\nA: hi\nB:"), one per conversation, split like the pairs; the response
+is the next `response_turns` turns, so the reward model, trained on the first prompt_turns +
+response_turns turns, scores exactly the transcript it was trained on.
 
 Bad data is never silent: a missing/empty/non-JSON source or a structurally malformed record raises
 ValueError (FileNotFoundError for a missing file); a conversation with invalid UTF-8 or with no
@@ -45,7 +53,10 @@ from bond_jax.data import formats, local
 
 DEFAULT_SOURCE_PATH = os.path.join(os.path.dirname(chitchat_dataset.__file__), "dataset.json")
 RATING_NAMES = ("witty", "upbeat", "interesting")
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test")  # the dialogue builder's (by conversation)
+PREFERENCE_SPLITS = ("train", "in_distribution", "validation", "test")  # by topic, then by conversation
+DIALOGUE_FRACTIONS = (0.9, 0.05, 0.05)  # ChitchatDialogueConfig.split_fractions' default
+TOPIC_FRACTIONS = (0.8, 0.1, 0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +228,45 @@ def _candidate_pairs(ratings: Sequence[float], responses: Sequence[str], margin:
   return candidates
 
 
+def rated_topics(conversations: Sequence[Conversation], rating: str,
+                 stats: dict[str, int] | None = None) -> dict[str, list[tuple[float, Conversation]]]:
+  """{topic: [(rating, conversation), ...]} of the rated conversations with a starter prompt, each topic's
+  list in conversation-id order; unrated / topic-less conversations are counted in `stats` when given."""
+  stats = {} if stats is None else stats
+  stats.setdefault("conversations_unrated", 0)
+  stats.setdefault("conversations_no_topic", 0)
+  by_topic: dict[str, list[tuple[float, Conversation]]] = {}
+  for conversation in conversations:
+    value = conversation_rating(conversation, rating)
+    if value is None:
+      stats["conversations_unrated"] += 1
+    elif not conversation.topic:
+      stats["conversations_no_topic"] += 1
+    else:
+      by_topic.setdefault(conversation.topic, []).append((value, conversation))
+  return {t: sorted(rated, key=lambda rc: rc[1].conversation_id) for t, rated in by_topic.items()}
+
+
+def topic_splits(conversations: Sequence[Conversation], rating: str = "interesting",
+                 fractions: Sequence[float] = TOPIC_FRACTIONS) -> dict[str, str]:
+  """{starter prompt: 'train' | 'validation' | 'test'} over the topics of the rated conversations (the
+  reward model's topic split, which the distillation prompts share)."""
+  topics = list(rated_topics(conversations, rating))
+  return split_by_rank(topics, fractions) if topics else {}
+
+
+def conversation_split(conversation: Conversation, topic_split: dict[str, str],
+                       dialogue_fractions: Sequence[float] = DIALOGUE_FRACTIONS) -> str | None:
+  """One of PREFERENCE_SPLITS, or None for a conversation without a split topic. A training topic's
+  conversation is 'train' only when the SFT data also trained on it (dialogue split 'train'); its other
+  conversations are the 'in_distribution' held-out ones, unseen by the tokenizer, SFT and reward model."""
+  topic = topic_split.get(conversation.topic)
+  if topic != "train":
+    return topic
+  seen = split_by_hash(conversation.conversation_id, dialogue_fractions) == "train"
+  return "train" if seen else "in_distribution"
+
+
 def preference_pairs(
     conversations: Sequence[Conversation],
     *,
@@ -224,10 +274,11 @@ def preference_pairs(
     margin: float = 2.0,
     response_turns: int = 4,
     max_pairs_per_prompt: int | None = 200,
-    split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    split_fractions: Sequence[float] = TOPIC_FRACTIONS,
     seed: int = 0,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
-  """Pairs (prompt, chosen, rejected) per split, following the rule in the module docstring.
+  """Pairs (prompt, chosen, rejected) per PREFERENCE_SPLITS split, following the rule in the module
+  docstring; both conversations of a pair are in the same split (`conversation_split`).
 
   Returns ({split: [pair, ...]}, stats); stats counts exclusions, candidate pairs and, per split,
   pairs and prompts ("pairs_train", "prompts_train", ...).
@@ -238,39 +289,62 @@ def preference_pairs(
     raise ValueError(f"max_pairs_per_prompt={max_pairs_per_prompt} must be >= 1 or None")
   stats = dict(conversations_unrated=0, conversations_no_topic=0, pairs_candidate=0,
                pairs_identical_dropped=0)
-  by_topic: dict[str, list[tuple[float, Conversation]]] = {}
-  for conversation in conversations:
-    value = conversation_rating(conversation, rating)
-    if value is None:
-      stats["conversations_unrated"] += 1
-    elif not conversation.topic:
-      stats["conversations_no_topic"] += 1
-    else:
-      by_topic.setdefault(conversation.topic, []).append((value, conversation))
+  by_topic = rated_topics(conversations, rating, stats)
   topic_split = split_by_rank(list(by_topic), split_fractions) if by_topic else {}
-  pairs: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+  pairs: dict[str, list[dict[str, Any]]] = {name: [] for name in PREFERENCE_SPLITS}
+  topics_of: dict[str, set[str]] = {name: set() for name in PREFERENCE_SPLITS}
   for topic in sorted(by_topic):
-    rated = sorted(by_topic[topic], key=lambda rc: rc[1].conversation_id)
-    responses = [formats.dialogue_response(c.turns[:response_turns], 0) for _, c in rated]
-    candidates = _candidate_pairs([value for value, _ in rated], responses, margin, stats)
-    # A per-topic seed keeps each topic's draw independent of which other topics are present.
-    rng = np.random.default_rng([seed, int(_unit_hash(topic) * 2**32)])
-    for k in sorted(rng.permutation(len(candidates))[:max_pairs_per_prompt]):
-      hi, lo = candidates[k]
-      pairs[topic_split[topic]].append(
-          dict(
-              prompt=formats.dialogue_prompt(topic, (), 0),
-              chosen=responses[hi],
-              rejected=responses[lo],
-              chosen_rating=np.float32(rated[hi][0]),
-              rejected_rating=np.float32(rated[lo][0]),
-              chosen_id=rated[hi][1].conversation_id,
-              rejected_id=rated[lo][1].conversation_id,
-          ))
-  for name in SPLITS:
+    groups: dict[str, list[tuple[float, Conversation]]] = {}
+    for rc in by_topic[topic]:
+      groups.setdefault(conversation_split(rc[1], topic_split), []).append(rc)
+    for name in sorted(groups):
+      drawn = _topic_pairs(topic, groups[name], margin, response_turns, max_pairs_per_prompt, seed, stats)
+      pairs[name] += drawn
+      topics_of[name].update([topic] if drawn else [])
+  for name in PREFERENCE_SPLITS:
     stats[f"pairs_{name}"] = len(pairs[name])
-    stats[f"prompts_{name}"] = sum(1 for s in topic_split.values() if s == name)
+    stats[f"prompts_{name}"] = len(topics_of[name])
   return pairs, stats
+
+
+def _topic_pairs(topic: str, rated: Sequence[tuple[float, Conversation]], margin: float, response_turns: int,
+                 max_pairs: int | None, seed: int, stats: dict[str, int]) -> list[dict[str, Any]]:
+  """At most max_pairs pairs among one topic's rated conversations of one split (seeded per topic)."""
+  responses = [formats.dialogue_response(c.turns[:response_turns], 0) for _, c in rated]
+  candidates = _candidate_pairs([value for value, _ in rated], responses, margin, stats)
+  # A per-topic seed keeps each topic's draw independent of which other topics are present.
+  rng = np.random.default_rng([seed, int(_unit_hash(topic) * 2**32)])
+  out = []
+  for k in sorted(rng.permutation(len(candidates))[:max_pairs]):
+    hi, lo = candidates[k]
+    out.append(
+        dict(prompt=formats.dialogue_prompt(topic, (), 0), chosen=responses[hi], rejected=responses[lo],
+             chosen_rating=np.float32(rated[hi][0]), rejected_rating=np.float32(rated[lo][0]),
+             chosen_id=rated[hi][1].conversation_id, rejected_id=rated[lo][1].conversation_id))
+  return out
+
+
+def opening_prompts(conversations: Sequence[Conversation], prompt_turns: int,
+                    topic_split: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+  """{split: [{'prompt': text}, ...]} for the distillation stage, split like the pairs
+  (`conversation_split`): the topic and the first `prompt_turns` turns of every conversation that has a
+  turn after them (its opening; rated or not), distinct texts in conversation-id order. prompt_turns = 0
+  gives the starter topics themselves, one prompt each. An 'in_distribution' text that a training
+  conversation also opens with is dropped (held out means unseen)."""
+  if prompt_turns < 0:
+    raise ValueError(f"prompt_turns={prompt_turns} must be >= 0")
+  seen: dict[str, dict[str, None]] = {name: {} for name in PREFERENCE_SPLITS}
+  for conversation in sorted(conversations, key=lambda c: c.conversation_id):
+    name = conversation_split(conversation, topic_split)
+    if name is None or len(conversation.turns) <= prompt_turns:
+      continue
+    if prompt_turns == 0 and name == "in_distribution":
+      name = "train"  # a topic line is the same prompt whichever conversation it came from
+    text = formats.dialogue_prompt(conversation.topic, conversation.turns[:prompt_turns], 0)
+    seen[name].setdefault(text, None)
+  # A common opening ("Hi!") can occur in a training conversation too: held out means never trained on.
+  seen["in_distribution"] = {t: None for t in seen["in_distribution"] if t not in seen["train"]}
+  return {name: [{"prompt": text} for text in texts] for name, texts in seen.items()}
 
 
 @dataclasses.dataclass(eq=False)
@@ -281,7 +355,7 @@ class ChitchatDialogueConfig(tfds.core.BuilderConfig):
   max_conversations: int | None = None  # first N conversations in file order (None: all)
   context_turns: int = 4
   response_turns: int = 1
-  split_fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
+  split_fractions: tuple[float, float, float] = DIALOGUE_FRACTIONS
 
 
 @dataclasses.dataclass(eq=False)
@@ -294,7 +368,7 @@ class ChitchatPreferencesConfig(tfds.core.BuilderConfig):
   margin: float = 2.0
   response_turns: int = 4
   max_pairs_per_prompt: int | None = 200
-  split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+  split_fractions: tuple[float, float, float] = TOPIC_FRACTIONS
   seed: int = 0
 
 
@@ -363,7 +437,7 @@ class ChitchatPreferences(local.LocalBuilder):
         seed=config.seed,
     )
     self.info.metadata.update({**stats, **pair_stats})
-    return {name: self._generate_examples(pairs[name]) for name in SPLITS if pairs[name]}
+    return {name: self._generate_examples(pairs[name]) for name in PREFERENCE_SPLITS if pairs[name]}
 
   def _generate_examples(self, pairs):
     for pair in pairs:

@@ -15,6 +15,7 @@ Shapes (B = per-process batch_size; every batch of one pipeline has the same B):
                       tokenizer.pad_id and mask False. P = the smallest bucket >= the longest prompt in
                       the batch (few distinct shapes -> few recompilations). A prompt is [bos] + ids; a
                       prompt longer than max(buckets) keeps bos and its LAST tokens (recent context).
+                      A record that carries "tokens" (a prompt file's, see prompt_ids) is used as it is.
   preference_batches  tokens, mask, response_mask [B, 2, L]; along axis 1, 0 = chosen and
                       1 = rejected. Left-padded [bos] + prompt + response + [eos], so the last real
                       token (eos) of every row is at column L - 1; response_mask marks response + eos.
@@ -106,6 +107,14 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, max_len: int) -> np.ndarray
   return np.asarray([tokenizer.bos_id, *ids], np.int32)
 
 
+def prompt_ids(tokenizer: Tokenizer, record: Record, max_len: int) -> np.ndarray:
+  """A record's prompt ids [n] int32: its "tokens" when it carries them (prompt files, encoded once when
+  read: data/prompt_files.py), else encode_prompt of its "prompt" text."""
+  if "tokens" in record:
+    return np.asarray(record["tokens"], np.int32)
+  return encode_prompt(tokenizer, record["prompt"], max_len)
+
+
 def encode_sequence(tokenizer: Tokenizer, prompt: str, response: str, max_len: int) -> dict[str, np.ndarray]:
   """tokens [n] int32 = [bos] + prompt + response + [eos] (n <= max_len); response_mask [n] bool marks
   response + eos. Over max_len: prompt ids after bos go first, then the response's end."""
@@ -153,7 +162,7 @@ def prompt_batches(source: Sequence[Record], tokenizer: Tokenizer, *, batch_size
     tokens, mask = pad_batch(seqs, buckets, tokenizer.pad_id, side="left")
     return {"tokens": tokens, "mask": mask}
 
-  encode = lambda r: encode_prompt(tokenizer, r["prompt"], max(buckets))
+  encode = lambda r: prompt_ids(tokenizer, r, max(buckets))
   return _batches(source, encode, collate, batch_size=batch_size, buckets=buckets, **reading)
 
 

@@ -11,7 +11,7 @@ import os
 import ml_collections
 
 from bond_jax import workdir as workdir_lib
-from bond_jax.data import chitchat, local
+from bond_jax.data import chitchat, hf_tokenizer, local
 from bond_jax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe_tokenizer
 
 TASKS_WITH_STAGES = ("chitchat",)  # tasks whose SFT and reward-model data are built here
@@ -34,11 +34,36 @@ def _train_conversations(config: ml_collections.ConfigDict) -> list[chitchat.Con
   return [c for c in conversations if chitchat.split_by_hash(c.conversation_id, fractions) == "train"]
 
 
-def tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
-  """config.data.tokenizer if given, else <workdir>/tokenizer/tokenizer.model (trained on first use from
-  the dialogue train split, data.vocab_size pieces: validation text is never seen by the tokenizer)."""
+def tokenizer_source(config: ml_collections.ConfigDict) -> str:
+  """The given tokenizer: data.tokenizer, else (prompts task) the reference directory's; '' = train one."""
   if config.data.tokenizer:
-    return load_tokenizer(config.data.tokenizer)
+    return config.data.tokenizer
+  reference = config.reference
+  if config.data.task == "prompts" and reference and os.path.isdir(reference) and hf_tokenizer.has_tokenizer(
+      reference):
+    return reference
+  return ""
+
+
+def _keep_tokenizer_files(tok, workdir: str) -> None:
+  """A copy of the given tokenizer's files in <workdir>/tokenizer (what export writes beside a model)."""
+  directory = workdir_lib.tokenizer_dir(workdir)
+  os.makedirs(directory, exist_ok=True)
+  for name, data in tok.files.items():
+    if not os.path.exists(os.path.join(directory, name)):
+      workdir_lib.write_atomically(os.path.join(directory, name), data)
+
+
+def tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer | hf_tokenizer.HFTokenizer:
+  """The given tokenizer (tokenizer_source: a SentencePiece .model or a Hugging Face tokenizer directory,
+  its files copied into <workdir>/tokenizer), else <workdir>/tokenizer/tokenizer.model (trained on first
+  use from the dialogue train split, data.vocab_size pieces: validation text is never seen by the
+  tokenizer)."""
+  source = tokenizer_source(config)
+  if source:
+    tok = hf_tokenizer.load(source)
+    _keep_tokenizer_files(tok, workdir)
+    return tok
   path = workdir_lib.tokenizer_path(workdir)
   if os.path.exists(path):
     return load_tokenizer(path)
@@ -76,9 +101,10 @@ def preference_builder(config: ml_collections.ConfigDict, workdir: str):
   rt = config.reward_training
   max_conv = _max_conversations(config)
   per_prompt = rt.max_pairs_per_prompt or None
+  # the reward model scores a distillation prompt's opening turns and the response together
+  turns = config.data.prompt_turns + config.data.response_turns
   builder_config = chitchat.ChitchatPreferencesConfig(
-      name=f"{rt.rating}_m{rt.margin:g}_r{config.data.response_turns}_p{per_prompt or 'all'}"
-      f"_n{max_conv or 'all'}_s{config.seed}", max_conversations=max_conv, rating=rt.rating,
-      margin=float(rt.margin), response_turns=config.data.response_turns, max_pairs_per_prompt=per_prompt,
-      seed=config.seed)
+      name=f"{rt.rating}_m{rt.margin:g}_t{turns}_p{per_prompt or 'all'}_n{max_conv or 'all'}_s{config.seed}",
+      max_conversations=max_conv, rating=rt.rating, margin=float(rt.margin), response_turns=turns,
+      max_pairs_per_prompt=per_prompt, seed=config.seed)
   return local.prepare(chitchat.ChitchatPreferences, workdir_lib.data_dir(workdir), builder_config)

@@ -3,9 +3,16 @@
 summarization: documents of a TFDS dataset with XSum's features (TL;DR-style prompts, see
 data/formats.py); its reference and reward model come from Hugging Face directories.
 
-chitchat: the preference data's prompts (a conversation's starter topic, "Topic: ...\nA:"), split by starter
-prompt like the reward model's pairs, so evaluation is on topics neither the reward model nor the policy
-trained on. The policy's response is the conversation's opening, which is what the reward model scores.
+prompts: the user's own prompt files (data/prompt_files.py), encoded once with the run's tokenizer, through
+its chat template when data.chat_template is on; the template's end of turn then also ends a response.
+
+chitchat: one prompt per conversation, its starter topic and first data.prompt_turns turns
+("Topic: ...\nA: hi there\nB:", chitchat.opening_prompts), split like the reward model's pairs: the training
+topics' conversations of the SFT train split train; two held-out sets evaluate: 'in_distribution' (the same
+topics' other conversations, unseen by the tokenizer, SFT and the reward model) and 'held_out_topics'
+(conversations of the validation topics). The policy's response is the next data.response_turns turns,
+which with the prompt is the transcript the reward model was trained on. Prompts longer than the widest
+prompt bucket are dropped and counted (a left-truncated transcript would lose its topic line).
 """
 
 from __future__ import annotations
@@ -14,21 +21,38 @@ import os
 from typing import Any, Sequence
 
 import grain
+import jax
 import numpy as np
 
-from bond_jax.data import pipeline, summarization
+from bond_jax.data import chitchat, pipeline, prompt_files, summarization
 from bond_jax.data.tokenizer import Tokenizer
 
 
-def unique_prompts(source: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-  """Distinct prompt texts of a preference split, in first-seen order, as {'prompt': text} records."""
-  seen: dict[str, None] = {}
-  for i in range(len(source)):
-    text = pipeline.decode_texts(source[i])["prompt"]
-    seen.setdefault(text, None)
-  if not seen:
-    raise ValueError("the prompt split is empty: the preference data produced no prompts")
-  return [{"prompt": text} for text in seen]
+def fitting_prompts(records: Sequence[dict[str, str]], tok: Tokenizer,
+                    max_len: int) -> tuple[list[dict[str, str]], int]:
+  """(the records whose [bos] + prompt fits max_len tokens, how many were dropped)."""
+  lengths = [len(ids) + 1 for ids in tok.encode_batch([r["prompt"] for r in records])]
+  kept = [r for r, n in zip(records, lengths) if n <= max_len]
+  return kept, len(records) - len(kept)
+
+
+def chitchat_prompts(config, tok: Tokenizer) -> tuple[list[dict[str, str]], dict[str, list[dict[str, str]]]]:
+  """(train prompts, {'in_distribution': ..., 'held_out_topics': ...}) of the chitchat task (module doc)."""
+  conversations, _ = chitchat.load_conversations(max_conversations=config.data.max_conversations or None)
+  topic_split = chitchat.topic_splits(conversations, config.reward_training.rating)
+  splits = chitchat.opening_prompts(conversations, config.data.prompt_turns, topic_split)
+  splits["held_out_topics"] = splits.pop("validation")
+  out, dropped = {}, {}
+  for name in ("train", "in_distribution", "held_out_topics"):
+    out[name], dropped[name] = fitting_prompts(splits[name], tok, max(config.data.prompt_buckets))
+  if not out["train"]:
+    raise ValueError("the chitchat data gave no training prompt; raise data.max_conversations (0 = all)")
+  if jax.process_index() == 0:
+    counts = ", ".join(f"{n} {len(out[n])}" for n in out)
+    print(
+        f"[bond] distinct prompts: {counts} (longer than {max(config.data.prompt_buckets)} tokens, dropped: "
+        f"{sum(dropped.values())})", flush=True)
+  return out.pop("train"), {name: records for name, records in out.items() if records}
 
 
 def prompt_dataset(config, records: Sequence[dict[str, str]], tok: Tokenizer) -> grain.IterDataset:
@@ -45,28 +69,35 @@ def prompt_dataset(config, records: Sequence[dict[str, str]], tok: Tokenizer) ->
 
 
 def eval_batch(config, records: Sequence[dict[str, str]], tok: Tokenizer) -> dict[str, np.ndarray]:
-  """A fixed batch of the first config.eval.num_prompts held-out prompts (fewer when there are fewer: the
-  chitchat test topics are 3). Each is sampled eval.policy_samples / eval.quantile_samples times."""
-  rows = [records[i]["prompt"] for i in range(min(config.eval.num_prompts, len(records)))]
+  """A fixed batch of up to config.eval.num_prompts held-out prompts, spread evenly over `records` (which
+  come grouped by topic). Each is sampled eval.policy_samples / eval.quantile_samples times."""
+  count = min(config.eval.num_prompts, len(records))
+  picks = np.linspace(0, len(records) - 1, count).round().astype(int) if count else []
   max_len = max(config.data.prompt_buckets)
-  seqs = [pipeline.encode_prompt(tok, text, max_len) for text in rows]
+  seqs = [pipeline.prompt_ids(tok, records[int(i)], max_len) for i in picks]
   tokens, mask = pipeline.pad_batch(seqs, tuple(config.data.prompt_buckets), tok.pad_id, side="left")
   return {"tokens": tokens, "mask": mask}
 
 
-def prompt_sources(config, preferences=None):
-  """(train prompts, held-out prompts) of config.data.task, as sequences of {'prompt': text} records.
+def prompt_sources(config, tok: Tokenizer):
+  """(train prompts, {held-out set name: prompts}) of config.data.task, as sequences of {'prompt': text}.
 
-  chitchat: the distinct starter prompts of `preferences` (the ChitchatPreferences builder of the workdir).
-  summarization: a TFDS dataset with XSum's features (config.data.dataset, e.g. 'xsum:1.1.0', already
-  prepared in config.data.data_dir; nothing is downloaded), read lazily: it has 200k documents.
+  chitchat: `chitchat_prompts`. summarization: a TFDS dataset with XSum's features (config.data.dataset,
+  e.g. 'xsum:1.1.0', already prepared in config.data.data_dir; nothing is downloaded), read lazily: it has
+  200k documents; its validation split is the held-out set.
+  prompts: the user's prompt file(s) (data/prompt_files.py), encoded with `tok` once: records
+  {'tokens', 'prompt'}, the held-out set named 'held_out'; what was skipped is reported on process 0.
   """
+  if config.data.task == "prompts":
+    train, held_out = prompt_files.load_splits(config, tok)
+    if jax.process_index() == 0:
+      print(f"[prompts] train: {prompt_files.describe(train)}; held out: {len(held_out.records)}", flush=True)
+    return train.records, {"held_out": held_out.records}
   if config.data.task == "chitchat":
-    return (unique_prompts(preferences.as_data_source("train")),
-            unique_prompts(preferences.as_data_source("validation")))
+    return chitchat_prompts(config, tok)
   if config.data.task == "summarization":
-    return tuple(_SummarizationPrompts(config, split) for split in ("train", "validation"))
-  raise ValueError(f"data.task={config.data.task!r}; allowed: chitchat, summarization")
+    return _SummarizationPrompts(config, "train"), {"validation": _SummarizationPrompts(config, "validation")}
+  raise ValueError(f"data.task={config.data.task!r}; allowed: chitchat, summarization, prompts")
 
 
 class _SummarizationPrompts:
@@ -90,3 +121,13 @@ class _SummarizationPrompts:
 
   def __getitem__(self, index: int) -> dict[str, str]:
     return {"prompt": summarization.summarization_texts(self._source[index], self._max_chars)["prompt"]}
+
+
+def eos_ids(config, tokenizer) -> tuple[int, ...]:
+  """The ids that end a sampled response: the tokenizer's eos, and with chat prompts the template's end of
+  turn (data/chat.py), which an instruct model writes where a base model writes eos."""
+  ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+  if config.data.task == "prompts" and config.data.chat_template and tokenizer.chat is not None:
+    end = tokenizer.chat.end_of_turn_id(tokenizer)
+    ids += [] if end is None or end in ids else [end]
+  return tuple(ids)

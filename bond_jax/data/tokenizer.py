@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
@@ -43,6 +44,9 @@ class Tokenizer:
       raise ValueError("model_proto is empty; expected the bytes of a SentencePiece .model file")
     self._model_proto = bytes(model_proto)
     self._sp = spm.SentencePieceProcessor(model_proto=self._model_proto)
+    self.chat = None  # a tokenizer directory's chat template (data/hf_tokenizer.py sets it)
+    self.files = {"tokenizer.model": self._model_proto}  # what a workdir and an export copy
+    self._special_pieces: dict[str, int] | None = None
 
   def __getstate__(self) -> bytes:
     return self._model_proto
@@ -87,6 +91,34 @@ class Tokenizer:
                    add_eos: bool = False) -> list[list[int]]:
     """Ragged token ids, one list per text; padding is the pipeline's job (see pipeline.pad_batch)."""
     return self._sp.encode(list(texts), add_bos=add_bos, add_eos=add_eos)
+
+  def encode_plain_prompt(self, text: str) -> list[int]:
+    """[bos] + ids, as transformers' tokenizer(text) gives them for a model exported here or Gemma's."""
+    return self.encode(text, add_bos=self.bos_id >= 0)
+
+  def is_special(self, token_id: int) -> bool:
+    """A control, unknown or user-defined piece (transformers makes them added tokens)."""
+    if self._special_pieces is None:
+      from sentencepiece import sentencepiece_model_pb2  # the piece types (the processor lacks USER_DEFINED)
+      proto = sentencepiece_model_pb2.ModelProto.FromString(self._model_proto)
+      kinds = {proto.SentencePiece.CONTROL, proto.SentencePiece.UNKNOWN, proto.SentencePiece.USER_DEFINED}
+      self._special_pieces = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in kinds and p.piece}
+    return self.id_to_piece(token_id) in self._special_pieces
+
+  def encode_rendered(self, text: str) -> list[int]:
+    """Ids of rendered chat text: special pieces written in it ("<bos>", "<start_of_turn>") are matched
+    first and the text between them is encoded, as transformers does with added tokens."""
+    self.is_special(0)  # reads the special pieces once
+    if not self._special_pieces:
+      return self.encode(text)
+    pattern = "(" + "|".join(re.escape(p) for p in sorted(self._special_pieces, key=len, reverse=True)) + ")"
+    ids: list[int] = []
+    for part in re.split(pattern, text):
+      if part in self._special_pieces:
+        ids.append(self._special_pieces[part])
+      elif part:
+        ids.extend(self.encode(part))
+    return ids
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`; pad/bos/eos ids are dropped (SentencePiece renders control pieces as '')."""

@@ -3,8 +3,8 @@ model.
 
 One step: prompts [B, P] -> the algorithm's rollout (policy / anchor / reference samples, their rewards) ->
 its jitted update (algorithms.py) -> metrics. Every train.eval_every steps the policy's single sample is
-compared with Best-of-N of pi_ref on held-out prompts (evaluate.py); results, plots and a history go to
-<workdir>/bond/eval/. The loop (loop.py) does the rest. A step's randomness is fold_in(seed, step - 1).
+compared with Best-of-N of pi_ref on each held-out prompt set (evaluate.py; chitchat: 'in_distribution',
+then 'held_out_topics'); results, plots and a history go to <workdir>/bond/eval/. The loop (loop.py) does the rest. A step's randomness is fold_in(seed, step - 1).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bond_jax import algorithms, artifacts, checkpoint, evaluate as evaluate_lib, loop, scoring, sharding
-from bond_jax import update
+from bond_jax import algorithms, artifacts, checkpoint, evaluate as evaluate_lib, loop
+from bond_jax import rewards as rewards_lib, scoring, sharding, update
 from bond_jax import workdir as workdir_lib
 from bond_jax.data import prompts as prompts_lib
 from bond_jax.frozen import FrozenModels
@@ -31,10 +31,12 @@ _POOL_SEED = 2**31 - 1  # fold_in index of the reference pool's draws (the evalu
 _ADAPTER_SEED = 3  # fold_in index of the LoRA adapters' initial A
 
 
-def frozen_models(ctx: Context) -> tuple[FrozenModels, dict[str, Any] | None]:
-  """pi_ref and the reward model of the run (given directories, or this workdir's earlier stages), and
-  with LoRA the identity of the base (pi_ref as loaded: its path and content hash), which the checkpoints
-  record. With lora.base_dtype the base is stored in that dtype (the reference is then that rounding)."""
+def frozen_models(ctx: Context, prompt_records=()) -> FrozenModels:
+  """pi_ref and the reward route of the run (given directories, or this workdir's earlier stages; a reward
+  model with its own tokenizer or a reward function score text: rewards.py), with LoRA the identity of the
+  base (pi_ref as loaded: its path and content hash), which the checkpoints record. With
+  lora.base_dtype the base is stored in that dtype (the reference is then that rounding). `prompt_records`:
+  the run's prompts, which the text route hands the reward as the records' values."""
   config, mesh = ctx.config, ctx.mesh
   lora = lora_lib.from_section(config.get("lora"))
   source = config.reference or ctx.workdir
@@ -44,23 +46,29 @@ def frozen_models(ctx: Context) -> tuple[FrozenModels, dict[str, Any] | None]:
     base = dict(path=os.path.abspath(source), hash=checkpoint.tree_digest(reference), lora=lora.to_dict())
     if lora.base_dtype:
       reference = jax.tree.map(lambda x: x.astype(lora.base_dtype), reference)
-  reward_params, reward_cfg = artifacts.load(config.reward_model or ctx.workdir, "reward", mesh)
-  return FrozenModels(policy_cfg=cfg, reference_params=reference, reward_cfg=reward_cfg,
-                      reward_params=reward_params, eos_ids=(ctx.tokenizer.eos_id,),
-                      pad_id=ctx.tokenizer.pad_id, mesh=mesh, lora=lora), base
+  eos_ids = prompts_lib.eos_ids(config, ctx.tokenizer)
+  route = rewards_lib.route(config, ctx.tokenizer, ctx.workdir, mesh, prompt_records, eos_ids)
+  return FrozenModels(policy_cfg=cfg, reference_params=reference, reward_cfg=route.cfg,
+                      reward_params=route.params, eos_ids=eos_ids, pad_id=ctx.tokenizer.pad_id, mesh=mesh,
+                      text_rewards=route.text, lora=lora, base_identity=base)
 
 
 class _Evaluation:
-  """The policy vs Best-of-N of pi_ref on a fixed held-out batch; pi_ref's pool is drawn once per run."""
+  """The policy vs Best-of-N of pi_ref on fixed held-out batches, one per held-out set (the first is the
+  primary one: its metrics are the result's top level, the others' go under their names, their scalars also
+  as '<name>_<metric>'). pi_ref's pools are drawn once per run."""
 
-  def __init__(self, ctx: Context, frozen: FrozenModels, records):
+  def __init__(self, ctx: Context, frozen: FrozenModels, sets: dict[str, Any]):
     self.config, self.frozen = ctx.config, frozen
     self.out_dir = os.path.join(workdir_lib.stage_dir(ctx.workdir, STAGE), "eval")
-    batch = prompts_lib.eval_batch(ctx.config, records, ctx.tokenizer)
     # the same host batch on every process -> one replicated global array
-    self.batch = jax.device_put(batch, sharding.replicated(frozen.mesh))
+    self.batches = {
+        name:
+            jax.device_put(prompts_lib.eval_batch(ctx.config, records, ctx.tokenizer),
+                           sharding.replicated(frozen.mesh)) for name, records in sets.items()
+    }
     self.rng = jax.random.key(ctx.config.seed + 1)
-    self.pool: evaluate_lib.ReferencePool | None = None
+    self.pools: dict[str, evaluate_lib.ReferencePool] = {}
     self.history = self._read_history()
 
   def _read_history(self) -> list[dict[str, Any]]:
@@ -70,34 +78,48 @@ class _Evaluation:
     with open(path) as f:
       return [json.loads(line) for line in f if line.strip()]
 
+  def _evaluate_set(self, index: int, name: str, state: update.TrainState, step: int,
+                    tracked_n: float | None) -> dict[str, Any]:
+    c, frozen = self.config, self.frozen
+    prompts, mask = self.batches[name]["tokens"], self.batches[name]["mask"]
+    if name not in self.pools:  # set 0 keeps the pool seed of a single-set run
+      self.pools[name] = evaluate_lib.reference_pool(frozen, prompts, mask,
+                                                     jax.random.fold_in(self.rng, _POOL_SEED - index),
+                                                     num_samples=c.eval.quantile_samples,
+                                                     max_new_tokens=c.sampling.max_new_tokens)
+    rng = jax.random.fold_in(jax.random.fold_in(self.rng, step), index) if index else jax.random.fold_in(
+        self.rng, step)
+    return evaluate_lib.evaluate(frozen, frozen.model_params(state.params), prompts, mask, rng,
+                                 self.pools[name], best_of=tuple(c.eval.best_of),
+                                 policy_samples=c.eval.policy_samples,
+                                 max_new_tokens=c.sampling.max_new_tokens, tracked_n=tracked_n,
+                                 with_best_of_n_kl=c.eval.best_of_n_kl)
+
   def __call__(self, state: update.TrainState, step: int, final: bool) -> dict[str, Any]:
     del final
-    c, frozen = self.config, self.frozen
-    prompts, mask = self.batch["tokens"], self.batch["mask"]
-    if self.pool is None:
-      self.pool = evaluate_lib.reference_pool(frozen, prompts, mask, jax.random.fold_in(self.rng, _POOL_SEED),
-                                              num_samples=c.eval.quantile_samples,
-                                              max_new_tokens=c.sampling.max_new_tokens)
-    result = evaluate_lib.evaluate(frozen, frozen.model_params(state.params), prompts, mask,
-                                   jax.random.fold_in(self.rng, step), self.pool,
-                                   best_of=tuple(c.eval.best_of), policy_samples=c.eval.policy_samples,
-                                   max_new_tokens=c.sampling.max_new_tokens)
-    target = algorithms.get(c.bond.algorithm).target_best_of(c.bond, step)
+    target = algorithms.get(self.config.bond.algorithm).target_best_of(self.config.bond, step)
+    results = {name: self._evaluate_set(i, name, state, step, target) for i, name in enumerate(self.batches)}
+    primary, *others = results
+    result = dict(results[primary], eval_set=primary)
+    for name in others:
+      result[name] = results[name]
+      result.update({f"{name}_{k}": v for k, v in results[name].items() if isinstance(v, float)})
     if target is not None:
       result["target_best_of"] = target
       result["kl_target_best_of"] = evaluate_lib.bon_kl_bound(target)
     if jax.process_index() == 0:
-      self._record(step, result)
+      self._record(step, result, {name: results[name] for name in others})
     return result
 
-  def _record(self, step: int, result: dict[str, Any]) -> None:
+  def _record(self, step: int, result: dict[str, Any], others: dict[str, dict[str, Any]]) -> None:
     scalars = {k: v for k, v in result.items() if isinstance(v, float)}
     if not self.history or self.history[-1]["step"] < step:
       self.history.append({"step": step, **scalars})
       os.makedirs(self.out_dir, exist_ok=True)
       with open(os.path.join(self.out_dir, "history.jsonl"), "a") as f:
         f.write(json.dumps(self.history[-1]) + "\n")
-    evaluate_lib.write(result, self.out_dir, step, self.history)
+    primary = {k: v for k, v in result.items() if k not in others}
+    evaluate_lib.write(primary, self.out_dir, step, self.history, others)
 
 
 def eval_line(result: dict[str, Any]) -> str:
@@ -113,17 +135,36 @@ def eval_line(result: dict[str, Any]) -> str:
       f"{result['policy_effective_n']:.2f}) | KL(pi||ref) {result['kl_policy_ref']:.3f} +- "
       f"{result['kl_policy_ref_stderr']:.3f} (BoN at N_eff {result['kl_bon_at_effective_n']:.3f}) | length "
       f"{result['policy_response_length']:.1f} (ref {result['reference_response_length']:.1f}, {lengths})")
+  line += f" | KS to BoN-{result['tracked_n']:.2f} {result['quantile_ks']:.3f}"
   if "target_best_of" in result:
     line += f" | aims at BoN-{result['target_best_of']:.2f} (KL {result['kl_target_best_of']:.3f})"
+  for name, other in result.items():
+    if isinstance(other, dict) and "policy_quantile_mean" in other:
+      line += (
+          f"\n    {name.replace('_', ' ')}: quantile {other['policy_quantile_mean']:.3f} +- "
+          f"{other['policy_quantile_stderr']:.3f} (BoN-2 0.667, BoN-4 0.800), KL(pi||ref) "
+          f"{other['kl_policy_ref']:.3f}, KS {other['quantile_ks']:.3f}, reward {other['policy_reward']:.3f}, "
+          f"length {other['policy_response_length']:.1f}")
   return line
+
+
+def warn_ties(tie_rate: float, step: int, warned: list[int]) -> None:
+  """One warning per run (`warned` holds the step it was given at) when most of a prompt's rewards tie:
+  BOND's quantiles then carry little signal."""
+  if tie_rate > rewards_lib.TIED_WARNING and not warned and jax.process_index() == 0:
+    warned.append(step)
+    print(
+        f"[{STAGE}] warning: {tie_rate:.0%} of the reward pairs of a prompt tie at step {step}: BOND needs "
+        "continuous rewards (a reward of a few values, e.g. 0/1, ranks samples poorly); see reward_tie_rate",
+        flush=True)
 
 
 def build(ctx: Context) -> loop.Stage:
   """The distillation stage: the policy starts at pi_ref (and so does the anchor, where there is one)."""
   config, mesh = ctx.config, ctx.mesh
   algorithm = algorithms.get(config.bond.algorithm)
-  frozen, base = frozen_models(ctx)
-  train_prompts, eval_prompts = prompts_lib.prompt_sources(config, ctx.preferences)
+  train_prompts, eval_sets = prompts_lib.prompt_sources(config, ctx.tokenizer)
+  frozen = frozen_models(ctx, rewards_lib.records_of(train_prompts, *eval_sets.values()))
   optimizer = update.make_optimizer(update.OptimizerConfig.from_section(config.optimizer, config.train.steps))
   policy, options = _initial_policy(config, frozen)
   state = update.new_state(policy, optimizer, mesh, policy if algorithm.uses_anchor else None)
@@ -133,21 +174,28 @@ def build(ctx: Context) -> loop.Stage:
   step = algorithm.make_step(config.bond, scoring.sequence_logprob_fn(frozen.policy_cfg, frozen.pad_id),
                              optimizer, options)
   base_rng = jax.random.key(config.seed)
+  warned: list[int] = []
 
   def prepare(host_batch, state, step):
     placed = sharding.global_batch(host_batch, mesh)  # the global batch, on every process
     batch, stats = algorithm.rollout(config.bond, frozen, state, placed["tokens"], placed["mask"],
                                      jax.random.fold_in(base_rng, step - 1), config.sampling.max_new_tokens)
     lengths = np.asarray(sharding.to_host(stats.response_lengths))
-    return batch, {"response_length": float(lengths.mean()), "tokens": float(lengths.sum())}
+    ties = rewards_lib.batch_tie_rate(batch)
+    warn_ties(ties, step, warned)
+    return batch, {
+        "response_length": float(lengths.mean()),
+        "tokens": float(lengths.sum()),
+        "reward_tie_rate": ties
+    }
 
-  evaluation = _Evaluation(ctx, frozen, eval_prompts) if config.eval.num_prompts else None
+  evaluation = _Evaluation(ctx, frozen, eval_sets) if config.eval.num_prompts and eval_sets else None
   run_step = lambda state, batch: step(state, frozen.reference_params, batch)
   return loop.Stage(name=STAGE, kind=KIND, mesh=mesh, model=frozen.policy_cfg,
                     schedule=loop.Schedule.from_section(config.train), state=state, step=run_step,
                     batches=prompts_lib.prompt_dataset(config, train_prompts, ctx.tokenizer), prepare=prepare,
                     evaluate=evaluation, eval_line=eval_line, evaluate_first=True,
-                    progress_keys=algorithms.PROGRESS_KEYS + ("response_length",), base=base)
+                    progress_keys=algorithms.PROGRESS_KEYS + ("response_length",), base=frozen.base_identity)
 
 
 def _initial_policy(config, frozen: FrozenModels) -> tuple[Any, dict[str, Any]]:
@@ -167,6 +215,14 @@ def report(result: dict[str, Any]) -> str:
   """The closing line of the stage (its final evaluation, or its last step without one)."""
   if "policy_quantile_mean" not in result:
     return f"[{STAGE}] finished at step {result.get('step')}"
-  return (f"[{STAGE}] step {result.get('step', '')}: policy quantile {result['policy_quantile_mean']:.3f} +- "
+  line = (f"[{STAGE}] step {result.get('step', '')}: policy quantile {result['policy_quantile_mean']:.3f} +- "
           f"{result['policy_quantile_stderr']:.3f}, KL(pi||ref) {result['kl_policy_ref']:.3f}, reward "
           f"{result['policy_reward']:.3f}")
+  if "quantile_ks" in result:
+    line += f", KS to BoN-{result['tracked_n']:.2f} {result['quantile_ks']:.3f}"
+  if "held_out_topics_policy_quantile_mean" in result:
+    line += (
+        f"; held-out topics: quantile {result['held_out_topics_policy_quantile_mean']:.3f} +- "
+        f"{result['held_out_topics_policy_quantile_stderr']:.3f}, KL {result['held_out_topics_kl_policy_ref']:.3f}"
+    )
+  return line

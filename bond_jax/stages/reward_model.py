@@ -7,11 +7,13 @@ starts from the SFT checkpoint of the workdir (the pipeline runs that stage firs
 config.reference; the scalar
 head starts at zero, so every pair starts at a margin of 0.
 
-Reported on the validation and test pairs (their starter prompts are unseen in training): pairwise
-accuracy (a tie counts 1/2) with a 95% Wilson interval, and the accuracy of the "longer response wins"
-baseline on the same pairs. The interval treats pairs as independent draws; they are not (a split holds
-only a few starter prompts, and each conversation appears in several pairs), so it understates the real
-uncertainty; the number of distinct prompts is reported with it.
+Reported on three held-out sets of pairs (chitchat.PREFERENCE_SPLITS): 'in_distribution' (the training
+topics' held-out conversations, which the distillation stage's in-distribution prompts come from),
+'validation' and 'test' (unseen topics): pairwise accuracy (a tie counts 1/2) with a 95% Wilson interval,
+beside two baselines on the same pairs (bond_jax/reward_baselines.py): the longer response, and a
+bag-of-words Bradley-Terry model fitted on the training pairs. The interval treats pairs as independent
+draws; they are not (a split holds few starter prompts, and each conversation appears in several pairs),
+so it understates the real uncertainty; the number of distinct prompts is reported with it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bond_jax import artifacts, loop, sharding, update
+from bond_jax import artifacts, loop, reward_baselines, sharding, update
 from bond_jax.data import pipeline
 from bond_jax.data.tokenizer import Tokenizer
 from bond_jax.models import params as params_lib
@@ -34,7 +36,8 @@ from bond_jax.stages.context import Context
 
 STAGE, KIND = "reward", "reward"
 NDIMS = {"tokens": 3, "mask": 3, "response_mask": 3}
-EVAL_SPLITS = ("validation", "test")
+EVAL_SPLITS = ("in_distribution", "validation", "test")
+BASELINES = (("length", "longer response"), ("bow", "bag-of-words"))
 Z_95 = 1.959963984540054
 
 
@@ -49,11 +52,6 @@ def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, f
   center = (p + z * z / (2 * n)) / denom
   half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
   return max(0.0, center - half), min(1.0, center + half)
-
-
-def pairwise_wins(margins: np.ndarray) -> np.ndarray:
-  """[N] 1 where chosen scores higher, 1/2 on a tie, 0 otherwise."""
-  return np.where(margins > 0, 1.0, np.where(margins == 0, 0.5, 0.0))
 
 
 def bradley_terry_loss(cfg: ModelConfig):
@@ -100,38 +98,40 @@ def pair_batches(records: Sequence[dict], tokenizer: Tokenizer, batch_size: int,
   return out
 
 
-def length_baseline_wins(records: Sequence[dict], tokenizer: Tokenizer) -> np.ndarray:
-  """[N] wins of "the response with more tokens is preferred" (a tie counts 1/2)."""
-  chosen = np.array([len(ids) for ids in tokenizer.encode_batch([r["chosen"] for r in records])])
-  rejected = np.array([len(ids) for ids in tokenizer.encode_batch([r["rejected"] for r in records])])
-  return pairwise_wins((chosen - rejected).astype(np.float64))
-
-
 def _summary(prefix: str, wins: np.ndarray) -> dict[str, float]:
   low, high = wilson_interval(float(wins.sum()), len(wins))
   return {f"{prefix}accuracy": float(wins.mean()), f"{prefix}ci_low": low, f"{prefix}ci_high": high}
 
 
+def baseline_metrics(train: Sequence[dict], splits: dict[str, list[dict]],
+                     tokenizer: Tokenizer) -> dict[str, float]:
+  """Pairs, prompts and both baselines' accuracy per held-out split (they do not depend on the params)."""
+  bow = reward_baselines.BagOfWords(train)
+  out = {}
+  for name, records in splits.items():
+    out[f"{name}_pairs"] = float(len(records))
+    out[f"{name}_prompts"] = float(len({r["prompt"] for r in records}))
+    out.update(_summary(f"{name}_length_", reward_baselines.length_wins(records, tokenizer)))
+    out.update(_summary(f"{name}_bow_", bow.wins(records)))
+  return out
+
+
 def make_evaluate(cfg: ModelConfig, mesh, param_shardings, splits: dict[str, list[dict]],
-                  tokenizer: Tokenizer, batch_size: int, buckets: Sequence[int]):
-  """(params, final) -> metrics on the first split (validation), and on every split when final."""
+                  fixed: dict[str, float], tokenizer: Tokenizer, batch_size: int, buckets: Sequence[int]):
+  """(params, final) -> metrics on the first split, and on every split when final; `fixed` (the
+  baselines) joins each split's metrics."""
   score = jax.jit(
       lambda params, b: score_pairs(cfg, params, b["tokens"], b["mask"]), in_shardings=(param_shardings, {
           k: sharding.batch_sharding(mesh, n) for k, n in NDIMS.items()
       }), out_shardings=sharding.replicated(mesh))
   batches = {name: pair_batches(records, tokenizer, batch_size, buckets) for name, records in splits.items()}
-  fixed = {}  # metrics that do not depend on the params
-  for name, records in splits.items():
-    fixed[f"{name}_pairs"] = float(len(records))
-    fixed[f"{name}_prompts"] = float(len({r["prompt"] for r in records}))
-    fixed.update(_summary(f"{name}_length_", length_baseline_wins(records, tokenizer)))
 
   def evaluate(params, final: bool = True) -> dict[str, float]:
     metrics = {}
     for name in splits if final else list(splits)[:1]:
       scores = [(score(params, sharding.shard_batch(b, mesh)), real) for b, real in batches[name]]
       margins = np.concatenate([np.asarray(s)[:real, 0] - np.asarray(s)[:real, 1] for s, real in scores])
-      metrics.update(_summary(f"{name}_", pairwise_wins(margins)))
+      metrics.update(_summary(f"{name}_", reward_baselines.wins(margins)))
       metrics.update({k: v for k, v in fixed.items() if k.startswith(f"{name}_")})
     return metrics
 
@@ -153,17 +153,18 @@ def initial_params(ctx: Context) -> tuple[Any, ModelConfig]:
 
 
 def _splits(builder) -> dict[str, list[dict]]:
+  """{split: records} of the training split and the held-out splits present."""
   present = builder.info.splits
   if "train" not in present or not any(name in present for name in EVAL_SPLITS):
     raise ValueError(f"preference splits {sorted(present)} lack train or a held-out split; raise "
                      "data.max_conversations (0 = all)")
   meta = builder.info.metadata
+  names = ("train", *EVAL_SPLITS)
   if jax.process_index() == 0:
     print(
-        f"[{STAGE}] pairs train/validation/test {meta.get('pairs_train')}/{meta.get('pairs_validation')}/"
-        f"{meta.get('pairs_test')} over {meta.get('prompts_train')}/{meta.get('prompts_validation')}/"
-        f"{meta.get('prompts_test')} starter prompts", flush=True)
-  return {name: _records(builder.as_data_source(name)) for name in EVAL_SPLITS if name in present}
+        f"[{STAGE}] pairs {'/'.join(names)} {'/'.join(str(meta.get(f'pairs_{n}', 0)) for n in names)} over "
+        f"{'/'.join(str(meta.get(f'prompts_{n}', 0)) for n in names)} starter prompts", flush=True)
+  return {name: _records(builder.as_data_source(name)) for name in names if name in present}
 
 
 def build(ctx: Context) -> loop.Stage:
@@ -172,6 +173,7 @@ def build(ctx: Context) -> loop.Stage:
   params, cfg = initial_params(ctx)
   builder = ctx.preferences
   splits = _splits(builder)
+  fixed = baseline_metrics(splits.pop("train"), splits, tokenizer)
   pcount, buckets = jax.process_count(), tuple(c.buckets)
   batches = pipeline.preference_batches(builder.as_data_source("train"), tokenizer,
                                         batch_size=c.batch_size // pcount, buckets=buckets, seed=config.seed,
@@ -182,8 +184,8 @@ def build(ctx: Context) -> loop.Stage:
   step = update.build_update_step(lambda params, anchor, ref, batch: loss(params, batch), optimizer,
                                   mesh=mesh, state_sharding=sharding.shardings_of(state))
   # Evaluation batches are global (every process scores every pair), rows split over the mesh.
-  evaluate = make_evaluate(cfg, mesh, sharding.shardings_of(state.params), splits, tokenizer, c.batch_size,
-                           buckets)
+  evaluate = make_evaluate(cfg, mesh, sharding.shardings_of(state.params), splits, fixed, tokenizer,
+                           c.batch_size, buckets)
   return loop.Stage(
       name=STAGE, kind=KIND, mesh=mesh, model=cfg, schedule=loop.Schedule.from_section(c), state=state,
       step=lambda state, batch: step(state, None, batch), batches=batches, prepare=lambda batch, state, step:
@@ -197,10 +199,10 @@ def report(m: dict[str, Any]) -> str:
       f"[{STAGE}] step {m['step']}: held-out pairwise accuracy (95% Wilson interval; pairs share "
       "starter prompts, so the interval is optimistic)"
   ]
+  interval = lambda p: f"{m[f'{p}accuracy']:.3f} [{m[f'{p}ci_low']:.3f}, {m[f'{p}ci_high']:.3f}]"
   for name in (n for n in EVAL_SPLITS if f"{n}_accuracy" in m):
-    lines.append(f"  {name}: {m[f'{name}_accuracy']:.3f} [{m[f'{name}_ci_low']:.3f}, "
-                 f"{m[f'{name}_ci_high']:.3f}] on {m[f'{name}_pairs']:.0f} pairs / "
-                 f"{m[f'{name}_prompts']:.0f} prompts; longer-response baseline "
-                 f"{m[f'{name}_length_accuracy']:.3f} [{m[f'{name}_length_ci_low']:.3f}, "
-                 f"{m[f'{name}_length_ci_high']:.3f}]")
+    baselines = "; ".join(
+        f"{label} {interval(f'{name}_{key}_')}" for key, label in BASELINES if f"{name}_{key}_accuracy" in m)
+    lines.append(f"  {name}: {interval(f'{name}_')} on {m[f'{name}_pairs']:.0f} pairs / "
+                 f"{m[f'{name}_prompts']:.0f} prompts; {baselines}")
   return "\n".join(lines)

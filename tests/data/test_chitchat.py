@@ -1,3 +1,4 @@
+import itertools
 import json
 import sys
 
@@ -42,13 +43,16 @@ def test_dialogue_examples_label_speakers_by_position():
 
 def test_preference_builder_rule_and_prompt_split(preference_builder):
   meta = preference_builder.info.metadata
-  sources = {s: preference_builder.as_data_source(s) for s in chitchat.SPLITS}
+  sources = {s: preference_builder.as_data_source(s) for s in chitchat.PREFERENCE_SPLITS}
   prompts = {s: _ids(src, "prompt") for s, src in sources.items()}
+  ids = {s: _ids(src, "chosen_id") | _ids(src, "rejected_id") for s, src in sources.items()}
   for split, source in sources.items():
     assert len(source) == meta[f"pairs_{split}"] > 0
     assert len(prompts[split]) == meta[f"prompts_{split}"]
   assert not prompts["train"] & prompts["validation"] and not prompts["train"] & prompts["test"]
   assert not prompts["validation"] & prompts["test"]
+  # in_distribution: the training topics' held-out conversations, never in a training pair
+  assert prompts["in_distribution"] <= prompts["train"] and not ids["in_distribution"] & ids["train"]
   assert meta["conversations_unrated"] > 0  # counted, not silently dropped
   train = sources["train"]
   for i in range(0, len(train), 37):
@@ -64,7 +68,7 @@ def test_preference_pairs_mean_rating_and_margin(conversations):
                                            max_pairs_per_prompt=5, seed=3)
   # Ratings are stored as float32; the rule itself is applied in float64.
   assert all(p["chosen_rating"] - p["rejected_rating"] >= 4 - 1e-5 for ps in pairs.values() for p in ps)
-  assert sum(len(ps) for ps in pairs.values()) == sum(stats[f"pairs_{s}"] for s in chitchat.SPLITS)
+  assert sum(len(ps) for ps in pairs.values()) == sum(stats[f"pairs_{s}"] for s in chitchat.PREFERENCE_SPLITS)
   again, _ = chitchat.preference_pairs(conversations[:1000], rating="mean", margin=4, max_pairs_per_prompt=5,
                                        seed=3)
   assert again == pairs
@@ -153,8 +157,15 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
   builder = local.prepare(chitchat.ChitchatPreferences, str(tmp_path / "tfds"), config)
   meta = builder.info.metadata
   assert (meta["skipped_invalid_utf8"], meta["skipped_no_turns"]) == (1, 2)
-  # ratings 1, 4, 7 twice each -> pairs differing by >= 2: 3 * (2 * 2) = 12 of the 15 pairs.
-  assert meta["pairs_candidate"] == 12 == len(builder.as_data_source("train"))
+  # ratings 1, 4, 7 twice each; pairs differing by >= 2 within each group of conversations (those SFT trains
+  # on, the held-out rest): 12 of the 15 pairs if all were in one group.
+  ratings = {f"good{i}": 1 + 3 * (i % 3) for i in range(6)}
+  held_out = {i for i in ratings if chitchat.split_by_hash(i, chitchat.DIALOGUE_FRACTIONS) != "train"}
+  expected = sum(1 for a, b in itertools.combinations(sorted(ratings), 2)
+                 if (a in held_out) == (b in held_out) and ratings[a] != ratings[b])
+  splits = builder.info.splits
+  pairs = sum(len(builder.as_data_source(name)) for name in ("train", "in_distribution") if name in splits)
+  assert 0 < meta["pairs_candidate"] == expected == pairs <= 12
   assert "tensorflow" not in sys.modules
 
 
@@ -175,3 +186,25 @@ def test_dialogue_builder_on_fake_source_counts_skips(tmp_path):
   source = builder.as_data_source("train")
   assert sorted(int(source[i]["turn_index"]) for i in range(len(source))) == [0, 1]
   assert np.all([source[i]["conversation_id"] == b"a" for i in range(len(source))])
+
+
+def test_opening_prompts_split_like_the_pairs(conversations):
+  topic_split = chitchat.topic_splits(conversations)
+  prompts = chitchat.opening_prompts(conversations, 1, topic_split)
+  texts = {name: {r["prompt"] for r in records} for name, records in prompts.items()}
+  assert all(texts[name] for name in chitchat.PREFERENCE_SPLITS)
+  for a in chitchat.PREFERENCE_SPLITS:  # one prompt per conversation, each in exactly one split
+    for b in chitchat.PREFERENCE_SPLITS:
+      assert a == b or not texts[a] & texts[b]
+  by_prompt = {
+      chitchat.formats.dialogue_prompt(c.topic, c.turns[:1], 0): c for c in conversations if len(c.turns) > 1
+  }
+  for text in list(texts["in_distribution"])[:20]:
+    conversation = by_prompt[text]
+    assert topic_split[conversation.topic] == "train"
+    assert chitchat.split_by_hash(conversation.conversation_id, chitchat.DIALOGUE_FRACTIONS) != "train"
+  assert text.startswith("Topic: ") and "\nA: " in text and text.endswith("\nB:")
+  # prompt_turns = 0: the starter topics, all in 'train' / 'validation' / 'test'
+  topics = chitchat.opening_prompts(conversations, 0, topic_split)
+  assert not topics["in_distribution"]
+  assert len(topics["train"]) == sum(1 for s in topic_split.values() if s == "train")

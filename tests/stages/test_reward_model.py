@@ -1,10 +1,10 @@
-"""Reward stage: the Wilson interval, the length baseline, a tiny Bradley-Terry run from an SFT backbone."""
+"""Reward stage: the Wilson interval, a tiny Bradley-Terry run from an SFT backbone with its baselines."""
 
 import jax
 import numpy as np
 import pytest
 
-from bond_jax import artifacts, checkpoint, pipeline, sharding, workdir as wd
+from bond_jax import artifacts, checkpoint, pipeline, reward_baselines, sharding, workdir as wd
 from bond_jax.stages import reward_model as rt
 from configs import dialogue
 
@@ -18,22 +18,6 @@ def test_wilson_interval_known_values():
   np.testing.assert_allclose(rt.wilson_interval(50, 100), (0.4038315, 0.5961685), atol=1e-6)
   with pytest.raises(ValueError, match="n=0"):
     rt.wilson_interval(0, 0)
-
-
-def test_pairwise_wins_and_length_baseline(tmp_path):
-  np.testing.assert_array_equal(rt.pairwise_wins(np.array([0.3, 0.0, -1.0])), [1.0, 0.5, 0.0])
-
-  class Words:  # a stand-in tokenizer: one token per word
-
-    def encode_batch(self, texts):
-      return [t.split() for t in texts]
-
-  records = [
-      dict(chosen="a b c", rejected="a"),
-      dict(chosen="a", rejected="a b"),
-      dict(chosen="a b", rejected="c d")
-  ]
-  np.testing.assert_array_equal(rt.length_baseline_wins(records, Words()), [1.0, 0.0, 0.5])
 
 
 def tiny_config():
@@ -61,7 +45,7 @@ def test_reward_model_learns_train_pairs_and_reports_heldout_accuracy(tmp_path):
     low, high = rt.wilson_interval(final[f"{name}_accuracy"] * final[f"{name}_pairs"],
                                    int(final[f"{name}_pairs"]))
     assert final[f"{name}_ci_low"] == pytest.approx(low) and final[f"{name}_ci_high"] == pytest.approx(high)
-    assert 0 <= final[f"{name}_length_accuracy"] <= 1
+    assert 0 <= final[f"{name}_length_accuracy"] <= 1 and 0 <= final[f"{name}_bow_accuracy"] <= 1
   # Sanity: accuracy on the TRAIN pairs is well above chance after 30 steps (240 pairs seen).
   ctx = pipeline.setup(config, workdir, until="reward")
   mesh, tokenizer, builder = ctx.mesh, ctx.tokenizer, ctx.preferences
@@ -74,7 +58,7 @@ def test_reward_model_learns_train_pairs_and_reports_heldout_accuracy(tmp_path):
                        sharding.shard_batch(batch, mesh)["tokens"],
                        sharding.shard_batch(batch, mesh)["mask"]))
     margins.append(scores[:real, 0] - scores[:real, 1])
-  accuracy = rt.pairwise_wins(np.concatenate(margins)).mean()
+  accuracy = reward_baselines.wins(np.concatenate(margins)).mean()
   assert accuracy > 0.7, accuracy
   trained_head = np.asarray(jax.device_get(params["head"]))
   assert np.abs(trained_head).max() > 0  # the zero-initialised head moved
