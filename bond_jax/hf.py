@@ -11,6 +11,7 @@ Neither direction needs torch or transformers: tensors go through safetensors' F
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -234,12 +235,7 @@ def export(params: Any, cfg: ModelConfig, out_dir: str, *, kind: str = "lm", ove
     tensors["score.weight"] = params["head"][None, :]
   tensors = {name: jnp.asarray(jax.device_get(x)).astype(dtype) for name, x in tensors.items()}
 
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.partial-{os.getpid()}")
-  shutil.rmtree(staging, ignore_errors=True)
-  os.makedirs(staging)
-  try:
+  with staged_directory(out_dir) as staging:
     _write_safetensors(tensors, staging, max_shard_bytes)
     hf_config["torch_dtype"] = dtype
     with open(os.path.join(staging, "config.json"), "w") as f:
@@ -258,6 +254,19 @@ def export(params: Any, cfg: ModelConfig, out_dir: str, *, kind: str = "lm", ove
         json.dump(generation, f, indent=2)
     for name, src in (tokenizer_files or {}).items():
       shutil.copyfile(src, os.path.join(staging, name))
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: str) -> Iterator[str]:
+  """A fresh temporary directory beside out_dir that replaces out_dir when the block ends without an
+  error, with the usual file modes: a failed export never leaves half a directory."""
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.partial-{os.getpid()}")
+  shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging)
+  try:
+    yield staging
     _give_usual_modes(staging)
     if os.path.isdir(out_dir):
       shutil.rmtree(out_dir)

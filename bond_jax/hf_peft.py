@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -72,17 +71,7 @@ def export_adapters(adapters: Any, cfg: ModelConfig, lora: lora_lib.LoraConfig, 
   """Write the PEFT adapter directory (through a temporary directory renamed into place)."""
   hf.check_out_dir(out_dir, overwrite)
   tensors = adapter_tensors(adapters, cfg, lora)
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.partial-{os.getpid()}")
-  shutil.rmtree(staging, ignore_errors=True)
-  os.makedirs(staging)
-  try:
+  with hf.staged_directory(out_dir) as staging:
     save_file(tensors, os.path.join(staging, WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(staging, CONFIG), "w") as f:
       json.dump(adapter_config(cfg, lora, base_path), f, indent=2)
-    if os.path.isdir(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(staging, out_dir)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)

@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import multiprocessing
 import os
-import sys
 import time
 from typing import Any
 

@@ -18,7 +18,7 @@ prompt bucket are dropped and counted (a left-truncated transcript would lose it
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import grain
 import jax

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -105,44 +105,46 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
   return tree
 
 
-def adapter_shapes(cfg: ModelConfig, lora: LoraConfig, base_shapes: Any) -> Any:
-  """The adapters tree of jax.ShapeDtypeStruct (float32) for a base tree (of shapes or arrays)."""
+def _per_target(cfg: ModelConfig, lora: LoraConfig, base_tree: Any, pair: Callable[[Any, int, int],
+                                                                                   dict[str, Any]]) -> Any:
+  """The adapters tree built from a base tree (of shapes, arrays or logical axes): for each adapted weight,
+  pair(its base entry, lead, n_in) -> {'a': ..., 'b': ...}; lead = 1 for scanned layers, n_in = the
+  weight's number of input dimensions."""
   out: dict[str, Any] = {}
   for path, stacked in _layer_groups(cfg, lora):
-    layer = _get(base_shapes, path)
+    layer = _get(base_tree, path)
     node = out
     for key in path:
       node = node.setdefault(key, {})
     for name in lora.targets:
       group, n_in = TARGETS[name]
-      shape = tuple(layer[group][name].shape)
-      lead = 1 if stacked else 0
-      inputs, outputs = shape[lead:lead + n_in], shape[lead + n_in:]
-      node.setdefault(group, {})[name] = {
-          "a": jax.ShapeDtypeStruct(shape[:lead] + inputs + (lora.rank,), jnp.float32),
-          "b": jax.ShapeDtypeStruct(shape[:lead] + (lora.rank,) + outputs, jnp.float32)
-      }
+      node.setdefault(group, {})[name] = pair(layer[group][name], 1 if stacked else 0, n_in)
   return out
+
+
+def adapter_shapes(cfg: ModelConfig, lora: LoraConfig, base_shapes: Any) -> Any:
+  """The adapters tree of jax.ShapeDtypeStruct (float32) for a base tree (of shapes or arrays)."""
+
+  def pair(weight, lead, n_in):
+    shape = tuple(weight.shape)
+    inputs, outputs = shape[lead:lead + n_in], shape[lead + n_in:]
+    return {
+        "a": jax.ShapeDtypeStruct(shape[:lead] + inputs + (lora.rank,), jnp.float32),
+        "b": jax.ShapeDtypeStruct(shape[:lead] + (lora.rank,) + outputs, jnp.float32)
+    }
+
+  return _per_target(cfg, lora, base_shapes, pair)
 
 
 def logical_axes(cfg: ModelConfig, lora: LoraConfig, base_axes: Any) -> Any:
   """The adapters' logical axes from the base's: A keeps its weight's input axes (the rank replicated),
   B its output axes, so an adapter lives where its weight's shards do."""
-  out: dict[str, Any] = {}
-  for path, stacked in _layer_groups(cfg, lora):
-    layer = _get(base_axes, path)
-    node = out
-    for key in path:
-      node = node.setdefault(key, {})
-    lead = 1 if stacked else 0
-    for name in lora.targets:
-      group, n_in = TARGETS[name]
-      names = tuple(layer[group][name])
-      node.setdefault(group, {})[name] = {
-          "a": names[:lead + n_in] + (None,),
-          "b": names[:lead] + (None,) + names[lead + n_in:]
-      }
-  return out
+
+  def pair(names, lead, n_in):
+    names = tuple(names)
+    return {"a": names[:lead + n_in] + (None,), "b": names[:lead] + (None,) + names[lead + n_in:]}
+
+  return _per_target(cfg, lora, base_axes, pair)
 
 
 def init(cfg: ModelConfig, lora: LoraConfig, base_shapes: Any, rng: jax.Array) -> Any:

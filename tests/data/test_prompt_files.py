@@ -117,6 +117,7 @@ def test_held_out_file_or_a_seeded_fraction(tok, chats, tmp_path):
     return [tuple(r["tokens"]) for r in train.records], [tuple(r["tokens"]) for r in held_out.records]
 
   (a_train, a_held), (b_train, b_held), (c_train, c_held) = split(0), split(0), split(1)
+  assert a_train == b_train
   assert a_held == b_held and a_held != c_held and len(a_held) == 15 and len(a_train) == 45
   assert not set(a_held) & set(a_train) and sorted(a_train + a_held) == sorted(c_train + c_held)
   with pytest.raises(ValueError, match="are both set; give one"):
