@@ -189,23 +189,28 @@ def _run_pending(pending: list[str], configs, dirs, parallel: int) -> list[str]:
   return failed
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "The config the workdir was made with, e.g. "
-    "configs/dialogue.py; --config.x=y overrides apply to every arm.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir with finished SFT and reward stages.")
-_STUDY = flags.DEFINE_string("study", "paper", f"Which study: {', '.join(STUDIES)}.")
-_ARMS = flags.DEFINE_string("arms", "", "Comma-separated arm names (default: all of the study's arms).")
-_PARALLEL = flags.DEFINE_integer("parallel", max(1, (os.cpu_count() or 1) // 2), "Arms run at once.")
-flags.mark_flags_as_required(["config", "workdir"])
+def _define_flags() -> None:
+  """The command line's flags, defined only when this module is the program: tests import it beside the
+  other CLIs (whose --config / --workdir would clash), and spawned arm workers parse no flags."""
+  config_flags.DEFINE_config_file(
+      "config", None, "The config the workdir was made with, e.g. "
+      "configs/dialogue.py; --config.x=y overrides apply to every arm.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "A workdir with finished SFT and reward stages.")
+  flags.DEFINE_string("study", "paper", f"Which study: {', '.join(STUDIES)}.")
+  flags.DEFINE_string("arms", "", "Comma-separated arm names (default: all of the study's arms).")
+  flags.DEFINE_integer("parallel", max(1, (os.cpu_count() or 1) // 2), "Arms run at once.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _PARALLEL.value < 1:
-    raise ValueError(f"--parallel={_PARALLEL.value} must be >= 1")
-  run(_CONFIG.value, _WORKDIR.value, _STUDY.value, _ARMS.value, _PARALLEL.value)
+  f = flags.FLAGS
+  if f.parallel < 1:
+    raise ValueError(f"--parallel={f.parallel} must be >= 1")
+  run(f.config, f.workdir, f.study, f.arms, f.parallel)
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.entry(main)
