@@ -4,7 +4,8 @@ model.
 One step: prompts [B, P] -> the algorithm's rollout (policy / anchor / reference samples, their rewards) ->
 its jitted update (algorithms.py) -> metrics. Every train.eval_every steps the policy's single sample is
 compared with Best-of-N of pi_ref on each held-out prompt set (evaluate.py; chitchat: 'in_distribution',
-then 'held_out_topics'); results, plots and a history go to <workdir>/bond/eval/. The loop (loop.py) does the rest. A step's randomness is fold_in(seed, step - 1).
+then 'held_out_topics'); results, plots and a history go to <workdir>/bond/eval/. The loop (loop.py) does
+the rest. A step's randomness is fold_in(seed, step - 1).
 """
 
 from __future__ import annotations
