@@ -82,6 +82,7 @@ BAD_CONFIGS = [
     ("mesh.tensor", 8, r"mesh=.*num_kv_heads=2 is not divisible|mesh=.*dimension"),
     ("model.preset", "huge", r"model.preset='huge'; allowed: micro, tiny"),
     ("data.response_turns", 0, r"data.response_turns=0 must be an integer >= 1"),
+    ("data.prompt_turns", -1, r"data.prompt_turns=-1 must be an integer >= 0"),
     ("data.task", "poetry", r"data.task='poetry'; allowed: chitchat, summarization"),
     ("data.prompt_buckets", (64, 32), r"data.prompt_buckets=\(64, 32\) must be increasing"),
     ("eval.policy_samples", 0, r"eval.policy_samples=0 must be an integer >= 1"),

@@ -139,11 +139,13 @@ def eval_line(result: dict[str, Any]) -> str:
   line += f" | KS to BoN-{result['tracked_n']:.2f} {result['quantile_ks']:.3f}"
   if "target_best_of" in result:
     line += f" | aims at BoN-{result['target_best_of']:.2f} (KL {result['kl_target_best_of']:.3f})"
+  # the Best-of-N quantiles the held-out sets are read against: N / (N + 1), from the evaluation itself
+  quantiles = ", ".join(f"BoN-{n} {bon[n]['quantile_mean']:.3f}" for n in shown)
   for name, other in result.items():
     if isinstance(other, dict) and "policy_quantile_mean" in other:
       line += (
           f"\n    {name.replace('_', ' ')}: quantile {other['policy_quantile_mean']:.3f} +- "
-          f"{other['policy_quantile_stderr']:.3f} (BoN-2 0.667, BoN-4 0.800), KL(pi||ref) "
+          f"{other['policy_quantile_stderr']:.3f} ({quantiles}), KL(pi||ref) "
           f"{other['kl_policy_ref']:.3f}, KS {other['quantile_ks']:.3f}, reward {other['policy_reward']:.3f}, "
           f"length {other['policy_response_length']:.1f}")
   return line
