@@ -119,6 +119,6 @@ def validate(bond: ml_collections.ConfigDict) -> None:
       objectives.validate_hparams(n=bond.n)
   except ValueError as error:
     raise ValueError(f"bond.{error}") from None
-    if bond.k < bond.n:
-      raise ValueError(f"bond.k={bond.k} reference samples cannot supply a Best-of-{bond.n}: need bond.k >= "
-                       "bond.n")
+  if algorithm.rollout is _bond_rollout and bond.k < bond.n:
+    raise ValueError(f"bond.k={bond.k} reference samples cannot supply a Best-of-{bond.n}: need bond.k >= "
+                     "bond.n")

@@ -109,6 +109,14 @@ def test_every_bad_config_is_one_error_before_anything_is_written(key, value, me
   assert not workdir.exists()  # no config.json guard written, nothing to poison a corrected rerun
 
 
+def test_bond_with_fewer_reference_samples_than_n_is_one_error(tmp_path):
+  config = dialogue.get_config("smoke")
+  config.bond.update(algorithm="bond", n=4, k=2)
+  with pytest.raises(ValueError, match=r"bond.k=2 reference samples cannot supply a Best-of-4"):
+    pipeline.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
 def test_a_corrected_rerun_is_accepted_after_a_bad_path(tmp_path):
   """A bad first run must not poison the workdir: its guard is written only once everything checks."""
   workdir = tmp_path / "run"
