@@ -23,6 +23,7 @@ these:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from bond_jax import rewards as rewards_lib, rollout, scoring, sharding
+from bond_jax import checkpoint, rewards as rewards_lib, rollout, scoring, sharding
 from bond_jax.frozen import FrozenModels
 
 
@@ -162,6 +163,49 @@ def reference_pool(frozen: FrozenModels, prompts: jax.Array, prompt_mask: jax.Ar
   rewards = rewards_lib.score(frozen, prompts, prompt_mask, reference.tokens, reference.mask)
   return ReferencePool(_host(rewards), _host(reference.lengths), reference.tokens, reference.mask,
                        jnp.sum(reference.model_logprobs, axis=-1))
+
+
+POOL_FIELDS = ReferencePool._fields
+
+
+def pool_fingerprint(frozen: FrozenModels, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
+                     num_samples: int, max_new_tokens: int) -> str | None:
+  """What a reference pool is a function of, hashed: pi_ref's and the reward model's contents (not their
+  paths), the prompts, the draw's key, K, the response budget and the token ids that end or pad a response.
+  None where a pool must be drawn every time: a host reward route (its code is not hashable) or several
+  processes (every process would have to agree that a file exists before the collective draw)."""
+  if frozen.text_rewards is not None or jax.process_count() > 1:
+    return None
+  parts = [
+      checkpoint.tree_digest(frozen.reference_params),
+      checkpoint.tree_digest(frozen.reward_params),
+      repr(frozen.policy_cfg),
+      repr(frozen.reward_cfg),
+      str(np.asarray(jax.random.key_data(rng)).tolist()), f"K={num_samples} T={max_new_tokens}",
+      f"eos={frozen.eos_ids} pad={frozen.pad_id}"
+  ]
+  digest = hashlib.sha256("|".join(parts).encode())
+  for x in (prompts, prompt_mask):
+    digest.update(np.ascontiguousarray(sharding.to_host(x)).tobytes())
+  return digest.hexdigest()[:24]
+
+
+def save_pool(pool: ReferencePool, path: str) -> None:
+  """Write a pool as one .npz, atomically (a killed run leaves no half-written file for the next to trust)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  partial = f"{path}.partial-{os.getpid()}"
+  with open(partial, "wb") as f:
+    np.savez(f, **{name: np.asarray(sharding.to_host(x)) for name, x in zip(POOL_FIELDS, pool)})
+  os.replace(partial, path)
+
+
+def load_pool(path: str, mesh: Any) -> ReferencePool:
+  """A pool written by `save_pool`, its device arrays placed as the sampler places them (batch split)."""
+  with np.load(path) as saved:
+    arrays = {name: saved[name] for name in POOL_FIELDS}
+  place = lambda x: jax.device_put(x, sharding.fitted(mesh, x.shape, ("act_batch",) + (None,) * (x.ndim - 1)))
+  return ReferencePool(arrays["rewards"], arrays["lengths"], place(arrays["tokens"]), place(arrays["mask"]),
+                       place(arrays["ref_logprobs"]))
 
 
 def best_of_n_kl(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, prompt_mask: jax.Array,

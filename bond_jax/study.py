@@ -147,6 +147,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, study: str, names: str 
   check_base(config, workdir)
   arms = arms_of(study, names)
   configs = {arm.name: arm_config(config, workdir, arm) for arm in arms}
+  for arm_cfg in configs.values():  # every arm evaluates against the same pools of pi_ref: drawn once
+    arm_cfg.eval.pool_dir = arm_cfg.eval.get("pool_dir") or os.path.join(workdir, "study", study,
+                                                                         "reference_pools")
   for name, arm_cfg in configs.items():
     try:
       validation.validate(arm_cfg, "bond")

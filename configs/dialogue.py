@@ -114,7 +114,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
           quantile_samples=32,
           policy_samples=8,
           # also KL(pi_BoN || pi) and KL(pi || pi_BoN) at the tracked N (scores the pool under the policy)
-          best_of_n_kl=False))
+          best_of_n_kl=False,
+          # where pi_ref's pools are kept, keyed by what they depend on (models' contents, prompts, seed, K):
+          # '' = <workdir>/bond/eval/pools (a resumed run reads its own); the study shares one among its arms
+          pool_dir=""))
 
   if preset in ("gemma_2b", "gemma_7b"):
     c.model.preset = preset

@@ -59,6 +59,20 @@ def test_two_arms_run_end_to_end_then_resume_as_finished(smoke_stages, tmp_path,
   study.run(_smoke_config(), workdir, "paper", names, parallel=2)  # both finished: nothing runs
   assert "2 finished, running 0" in capsys.readouterr().out
 
+  # A later arm reads pi_ref's pools (one per held-out set) instead of drawing them, and its evaluation
+  # of the starting policy (pi_ref itself, the same key) is bitwise the one made with the drawn pools.
+  pools = sorted(os.listdir(os.path.join(study_dir, "reference_pools")))
+  assert [p.split("-")[0] for p in pools] == ["held_out_topics", "in_distribution"]
+  study.run(_smoke_config(), workdir, "paper", "jbond_eta0.01_gamma0")
+  assert open(os.path.join(study_dir, "jbond_eta0.01_gamma0.log")).read().count("pool read from") == 2
+  first = [_history(study_dir, name)[0] for name in ("jbond_eta0.05_gamma0", "jbond_eta0.01_gamma0")]
+  assert first[0] == first[1]
+
+
+def _history(study_dir, name):
+  with open(os.path.join(study_dir, name, "bond", "eval", "history.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
 
 def _cli(*flags):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)

@@ -57,7 +57,7 @@ def frozen_models(ctx: Context, prompt_records=()) -> FrozenModels:
 class _Evaluation:
   """The policy vs Best-of-N of pi_ref on fixed held-out batches, one per held-out set (the first is the
   primary one: its metrics are the result's top level, the others' go under their names, their scalars also
-  as '<name>_<metric>'). pi_ref's pools are drawn once per run."""
+  as '<name>_<metric>'). pi_ref's pools are drawn once and kept in eval.pool_dir (`_pool`)."""
 
   def __init__(self, ctx: Context, frozen: FrozenModels, sets: dict[str, Any]):
     self.config, self.frozen = ctx.config, frozen
@@ -70,6 +70,7 @@ class _Evaluation:
     }
     self.rng = jax.random.key(ctx.config.seed + 1)
     self.pools: dict[str, evaluate_lib.ReferencePool] = {}
+    self.pool_dir = ctx.config.eval.get("pool_dir") or os.path.join(self.out_dir, "pools")
     self.history = self._read_history()
 
   def _read_history(self) -> list[dict[str, Any]]:
@@ -83,11 +84,8 @@ class _Evaluation:
                     tracked_n: float | None) -> dict[str, Any]:
     c, frozen = self.config, self.frozen
     prompts, mask = self.batches[name]["tokens"], self.batches[name]["mask"]
-    if name not in self.pools:  # set 0 keeps the pool seed of a single-set run
-      self.pools[name] = evaluate_lib.reference_pool(frozen, prompts, mask,
-                                                     jax.random.fold_in(self.rng, _POOL_SEED - index),
-                                                     num_samples=c.eval.quantile_samples,
-                                                     max_new_tokens=c.sampling.max_new_tokens)
+    if name not in self.pools:
+      self.pools[name] = self._pool(index, name, prompts, mask)
     rng = jax.random.fold_in(jax.random.fold_in(self.rng, step), index) if index else jax.random.fold_in(
         self.rng, step)
     return evaluate_lib.evaluate(frozen, frozen.model_params(state.params), prompts, mask, rng,
@@ -95,6 +93,22 @@ class _Evaluation:
                                  policy_samples=c.eval.policy_samples,
                                  max_new_tokens=c.sampling.max_new_tokens, tracked_n=tracked_n,
                                  with_best_of_n_kl=c.eval.best_of_n_kl)
+
+  def _pool(self, index: int, name: str, prompts: jax.Array, mask: jax.Array) -> evaluate_lib.ReferencePool:
+    """pi_ref's pool of a set: read from eval.pool_dir when a pool of the same inputs is there (a resumed
+    run, or another run of the same pi_ref and reward model: the study's arms), else drawn and written."""
+    c = self.config
+    rng = jax.random.fold_in(self.rng, _POOL_SEED - index)  # set 0 keeps the pool seed of a single-set run
+    options = dict(num_samples=c.eval.quantile_samples, max_new_tokens=c.sampling.max_new_tokens)
+    fingerprint = evaluate_lib.pool_fingerprint(self.frozen, prompts, mask, rng, **options)
+    path = fingerprint and os.path.join(self.pool_dir, f"{name}-{fingerprint}.npz")
+    if path and os.path.exists(path):
+      print(f"[{STAGE}] {name}: pi_ref's pool read from {path}", flush=True)
+      return evaluate_lib.load_pool(path, self.frozen.mesh)
+    pool = evaluate_lib.reference_pool(self.frozen, prompts, mask, rng, **options)
+    if path and jax.process_index() == 0:
+      evaluate_lib.save_pool(pool, path)
+    return pool
 
   def __call__(self, state: update.TrainState, step: int, final: bool) -> dict[str, Any]:
     del final
