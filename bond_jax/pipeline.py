@@ -3,7 +3,8 @@
     run(config, workdir, until="bond")
 1. validation.validate: the WHOLE config (and the paths it names) before anything is written or computed;
 2. the workdir's guard (workdir.check_config) against what made it, then its preparation, once: the
-   config.json guard, the tokenizer and the chitchat datasets (process 0 first when there are several);
+   config.json guard, the tokenizer, the distillation prompts (read and checked: what fits the prompt
+   buckets) and the chitchat datasets (process 0 first when there are several);
 3. the stages in order, each skipped when its checkpoint says it finished: SFT (unless config.reference
    names pi_ref), the reward model (unless config.reward_model names one), the distillation stage.
    `until` stops after a stage ('sft', 'reward' or 'bond').
@@ -12,7 +13,9 @@ No stage imports another: each gets the prepared Context and hands a loop.Stage 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -20,7 +23,7 @@ import ml_collections
 from jax.experimental import multihost_utils
 
 from bond_jax import loop, sharding, validation, workdir as workdir_lib
-from bond_jax.data import prepare
+from bond_jax.data import prepare, prompts as prompts_lib
 from bond_jax.stages import distill, reward_model, sft
 from bond_jax.stages.context import Context
 
@@ -71,13 +74,37 @@ def _writable(workdir: str) -> None:
     raise ValueError(f"workdir {workdir!r} is not writable")
 
 
+@contextlib.contextmanager
+def _undone_if_refused(workdir: str):
+  """A ValueError raised in the block (e.g. prompts refused once the tokenizer exists) leaves the workdir as
+  the block found it: the directory, the guard and the tokenizer it made are removed, so a corrected rerun
+  starts clean."""
+  added = [
+      path for path in (workdir, os.path.join(workdir, "config.json"), workdir_lib.tokenizer_dir(workdir))
+      if not os.path.exists(path)
+  ]
+  try:
+    yield
+  except ValueError:
+    for path in added:
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+    raise
+
+
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, until: str, mesh) -> Context:
-  """Record the guard, then build (or open) the tokenizer and the datasets the planned stages read."""
-  workdir_lib.record_config(config, workdir)
+  """Record the guard, build (or open) the tokenizer, read and check the distillation prompts with it (a
+  prompt bucket too narrow for every prompt is refused here, before SFT), then the datasets the planned
+  stages read."""
   names = {name for name, _, _ in planned_stages(config, until)}
+  workdir_lib.record_config(config, workdir)
+  tokenizer = prepare.tokenizer(config, workdir)
+  prompts = prompts_lib.prompt_sources(config, tokenizer) if "bond" in names else None
   chitchat = config.data.task == "chitchat"
   return Context(
-      config=config, workdir=workdir, mesh=mesh, tokenizer=prepare.tokenizer(config, workdir),
+      config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer, prompts=prompts,
       dialogues=prepare.dialogue_builder(config, workdir) if "sft" in names else None,
       preferences=prepare.preference_builder(config, workdir) if chitchat and "reward" in names else None)
 
@@ -86,9 +113,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, until: str = "bond") 
   """Steps 1 and 2: validate everything, check the guard and the workdir, prepare the workdir once."""
   validation.validate(config, until)
   workdir_lib.check_config(config, workdir)
-  _writable(workdir)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  return _process_zero_first("prepare workdir", lambda: prepare_workdir(config, workdir, until, mesh))
+  with _undone_if_refused(workdir):
+    _writable(workdir)
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    return _process_zero_first("prepare workdir", lambda: prepare_workdir(config, workdir, until, mesh))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, until: str = "bond") -> dict[str, dict[str, Any]]:

@@ -117,6 +117,27 @@ def test_bond_with_fewer_reference_samples_than_n_is_one_error(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_prompt_buckets_too_narrow_for_every_prompt_are_refused_before_sft_and_leave_nothing(tmp_path):
+  """Only the tokenizer can tell whether a prompt fits: the check runs once it exists, before SFT, and
+  what preparing wrote (the guard, the tokenizer) is removed, so the corrected rerun is accepted."""
+  config = dialogue.get_config("smoke")
+  config.data.prompt_buckets = (8,)
+  workdir = tmp_path / "run"
+  with pytest.raises(
+      ValueError, match=r"no training prompt of the chitchat data fits "
+      r"data.prompt_buckets=\(8,\) \(\d+ longer than 8 tokens\): widen data.prompt_buckets"):
+    pipeline.run(config, str(workdir))
+  assert not workdir.exists()
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("kept")
+  before = _tree_hashes(workdir)
+  with pytest.raises(ValueError, match="no training prompt"):
+    pipeline.run(config, str(workdir))
+  assert _tree_hashes(workdir) == before
+  config.data.prompt_buckets = (32, 64)
+  assert pipeline.setup(config, str(workdir)).prompts[0]  # the corrected config is not refused
+
+
 def test_a_corrected_rerun_is_accepted_after_a_bad_path(tmp_path):
   """A bad first run must not poison the workdir: its guard is written only once everything checks."""
   workdir = tmp_path / "run"

@@ -46,7 +46,10 @@ def chitchat_prompts(config, tok: Tokenizer) -> tuple[list[dict[str, str]], dict
   for name in ("train", "in_distribution", "held_out_topics"):
     out[name], dropped[name] = fitting_prompts(splits[name], tok, max(config.data.prompt_buckets))
   if not out["train"]:
-    raise ValueError("the chitchat data gave no training prompt; raise data.max_conversations (0 = all)")
+    raise ValueError(
+        f"no training prompt of the chitchat data fits data.prompt_buckets={tuple(config.data.prompt_buckets)} "
+        f"({dropped['train']} longer than {max(config.data.prompt_buckets)} tokens): widen data.prompt_buckets "
+        "or raise data.max_conversations (0 = all)")
   if jax.process_index() == 0:
     counts = ", ".join(f"{n} {len(out[n])}" for n in out)
     print(

@@ -15,10 +15,13 @@ from bond_jax.data.tokenizer import Tokenizer
 class Context:
   """config: the validated run config; workdir: its directory (config.json recorded, data built);
   mesh: the device mesh of config.mesh; tokenizer: the run's tokenizer (trained or given);
-  dialogues / preferences: the chitchat TFDS builders (data/prepare.py), None where no stage reads them."""
+  prompts: (train prompts, {held-out set name: prompts}) of the distillation stage (prompts.prompt_sources,
+  read once while preparing); dialogues / preferences: the chitchat TFDS builders (data/prepare.py). Each is
+  None where no stage reads it."""
   config: ml_collections.ConfigDict
   workdir: str
   mesh: Mesh
   tokenizer: Tokenizer
+  prompts: Any = None
   dialogues: Any = None
   preferences: Any = None

@@ -180,7 +180,7 @@ def build(ctx: Context) -> loop.Stage:
   """The distillation stage: the policy starts at pi_ref (and so does the anchor, where there is one)."""
   config, mesh = ctx.config, ctx.mesh
   algorithm = algorithms.get(config.bond.algorithm)
-  train_prompts, eval_sets = prompts_lib.prompt_sources(config, ctx.tokenizer)
+  train_prompts, eval_sets = ctx.prompts
   frozen = frozen_models(ctx, rewards_lib.records_of(train_prompts, *eval_sets.values()))
   optimizer = update.make_optimizer(update.OptimizerConfig.from_section(config.optimizer, config.train.steps))
   policy, options = _initial_policy(config, frozen)
