@@ -13,8 +13,9 @@ Studies (STUDIES):
           {0.001, 0.01, 0.1, 1}, each evaluated every train.eval_every steps (reward vs KL curves);
           Fig. 2: BOND with N in {4, 8} (Monte-Carlo quantiles from k = 16 reference samples) at
           beta in {0, 0.5, 1}, with KL(pi_BoN || pi) and KL(pi || pi_BoN) estimates;
-          Fig. 5: J-BOND with the EMA anchor (eta 0.02) against hard anchor updates every 50 steps (the
-          same effective rate, 1 / eta).
+          Fig. 5: J-BOND with the EMA anchor (eta 0.02, gamma 1) against hard anchor updates every 50
+          steps (the same effective rate, 1 / eta). The EMA arm is the front's jbond_eta0.02_gamma1: an
+          arm whose config equals an earlier arm's is run once and linked.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import multiprocessing
 import os
 import time
@@ -70,11 +72,13 @@ def _paper_arms() -> list[Arm]:
   arms += [
       Arm("anchor_ema", "anchor", {
           "bond.algorithm": "jbond",
-          "bond.eta": 0.02
+          "bond.eta": 0.02,
+          "bond.gamma": 1.0
       }),
       Arm("anchor_hard", "anchor", {
           "bond.algorithm": "jbond_hard",
-          "bond.anchor_period": 50
+          "bond.anchor_period": 50,
+          "bond.gamma": 1.0
       }),
   ]
   return arms
@@ -156,17 +160,40 @@ def run(config: ml_collections.ConfigDict, workdir: str, study: str, names: str 
     except ValueError as error:
       raise ValueError(f"arm {name}: {error}") from None
   dirs = {arm.name: arm_dir(workdir, study, arm) for arm in arms}
-  pending = _pending(configs, dirs)
+  aliases = _same_configs(configs)
+  pending = [name for name in _pending(configs, dirs) if name not in aliases]
   print(
       f"[study] {study}: {len(arms)} arms, {len(arms) - len(pending)} finished, running {len(pending)} "
       f"({parallel} at a time); logs in {os.path.join(workdir, 'study', study)}/<arm>.log", flush=True)
   failed = _run_pending(pending, configs, dirs, parallel)
+  for name, same in aliases.items():  # e.g. Fig. 5's EMA arm is one of Fig. 7's: run once, read twice
+    if same not in failed:
+      _link(dirs[same], dirs[name])
+      print(f"[study] {name}: the same run as {same}", flush=True)
   study_dir = os.path.join(workdir, "study", study)
   paths = study_report.write(study_dir, arms)
   print(f"[study] report: {', '.join(paths)}", flush=True)
   if failed:
     raise RuntimeError(f"arms failed: {', '.join(failed)} (see their .log files); rerun to resume them")
   return study_dir
+
+
+def _same_configs(configs: dict[str, ml_collections.ConfigDict]) -> dict[str, str]:
+  """{arm: the earlier arm whose config is the same} for arms that would repeat a run."""
+  first, aliases = {}, {}
+  for name, arm_cfg in configs.items():
+    key = json.dumps(arm_cfg.to_dict(), sort_keys=True, default=repr)
+    if key in first:
+      aliases[name] = first[key]
+    first.setdefault(key, name)
+  return aliases
+
+
+def _link(target: str, alias: str) -> None:
+  """alias (and alias.log) point at target's directory and log (relative links: the study dir can move)."""
+  for suffix in ("", ".log"):
+    if not os.path.lexists(alias + suffix) and os.path.exists(target + suffix):
+      os.symlink(os.path.basename(target) + suffix, alias + suffix)
 
 
 def _run_pending(pending: list[str], configs, dirs, parallel: int) -> list[str]:

@@ -28,6 +28,8 @@ def test_the_paper_study_has_every_arm_of_the_three_figures():
   ema, hard = by_figure["anchor"]
   assert 1 / ema.overrides["bond.eta"] == hard.overrides["bond.anchor_period"]  # the same effective rate
   assert [a.name for a in study.arms_of("paper", "rloo_beta1, anchor_hard")] == ["rloo_beta1", "anchor_hard"]
+  configs = {a.name: study.arm_config(dialogue.get_config(), "/base", a) for a in arms}
+  assert study._same_configs(configs) == {"anchor_ema": "jbond_eta0.02_gamma1"}  # run once, read twice
 
 
 def _smoke_config():
@@ -63,10 +65,14 @@ def test_two_arms_run_end_to_end_then_resume_as_finished(smoke_stages, tmp_path,
   # of the starting policy (pi_ref itself, the same key) is bitwise the one made with the drawn pools.
   pools = sorted(os.listdir(os.path.join(study_dir, "reference_pools")))
   assert [p.split("-")[0] for p in pools] == ["held_out_topics", "in_distribution"]
-  study.run(_smoke_config(), workdir, "paper", "jbond_eta0.01_gamma0")
-  assert open(os.path.join(study_dir, "jbond_eta0.01_gamma0.log")).read().count("pool read from") == 2
-  first = [_history(study_dir, name)[0] for name in ("jbond_eta0.05_gamma0", "jbond_eta0.01_gamma0")]
+  # Fig. 5's EMA arm has the config of a front arm: it is run once and linked.
+  study.run(_smoke_config(), workdir, "paper", "jbond_eta0.02_gamma1,anchor_ema")
+  assert "running 1" in capsys.readouterr().out
+  assert open(os.path.join(study_dir, "jbond_eta0.02_gamma1.log")).read().count("pool read from") == 2
+  first = [_history(study_dir, name)[0] for name in ("jbond_eta0.05_gamma0", "jbond_eta0.02_gamma1")]
   assert first[0] == first[1]
+  assert os.path.islink(os.path.join(study_dir, "anchor_ema"))
+  assert _history(study_dir, "anchor_ema") == _history(study_dir, "jbond_eta0.02_gamma1")
 
 
 def _history(study_dir, name):
