@@ -37,7 +37,9 @@ def read_arm(directory: str) -> dict[str, Any] | None:
 
 
 def _pm(row: dict[str, Any], key: str) -> str:
-  value, stderr = row.get(key), row.get(f"{key}_stderr")
+  """'value +- stderr' of row[key]; a mean's stderr is stored without the '_mean' of its key."""
+  value = row.get(key)
+  stderr = row.get(f"{key}_stderr", row.get(_stderr_key(key)))
   if value is None:
     return "-"
   return f"{value:.3f} +- {stderr:.3f}" if stderr is not None else f"{value:.3f}"
@@ -48,7 +50,7 @@ def table(arms: Sequence[Any], results: dict[str, dict[str, Any] | None]) -> str
   head = (
       "| arm | figure | step | quantile | KL(pi\\|\\|ref) | reward | length (BoN-N of ref) | KS to BoN-N | "
       "held-out topics quantile | KL(BoN\\|\\|pi) | KL(pi\\|\\|BoN) |")
-  columns = head.count("|") - 1
+  columns = len(head.strip("| ").split(" | "))  # the escaped pipes of KL(pi\\|\\|ref) are no separators
   lines = [head, "|" + "---|" * columns]
   for arm in arms:
     result = results.get(arm.name)
@@ -99,9 +101,14 @@ def write(study_dir: str, arms: Sequence[Any]) -> list[str]:
   return paths
 
 
+def _stderr_key(key: str) -> str:
+  """The stderr's key of a metric: a mean's is stored without the '_mean' (policy_quantile_stderr)."""
+  return f"{key.removesuffix('_mean')}_stderr"
+
+
 def _curve(history: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
   return (np.array([h.get(key, np.nan) for h in history]),
-          np.array([h.get(f"{key}_stderr", 0.0) for h in history]))
+          np.array([h.get(f"{key}_stderr", h.get(_stderr_key(key), 0.0)) for h in history]))
 
 
 def _plot_front(plt, chosen, path: str) -> None:
