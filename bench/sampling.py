@@ -192,20 +192,21 @@ def run_preset(name: str, dtypes, scenarios, peers, repeats: int, threads: int):
   cfg = presets.get(name)
   mesh = sharding.make_mesh({"data": -1})
   params, _ = sharding.init_sharded(lambda r: transformer.init_boxed(cfg, r), jax.random.key(0), mesh)
-  rows = []
   with tempfile.TemporaryDirectory() as tmp:
     model_dir = os.path.join(tmp, "m")
     hf.export(params, cfg, model_dir, bos_id=2, eos_id=1, pad_id=0)
     for dtype in dtypes:
-      model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+      model = None
+      if "transformers" in peers:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch,
+                                                                                           dtype)).eval()
       peer = VllmPeer(model_dir, dtype) if "vllm" in peers else None
       try:
-        for scenario in scenarios:
-          rows.append(_time_row(cfg, params, model, peer, dtype, name, scenario, repeats))
+        for scenario in scenarios:  # each row as soon as it is measured
+          yield _time_row(cfg, params, model, peer, dtype, name, scenario, repeats)
       finally:
         if peer is not None:
           peer.close()
-  return rows
 
 
 def _time_row(cfg, params, model, peer, dtype, name, scenario: Scenario, repeats):
@@ -237,7 +238,7 @@ def _time_row(cfg, params, model, peer, dtype, name, scenario: Scenario, repeats
                             temperature=1.0, eos_ids=eos_ids, pad_id=0)
     counts["ours"] = int(jnp.sum(out.lengths))
 
-  fns = {"theirs": theirs, "ours": ours}
+  fns = {"ours": ours} if model is None else {"theirs": theirs, "ours": ours}
   if peer is not None:
     fns["vllm"] = vllm
   if scenario.name == "short":  # forking vs repeating the prompts, and the products floor
@@ -248,16 +249,19 @@ def _time_row(cfg, params, model, peer, dtype, name, scenario: Scenario, repeats
   best = {k: min(v) for k, v in times.items()}
   rate = lambda side: counts[side] / best[side]
   tokens = lambda side, other: counts[side] / counts[other]  # EOS rows: the last calls' token counts
-  row = dict(preset=name, dtype=dtype, scenario=scenario, theirs=rate("theirs"), ours=rate("ours"),
-             ratio=rate("ours") / rate("theirs"), vllm=rate("vllm") if peer else None,
-             paired=[a / b * tokens("ours", "theirs") for a, b in zip(times["theirs"], times["ours"])],
-             peak=peak, flops=decode_flops(cfg, b, n, p_len, t) * counts["ours"] / (b * n * t) / best["ours"])
+  has = lambda side: side in best
+  row = dict(
+      preset=name, dtype=dtype, scenario=scenario, theirs=rate("theirs") if has("theirs") else None,
+      ours=rate("ours"), ratio=rate("ours") / rate("theirs") if has("theirs") else None,
+      vllm=rate("vllm") if peer else None,
+      paired=[a / b * tokens("ours", "theirs") for a, b in zip(times.get("theirs", []), times["ours"])],
+      peak=peak, flops=decode_flops(cfg, b, n, p_len, t) * counts["ours"] / (b * n * t) / best["ours"])
   if peer is not None:
     row["vllm_ratio"] = rate("ours") / rate("vllm")
     row["vllm_paired"] = [a / b * tokens("ours", "vllm") for a, b in zip(times["vllm"], times["ours"])]
   if "floor" in best:
     row.update(fork_gain=best["repeat"] / best["ours"], products_share=best["floor"] / best["ours"],
-               ceiling=best["theirs"] / best["floor"])
+               ceiling=best["theirs"] / best["floor"] if has("theirs") else None)
   return row
 
 
@@ -266,9 +270,10 @@ def _format(row) -> str:
   kind = f"{sc.name}: {sc.batch}x{sc.num_samples}, P={sc.prompt_len}{', EOS' if sc.eos else ''}"
   optional = lambda key, fmt: fmt(row[key]) if row.get(key) is not None else "n/a"
   return (
-      f"| {row['preset']} | {row['dtype']} | {kind} | {row['theirs']:,.0f} | {optional('vllm', '{:,.0f}'.format)} | "
-      f"{row['ours']:,.0f} | {row['ratio']:.2f}x | {optional('vllm_ratio', '{:.2f}x'.format)} | "
-      f"{np.median(row['paired']):.2f}x | {optional('fork_gain', '{:.2f}x'.format)} | "
+      f"| {row['preset']} | {row['dtype']} | {kind} | {optional('theirs', '{:,.0f}'.format)} | "
+      f"{optional('vllm', '{:,.0f}'.format)} | {row['ours']:,.0f} | {optional('ratio', '{:.2f}x'.format)} | "
+      f"{optional('vllm_ratio', '{:.2f}x'.format)} | "
+      f"{np.median(row['paired']) if row['paired'] else float('nan'):.2f}x | {optional('fork_gain', '{:.2f}x'.format)} | "
       f"{row['flops'] / 1e9:.1f} | {row['flops'] / row['peak']:.0%} of {row['peak'] / 1e9:.0f} | "
       f"{optional('products_share', '{:.0%}'.format)} | {optional('ceiling', '{:.2f}x'.format)} | "
       f"{' '.join(f'{r:.2f}' for r in row['paired'])} | "
@@ -297,7 +302,7 @@ def main():
   parser.add_argument("--presets", default="tiny,small")
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--scenarios", default="short,long,eos", help="short | long | eos rows")
-  parser.add_argument("--peers", default="transformers,vllm", help="transformers always; vllm if installed")
+  parser.add_argument("--peers", default="transformers,vllm", help="transformers and/or vllm (if installed)")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--num_samples", type=int, default=8)
   parser.add_argument("--prompt_len", type=int, default=32)
