@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# One-GPU benchmark, under 8 minutes: sampling throughput (bench/sampling.py, `small` preset) and 20
-# J-BOND steps of the `small` preset through the real CLI (bond_jax.train), then tokens/s and MFU.
+# One-GPU benchmark, under 8 minutes: the 1B-class shapes (bench/large_shapes.py: llama_1b and gemma_2b,
+# random weights: decode tokens/s against the card's HBM-bandwidth bound, the J-BOND update's MFU),
+# sampling throughput (bench/sampling.py, `small` preset) and 20 J-BOND steps of the `small` preset
+# through the real CLI (bond_jax.train), then tokens/s and MFU.
 #
 #   bash bench/gpu.sh            # PYTHON=/path/to/python to pick the interpreter (default .venv, python3)
+#   SMOKE=1 bash bench/gpu.sh    # CPU smoke (tests/test_bench.py): the 1B-class section only, 1 layer,
+#                                # a small vocabulary and MLP, 2 prompts x 2 tokens
 #
 # Nothing is installed: the machine may not reach PyPI. It uses the Python environment it finds (jax with
 # CUDA, plus this repository's requirements) and stops with a clear message when JAX sees no GPU.
-# MFU = model FLOPs / step time / the GPU's dense bf16 peak (H100/H200 989, A100 312 TFLOP/s); model FLOPs
-# count 2 * matmul params per token for every forward token (prefills, decode, reward scoring, the
-# update's 2 gradient calls at 3x and its anchor and reference calls), attention excluded, prompts at
-# data.max_prompt_len (an upper bound: prompts are bucketed). The small preset computes in float32
-# (TF32 tensor cores on these GPUs), so its MFU against the bf16 peak is a lower bound on what bf16 gets.
+# MFU of the small run = model FLOPs / step time / the GPU's dense bf16 peak (H100/H200 989, A100 312
+# TFLOP/s); model FLOPs count 2 * matmul params per token for every forward token (prefills, decode,
+# reward scoring, the update's 2 gradient calls at 3x and its anchor and reference calls), attention
+# excluded, prompts at data.max_prompt_len (an upper bound: prompts are bucketed). The small preset
+# computes in float32 (TF32 tensor cores on these GPUs), so its MFU against the bf16 peak is a lower bound
+# on what bf16 gets. Time budget: 1B-class shapes <= 240 s, sampling <= 90 s, the small run <= 150 s.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,6 +24,11 @@ elif [[ -x .venv/bin/python ]]; then py=.venv/bin/python
 else py=python3
 fi
 
+if [[ -n "${SMOKE:-}" ]]; then
+  echo "== SMOKE: 1B-class shapes shrunk to 1 layer on $("$py" -c 'import jax; print(jax.default_backend())') =="
+  exec "$py" -m bench.large_shapes --overrides=num_layers=1,vocab_size=512,mlp_dim=1024 --batch=2 \
+    --prompt_len=4 --new_tokens=2 --update_batch=2 --repeats=1
+fi
 if ! "$py" -c "import jax, sys; sys.exit(0 if jax.default_backend() == 'gpu' else 1)" 2>/dev/null; then
   echo "error: JAX in $py sees no GPU (backend: $("$py" -c 'import jax; print(jax.default_backend())' \
 2>&1 | tail -1)); install jax[cuda12] matching jax==0.10.2 on this machine, then rerun" >&2
@@ -32,10 +42,14 @@ gpu_name="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head
 "$py" -c "import jax; print('jax', jax.__version__, jax.devices())"
 echo "GPU: ${gpu_name:-unknown}"
 
+echo "== 1B-class shapes: bench/large_shapes.py (decode rows 64, update 16 prompts x 3 rows) =="
+timeout 240 "$py" -m bench.large_shapes --presets=llama_1b,gemma_2b --batch=64 --update_batch=16 \
+  || echo "bench/large_shapes.py failed or passed 240 s (exit $?)"
+
 echo "== sampling: bench/sampling.py --presets=small (transformers baseline on CPU torch) =="
 if "$py" -c "import torch, transformers" 2>/dev/null; then
-  timeout 150 "$py" -m bench.sampling --presets=small --dtypes=float32,bfloat16 --repeats=3 \
-    || echo "bench/sampling.py failed or passed 150 s (exit $?)"
+  timeout 90 "$py" -m bench.sampling --presets=small --dtypes=float32,bfloat16 --repeats=3 \
+    || echo "bench/sampling.py failed or passed 90 s (exit $?)"
 else
   echo "bench/sampling.py not run: it compares against transformers.generate and needs torch + transformers"
 fi
@@ -43,7 +57,7 @@ fi
 echo "== 20 J-BOND steps of the small preset (SFT and reward model first, shortened) =="
 workdir="$(mktemp -d)"
 log="$workdir/train.log"
-timeout 360 "$py" -m bond_jax.train --config=configs/dialogue.py:small --workdir="$workdir" \
+timeout 150 "$py" -m bond_jax.train --config=configs/dialogue.py:small --workdir="$workdir" \
   --config.train.steps=20 --config.train.log_every=1 --config.train.eval_every=1000 \
   --config.train.checkpoint_every=1000 --config.eval.num_prompts=8 \
   --config.sft.steps=100 --config.sft.eval_every=1000 \

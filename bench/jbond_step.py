@@ -1,29 +1,39 @@
-"""Where one J-BOND step spends its time: policy sampling, anchor sampling, reward scoring, the update.
+"""Where one J-BOND step spends its time, against the previous code measured in the same run.
 
     python -m bench.jbond_step [--presets=tiny,small] [--batch=16] [--prompt_len=32] [--new_tokens=24]
+        [--against=40657ed] [--rounds=2]
 
 Random weights (policy = anchor = reference at start; reward model = same backbone + random head), the
-default distillation settings (temperature 1, J-BOND beta 0.5, Adam), on all local devices as one mesh. Each
-phase is timed separately after a warm-up (compilation excluded), best of --repeats. The update's model
-FLOPs: forward + backward (3x forward) of the policy on its sample and the better anchor sample, plus
-no-grad forwards of the anchor and the reference on the policy sample; shown as a fraction of a jitted
-matmul peak measured in the same run.
+default distillation settings (temperature 1, J-BOND beta 0.5, Adam), on all local devices as one mesh.
+Phases: policy sampling (1 sample per prompt), anchor sampling (2), reward scoring of the 3 responses, the
+update; `step` is the whole step as the distillation stage runs it (rollout.jbond, then the update), timed
+end to end. Each is timed after a warm-up (compilation excluded), best of --repeats; `compiles` counts
+the XLA compilations during the timed whole steps (0: nothing recompiles from step to step).
+
+--against: a git revision checked out in a temporary worktree; this file runs there as a subprocess on
+that tree's bond_jax (same phases, each called through that tree's API), alternating with this tree's for
+--rounds rounds (best per phase over the rounds). The update's GFLOP/s and MFU count the same nominal
+model FLOPs for both trees: forward + backward (3x forward) of the policy on its sample and the better
+anchor sample, plus no-grad forwards of the anchor and the reference, over the full prompt + response rows
+(this tree computes fewer: each prompt's forward is shared by its rows, the LM head runs on response
+positions only); the peak is a jitted matmul measured in the same process.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.sampling import _best_time, matmul_peak
-from bond_jax import algorithms, rollout, sampling, scoring, sharding, update
-from bond_jax.frozen import FrozenModels
-from bond_jax.models import params as params_lib
-from bond_jax.models import presets
-from configs import dialogue
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def forward_flops(cfg, rows: int, length: int) -> float:
@@ -34,7 +44,35 @@ def forward_flops(cfg, rows: int, length: int) -> float:
   return rows * length * (per_token + attention)
 
 
-def run_preset(name: str, batch: int, prompt_len: int, new_tokens: int, repeats: int):
+def _logprob_fn(scoring, cfg, new_tokens: int):
+  """scoring.sequence_logprob_fn as the distillation stage builds it in the tree being measured."""
+  if "response_width" in inspect.signature(scoring.sequence_logprob_fn).parameters:
+    return scoring.sequence_logprob_fn(cfg, 0, response_width=new_tokens)
+  return scoring.sequence_logprob_fn(cfg, 0)
+
+
+class _Compiles:
+  """Counts XLA compilations while active."""
+
+  def __init__(self):
+    self.count, self.active = 0, False
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, event, duration, **kwargs):
+    del duration, kwargs
+    if self.active and event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+
+def measure(name: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+  """Every phase of one preset's J-BOND step in this process (on whichever bond_jax it imports)."""
+  from bench.sampling import _best_time, matmul_peak
+  from bond_jax import algorithms, rollout, sampling, scoring, sharding, update
+  from bond_jax.frozen import FrozenModels
+  from bond_jax.models import params as params_lib
+  from bond_jax.models import presets
+  from configs import dialogue
+  compiles = _Compiles()
   cfg = presets.get(name, max_seq_len=max(256, prompt_len + new_tokens))
   mesh = sharding.make_mesh({"fsdp": -1})
   policy = params_lib.init_sharded(cfg, "lm", jax.random.key(0), mesh)
@@ -49,27 +87,25 @@ def run_preset(name: str, batch: int, prompt_len: int, new_tokens: int, repeats:
   opts = dict(max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(), pad_id=0, mesh=mesh)
   frozen = FrozenModels(policy_cfg=cfg, reference_params=policy, reward_cfg=cfg, reward_params=rm, eos_ids=(),
                         pad_id=0, mesh=mesh)
+  out = {"params": cfg.num_params(), "peak": matmul_peak(jnp.float32)}
   with jax.set_mesh(mesh):
     optimizer = update.make_optimizer(
         update.OptimizerConfig.from_section(config.optimizer, config.train.steps))
     state = update.new_state(jax.tree.map(jnp.copy, policy), optimizer, mesh, policy)
     key = jax.random.key(3)
-    t_policy = _best_time(
-        lambda: jax.block_until_ready(
-            sampling.generate(cfg, state.params, prompts, prompt_mask, key, num_samples=1, **opts)), repeats)
-    t_anchor = _best_time(
-        lambda: jax.block_until_ready(
-            sampling.generate(cfg, state.anchor_params, prompts, prompt_mask, key, num_samples=2, **opts)),
-        repeats)
+    sample = lambda params, n: jax.block_until_ready(
+        sampling.generate(cfg, params, prompts, prompt_mask, key, num_samples=n, **opts))
+    out["policy"] = _best_time(lambda: sample(state.params, 1), repeats)
+    out["anchor"] = _best_time(lambda: sample(state.anchor_params, 2), repeats)
     pol = sampling.generate(cfg, state.params, prompts, prompt_mask, key, num_samples=3, **opts)
-    t_score = _best_time(
+    out["score"] = _best_time(
         lambda: jax.block_until_ready(scoring.rewards(cfg, rm, prompts, prompt_mask, pol.tokens, pol.mask)),
         repeats)
     batch_tree, _ = rollout.jbond(frozen, state.params, state.anchor_params, prompts, prompt_mask, key,
                                   new_tokens)
-    # the J-BOND update as the distillation stage builds it (algorithms.py), on scoring's chunked log-probs
+    # the J-BOND update as the distillation stage builds it (algorithms.py)
     step = algorithms.get("jbond").make_step(
-        config.bond, scoring.sequence_logprob_fn(cfg, 0), optimizer,
+        config.bond, _logprob_fn(scoring, cfg, new_tokens), optimizer,
         dict(num_microbatches=config.optimizer.grad_accum_steps, mesh=mesh,
              state_sharding=sharding.shardings_of(state), ref_sharding=sharding.shardings_of(policy)))
     holder = {"state": state}
@@ -78,20 +114,54 @@ def run_preset(name: str, batch: int, prompt_len: int, new_tokens: int, repeats:
       holder["state"], metrics = step(holder["state"], policy, batch_tree)
       jax.block_until_ready(metrics)
 
-    t_update = _best_time(run_update, repeats)
+    out["update"] = _best_time(run_update, repeats)
+
+    def whole_step():
+      batch, stats = rollout.jbond(frozen, holder["state"].params, holder["state"].anchor_params, prompts,
+                                   prompt_mask, key, new_tokens)
+      holder["state"], metrics = step(holder["state"], policy, batch)
+      jax.block_until_ready((metrics, stats))
+
+    whole_step()  # warm-up: the rollout's programs are compiled by now, the step's too
+    compiles.active = True
+    out["step"] = _best_time(whole_step, repeats)
+    compiles.active = False
+    out["compiles"] = compiles.count
   length = prompt_len + new_tokens
-  update_flops = (
+  out["update_flops"] = (
       3 * forward_flops(cfg, 2 * batch, length)  # policy on y and y'_best, fwd + bwd
       + 2 * forward_flops(cfg, batch, length))  # anchor and reference on y, no grad
-  return {
-      "preset": name,
-      "params": cfg.num_params(),
-      "policy": t_policy,
-      "anchor": t_anchor,
-      "score": t_score,
-      "update": t_update,
-      "update_flops": update_flops
-  }
+  return out
+
+
+def _child(tree: str, args, preset: str) -> dict:
+  """measure() in a subprocess on `tree`'s bond_jax (this file, run by path)."""
+  command = [
+      sys.executable,
+      os.path.abspath(__file__), "--child", f"--presets={preset}", f"--batch={args.batch}",
+      f"--prompt_len={args.prompt_len}", f"--new_tokens={args.new_tokens}", f"--repeats={args.repeats}"
+  ]
+  env = dict(os.environ, PYTHONPATH=tree)
+  done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, check=False)
+  if done.returncode:
+    sys.exit(f"error: the bench on {tree} failed:\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _row(preset: str, code: str, r: dict) -> str:
+  phases = r["policy"] + r["anchor"] + r["score"] + r["update"]
+  cell = lambda t: f"{t * 1e3:.0f} ms ({100 * t / phases:.0f}%)"
+  rate = r["update_flops"] / r["update"]
+  return (f"| {preset} | {code} | {r['params'] / 1e6:.1f}M | {cell(r['policy'])} | {cell(r['anchor'])} | "
+          f"{cell(r['score'])} | {cell(r['update'])} | {r['step'] * 1e3:.0f} ms | {rate / 1e9:.1f} | "
+          f"{100 * rate / r['peak']:.0f}% | {r['compiles']} |")
+
+
+def _worktree(revision: str, directory: str) -> str:
+  path = os.path.join(directory, "previous")
+  subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", path, revision], check=True,
+                 capture_output=True)
+  return path
 
 
 def main():
@@ -101,27 +171,48 @@ def main():
   parser.add_argument("--prompt_len", type=int, default=32)
   parser.add_argument("--new_tokens", type=int, default=24)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--against", default="40657ed", help="git revision to compare with ('' = none)")
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
-  peak = matmul_peak(jnp.float32)
-  print(
-      f"devices: {jax.device_count()} x {jax.devices()[0].platform}; f32 matmul peak {peak / 1e9:.0f} GFLOP/s"
-  )
-  print(
-      f"B={args.batch} prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens; 1 policy + 2 anchor "
-      "samples per prompt\n")
-  print(
-      "| preset | params | policy sampling | anchor sampling | reward scoring | update | step | update GFLOP/s | "
-      "update MFU |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for name in args.presets.split(","):
-    r = run_preset(name, args.batch, args.prompt_len, args.new_tokens, args.repeats)
-    total = r["policy"] + r["anchor"] + r["score"] + r["update"]
-    cell = lambda t: f"{t * 1e3:.0f} ms ({100 * t / total:.0f}%)"
-    rate = r["update_flops"] / r["update"]
-    print(
-        f"| {name} | {r['params'] / 1e6:.1f}M | {cell(r['policy'])} | {cell(r['anchor'])} | {cell(r['score'])} | "
-        f"{cell(r['update'])} | {total * 1e3:.0f} ms | {rate / 1e9:.1f} | {100 * rate / peak:.0f}% |",
-        flush=True)
+  if args.child:
+    print(json.dumps(measure(args.presets, args.batch, args.prompt_len, args.new_tokens, args.repeats)))
+    return
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}")
+  print(f"B={args.batch} prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens; 1 policy + 2 "
+        f"anchor samples per prompt; previous code: {args.against or 'not measured'}\n")
+  print("| preset | code | params | policy sampling | anchor sampling | reward scoring | update | step | "
+        "update GFLOP/s | update MFU | compiles |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  with tempfile.TemporaryDirectory() as tmp:
+    previous = _worktree(args.against, tmp) if args.against else None
+    try:
+      for preset in args.presets.split(","):
+        best: dict[str, dict] = {}
+        steps: dict[str, list[float]] = {}
+        for round_ in range(args.rounds):
+          trees = [("this", REPO)] + ([("previous", previous)] if previous else [])
+          for code, tree in trees[::1 if round_ % 2 == 0 else -1]:  # alternate who runs first
+            r = _child(tree, args, preset)
+            steps.setdefault(code, []).append(r["step"])
+            best[code] = r if code not in best else {
+                k:
+                    min(v, best[code][k]) if k in ("policy", "anchor", "score", "update",
+                                                   "step") else max(v, best[code][k]) if k in (
+                                                       "peak", "compiles") else v for k, v in r.items()
+            }
+        for code in best:
+          print(_row(preset, code, best[code]), flush=True)
+        if previous:
+          ratio = lambda k: best["previous"][k] / best["this"][k]
+          print(
+              f"| {preset} | previous / this | | {ratio('policy'):.2f}x | {ratio('anchor'):.2f}x | "
+              f"{ratio('score'):.2f}x | {ratio('update'):.2f}x | {ratio('step'):.2f}x | | | |", flush=True)
+          rounds = " ".join(f"{a / b:.2f}" for a, b in zip(steps["previous"], steps["this"]))
+          print(f"\nwhole step, previous / this, each round (best of --repeats): {rounds}", flush=True)
+    finally:
+      if previous:
+        subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", previous], check=False)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,30 @@
-"""Sampling throughput: bond_jax.sampling.generate vs transformers' generate on the same weights (CPU).
+"""Sampling throughput: bond_jax's generate vs transformers' and vLLM's, on the same weights (CPU).
 
-    python -m bench.sampling [--presets=tiny,small] [--dtypes=float32,bfloat16] [--repeats=3]
-                             [--cpu_devices=D]
+    python -m bench.sampling [--presets=tiny,small] [--dtypes=float32,bfloat16] [--scenarios=short,long,eos]
+                             [--peers=transformers,vllm] [--repeats=3] [--cpu_devices=D]
 
-Per preset: random weights, exported with hf.export and loaded by transformers (torch), in each row's
-dtype on both sides (bfloat16: torch runs the model in bf16, we compute in bf16 with f32 accumulation). Both
-sample B prompts x N samples (transformers: num_return_sequences=N) of exactly T new tokens (no EOS) at
-temperature 1 without truncation. Tokens/s counts new tokens (B * N * T) over the whole call, prefill
-included; each number is the best of --repeats runs after one warm-up (compilation excluded). The two
-are timed in alternation (theirs, ours, theirs, ours, ...): this VM's speed changes by ~1.5x over
-minutes (BENCHMARKS.md), so timing one after the other would compare different machines. The table's
-ratio is best over best; "paired" lists each round's ratio of adjacent runs, and their median is the
-figure that a phase switch moves least.
-Also reported: forking (one prefill per prompt, shared prompt cache) vs repeating each prompt N times,
-our decode FLOP/s as a fraction of a jnp matmul peak measured here in the same dtype, and a floor: the
-decode steps' weight products alone (q/k/v, o, gate/up, down per layer and the LM head, on B * N rows,
-chained over T - 1 steps in one jitted loop, timed in the same alternation). "products share" is the floor
-over our time, and "ceiling" is transformers' time over the floor: the ratio that would be reached if
-attention, sampling and everything else in a step were free, at this backend's product speed.
+Per preset: random weights, exported with hf.export and loaded by transformers (torch) and by vLLM's CPU
+build (bench/vllm_peer.py, a subprocess in its own venv: `bash bench/setup_vllm.sh` makes bench/.venv-vllm;
+token-id prompts, no tokenizer), in each row's dtype on all sides (bfloat16: torch and vLLM run the model
+in bf16, we compute in bf16 with f32 accumulation). Rows (--scenarios): short = B prompts of P tokens x N
+samples of exactly T new tokens; long = --long_batch prompts of --long_prompt_len tokens x
+--long_num_samples samples (a long prompt shared by many samples: where a shared prompt cache counts);
+eos = the short shapes with the lowest vocab/32 ids ending a response (variable lengths: where stopping
+finished rows counts). All sample at temperature 1 without truncation. Tokens/s counts new tokens
+(EOS included) over the whole call, prefill included; each number is the best of --repeats runs after one
+warm-up (compilation excluded). The sides are timed in alternation (transformers, ours, vLLM, ...): this
+VM's speed changes by ~1.5x over minutes (BENCHMARKS.md), so timing one after the other would compare
+different machines. The ratios are best over best; "paired" lists each round's ratio of adjacent runs
+(EOS rows: scaled by the last calls' token counts), and their median is the figure that a phase switch
+moves least. Without the vLLM venv one line says so and its columns read n/a.
+Short rows also report forking (one prefill per prompt, shared prompt cache) vs repeating each prompt N
+times, and a floor: the decode steps' weight products alone (q/k/v, o, gate/up, down per layer and the LM
+head, on B * N rows, chained over T - 1 steps in one jitted loop, timed in the same alternation).
+"products share" is the floor over our time, and "ceiling" is transformers' time over the floor: the ratio
+that would be reached if attention, sampling and everything else in a step were free, at this backend's
+product speed. "of matmul peak" is our decode FLOP/s over a jnp matmul measured here in the same dtype.
 --cpu_devices=D splits the host CPU into D JAX devices (`jax_num_cpu_devices`) and runs ours, and the
-floor, with the B * N rows split over a data mesh of all of them; transformers is unchanged. XLA CPU runs
+floor, with the B * N rows split over a data mesh of all of them; the peers are unchanged. XLA CPU runs
 each op of a device on a shared thread pool, so small decode ops (a tiny step has ~150) parallelise
 poorly inside one device; D = cores runs D independent streams of them instead (BENCHMARKS.md).
 """
@@ -27,10 +32,12 @@ poorly inside one device; D = cores runs D independent streams of them instead (
 from __future__ import annotations
 
 import argparse
-import functools
+import json
 import os
+import subprocess
 import tempfile
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,76 +124,192 @@ def weight_products_floor(cfg, params, rows: int, steps: int, mesh):
   return lambda: run(layers, head, x).block_until_ready()
 
 
-def run_preset(name: str, dtypes, batch: int, num_samples: int, prompt_len: int, new_tokens: int,
-               repeats: int, threads: int):
+VLLM_PYTHON = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".venv-vllm", "bin", "python")
+
+
+class Scenario(NamedTuple):
+  """One kind of row: B prompts of P tokens x N samples of up to T tokens; eos: a response ends at any of
+  the lowest vocab/32 ids from 1 on (variable lengths, ~T/2 on random weights at T = 64) instead of
+  running to exactly T."""
+  name: str
+  batch: int
+  num_samples: int
+  prompt_len: int
+  new_tokens: int
+  eos: bool
+
+  def eos_ids(self, vocab_size: int) -> tuple[int, ...]:
+    return tuple(range(1, 1 + vocab_size // 32)) if self.eos else ()
+
+
+class VllmPeer:
+  """vLLM (bench/vllm_peer.py) in the peer venv, as a subprocess serving one exported model."""
+
+  def __init__(self, model_dir: str, dtype: str):
+    # every core for its compute, as the other sides get (by default it keeps one for its engine loop);
+    # its log goes to a file beside the model, shown when it fails
+    self.log_path = os.path.join(os.path.dirname(model_dir), f"vllm_{dtype}.log")
+    self.log = open(self.log_path, "w")
+    self.proc = subprocess.Popen(
+        [VLLM_PYTHON, os.path.join(os.path.dirname(__file__), "vllm_peer.py"), model_dir, dtype],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+        env=dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0"))
+    self._read()
+
+  def _read(self) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith("@@ "):
+        return json.loads(line[3:])
+    self.log.flush()
+    tail = open(self.log_path).read()[-3000:]
+    raise RuntimeError(f"the vLLM peer exited (code {self.proc.wait()}); its log ends:\n{tail}")
+
+  def generate(self, prompts: np.ndarray, scenario: Scenario, eos_ids: tuple[int, ...]) -> int:
+    request = dict(prompts=prompts.tolist(), n=scenario.num_samples, max_tokens=scenario.new_tokens,
+                   stop_ids=list(eos_ids))
+    self.proc.stdin.write(json.dumps(request) + "\n")
+    self.proc.stdin.flush()
+    return self._read()["tokens"]
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait(timeout=120)
+    self.log.close()
+
+
+def _new_tokens(generated: np.ndarray, eos_ids) -> int:
+  """Tokens of right-padded responses [R, T] up to and including each one's first EOS."""
+  if not eos_ids:
+    return generated.size
+  ended = np.isin(generated, eos_ids)
+  return int(np.where(ended.any(-1), ended.argmax(-1) + 1, generated.shape[-1]).sum())
+
+
+def run_preset(name: str, dtypes, scenarios, peers, repeats: int, threads: int):
   import torch
   import transformers
   torch.set_num_threads(threads)
   cfg = presets.get(name)
   mesh = sharding.make_mesh({"data": -1})
   params, _ = sharding.init_sharded(lambda r: transformer.init_boxed(cfg, r), jax.random.key(0), mesh)
-  prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
-  mask = np.ones_like(prompts, bool)
-  rows = []
   with tempfile.TemporaryDirectory() as tmp:
-    hf.export(params, cfg, os.path.join(tmp, "m"), bos_id=2, eos_id=1, pad_id=0)
-    models = {
-        dtype:
-            transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "m"),
-                                                              dtype=getattr(torch, dtype)).eval()
-        for dtype in dtypes
-    }
-
-    def theirs(dtype):
-      model = models[dtype]
-      with torch.no_grad():
-        out = model.generate(torch.tensor(prompts, dtype=torch.long), do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             num_return_sequences=num_samples, eos_token_id=None, pad_token_id=0)
-      assert out.shape == (batch * num_samples, prompt_len + new_tokens)
-
-    torch.manual_seed(0)
-    tokens = batch * num_samples * new_tokens
+    model_dir = os.path.join(tmp, "m")
+    hf.export(params, cfg, model_dir, bos_id=2, eos_id=1, pad_id=0)
     for dtype in dtypes:
-      rows.append(
-          _time_dtype(cfg, params, prompts, mask, dtype, functools.partial(theirs, dtype), name, batch,
-                      num_samples, prompt_len, new_tokens, repeats, tokens))
-  return rows
+      model = None
+      if "transformers" in peers:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch,
+                                                                                           dtype)).eval()
+      peer = VllmPeer(model_dir, dtype) if "vllm" in peers else None
+      try:
+        for scenario in scenarios:  # each row as soon as it is measured
+          yield _time_row(cfg, params, model, peer, dtype, name, scenario, repeats)
+      finally:
+        if peer is not None:
+          peer.close()
 
 
-def _time_dtype(cfg, params, prompts, mask, dtype, theirs, name, batch, num_samples, prompt_len, new_tokens,
-                repeats, tokens):
-  """One table row: ours in `dtype` (forked and with repeated prompts) timed in alternation with theirs."""
+def _time_row(cfg, params, model, peer, dtype, name, scenario: Scenario, repeats):
+  """One table row: transformers, vLLM and ours in `dtype`, timed in alternation (short rows: also ours
+  with repeated prompts, and the weight-products floor)."""
+  import torch
   cfg_d = cfg.replace(compute_dtype=dtype)
   mesh = sampling._mesh_of(params, None)
   peak = matmul_peak(jnp.float32 if dtype == "float32" else jnp.bfloat16, mesh)
+  b, n, p_len, t = scenario.batch, scenario.num_samples, scenario.prompt_len, scenario.new_tokens
+  eos_ids = scenario.eos_ids(cfg.vocab_size)
+  prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (b, p_len)).astype(np.int32)
+  mask = np.ones_like(prompts, bool)
+  torch.manual_seed(0)
+  counts = {}
 
-  def ours(p=prompts, m=mask, n=num_samples):
-    out = sampling.generate(cfg_d, params, p, m, jax.random.key(1), num_samples=n, max_new_tokens=new_tokens,
-                            temperature=1.0)
-    out.tokens.block_until_ready()
+  def theirs():
+    with torch.no_grad():
+      out = model.generate(torch.tensor(prompts, dtype=torch.long), do_sample=True, temperature=1.0, top_k=0,
+                           top_p=1.0, max_new_tokens=t, min_new_tokens=0 if eos_ids else t,
+                           num_return_sequences=n, eos_token_id=list(eos_ids) or None, pad_token_id=0)
+    counts["theirs"] = _new_tokens(out[:, p_len:].numpy(), eos_ids)
 
-  rep_p, rep_m = np.repeat(prompts, num_samples, 0), np.repeat(mask, num_samples, 0)
-  floor = weight_products_floor(cfg_d, params, batch * num_samples, new_tokens - 1, mesh)
-  times_theirs, times_ours, times_repeat, times_floor = _alternating_times(
-      [theirs, ours, lambda: ours(rep_p, rep_m, 1), floor], repeats)
-  t_theirs, t_ours, t_repeat, t_floor = (
-      min(t) for t in (times_theirs, times_ours, times_repeat, times_floor))
-  flops = decode_flops(cfg, batch, num_samples, prompt_len, new_tokens)
-  return dict(preset=name, dtype=dtype, theirs=tokens / t_theirs, ours=tokens / t_ours,
-              ratio=t_theirs / t_ours, paired=[a / b for a, b in zip(times_theirs, times_ours)],
-              fork_gain=t_repeat / t_ours, flops=flops / t_ours, peak=peak, products_share=t_floor / t_ours,
-              ceiling=t_theirs / t_floor)
+  def vllm():
+    counts["vllm"] = peer.generate(prompts, scenario, eos_ids)
+
+  def ours(p=prompts, m=mask, samples=n):
+    out = sampling.generate(cfg_d, params, p, m, jax.random.key(1), num_samples=samples, max_new_tokens=t,
+                            temperature=1.0, eos_ids=eos_ids, pad_id=0)
+    counts["ours"] = int(jnp.sum(out.lengths))
+
+  fns = {"ours": ours} if model is None else {"theirs": theirs, "ours": ours}
+  if peer is not None:
+    fns["vllm"] = vllm
+  if scenario.name == "short":  # forking vs repeating the prompts, and the products floor
+    rep_p, rep_m = np.repeat(prompts, n, 0), np.repeat(mask, n, 0)
+    fns["repeat"] = lambda: ours(rep_p, rep_m, 1)
+    fns["floor"] = weight_products_floor(cfg_d, params, b * n, t - 1, mesh)
+  times = dict(zip(fns, _alternating_times(list(fns.values()), repeats)))
+  best = {k: min(v) for k, v in times.items()}
+  rate = lambda side: counts[side] / best[side]
+  tokens = lambda side, other: counts[side] / counts[other]  # EOS rows: the last calls' token counts
+  has = lambda side: side in best
+  row = dict(
+      preset=name, dtype=dtype, scenario=scenario, theirs=rate("theirs") if has("theirs") else None,
+      ours=rate("ours"), ratio=rate("ours") / rate("theirs") if has("theirs") else None,
+      vllm=rate("vllm") if peer else None,
+      paired=[a / b * tokens("ours", "theirs") for a, b in zip(times.get("theirs", []), times["ours"])],
+      peak=peak, flops=decode_flops(cfg, b, n, p_len, t) * counts["ours"] / (b * n * t) / best["ours"])
+  if peer is not None:
+    row["vllm_ratio"] = rate("ours") / rate("vllm")
+    row["vllm_paired"] = [a / b * tokens("ours", "vllm") for a, b in zip(times["vllm"], times["ours"])]
+  if "floor" in best:
+    row.update(fork_gain=best["repeat"] / best["ours"], products_share=best["floor"] / best["ours"],
+               ceiling=best["theirs"] / best["floor"] if has("theirs") else None)
+  return row
+
+
+def _format(row) -> str:
+  sc = row["scenario"]
+  kind = f"{sc.name}: {sc.batch}x{sc.num_samples}, P={sc.prompt_len}{', EOS' if sc.eos else ''}"
+  optional = lambda key, fmt: fmt(row[key]) if row.get(key) is not None else "n/a"
+  return (
+      f"| {row['preset']} | {row['dtype']} | {kind} | {optional('theirs', '{:,.0f}'.format)} | "
+      f"{optional('vllm', '{:,.0f}'.format)} | {row['ours']:,.0f} | {optional('ratio', '{:.2f}x'.format)} | "
+      f"{optional('vllm_ratio', '{:.2f}x'.format)} | "
+      f"{np.median(row['paired']) if row['paired'] else float('nan'):.2f}x | {optional('fork_gain', '{:.2f}x'.format)} | "
+      f"{row['flops'] / 1e9:.1f} | {row['flops'] / row['peak']:.0%} of {row['peak'] / 1e9:.0f} | "
+      f"{optional('products_share', '{:.0%}'.format)} | {optional('ceiling', '{:.2f}x'.format)} | "
+      f"{' '.join(f'{r:.2f}' for r in row['paired'])} | "
+      f"{' '.join(f'{r:.2f}' for r in row.get('vllm_paired', []))} |")
+
+
+def _scenarios(args) -> list[Scenario]:
+  known = {
+      "short":
+          Scenario("short", args.batch, args.num_samples, args.prompt_len, args.new_tokens, False),
+      "long":
+          Scenario("long", args.long_batch, args.long_num_samples, args.long_prompt_len, args.new_tokens,
+                   False),
+      "eos":
+          Scenario("eos", args.batch, args.num_samples, args.prompt_len, args.new_tokens, True),
+  }
+  bad = [s for s in args.scenarios.split(",") if s not in known]
+  if bad:
+    raise SystemExit(f"error: --scenarios={args.scenarios} is not allowed: {bad[0]!r}; allowed: "
+                     f"{', '.join(known)}")
+  return [known[s] for s in args.scenarios.split(",")]
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--presets", default="tiny,small")
   parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--scenarios", default="short,long,eos", help="short | long | eos rows")
+  parser.add_argument("--peers", default="transformers,vllm", help="transformers and/or vllm (if installed)")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--num_samples", type=int, default=8)
   parser.add_argument("--prompt_len", type=int, default=32)
   parser.add_argument("--new_tokens", type=int, default=64)
+  parser.add_argument("--long_batch", type=int, default=4)
+  parser.add_argument("--long_num_samples", type=int, default=16)
+  parser.add_argument("--long_prompt_len", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   parser.add_argument(
@@ -194,32 +317,34 @@ def main():
       help="JAX CPU devices to split the host into (default: as the environment sets it, "
       "1 unless XLA_FLAGS says otherwise); ours runs its rows over all devices")
   args = parser.parse_args()
-  rows = args.batch * args.num_samples
+  scenarios = _scenarios(args)
+  rows = {sc.batch * sc.num_samples for sc in scenarios}
+  devices = args.cpu_devices if args.cpu_devices is not None else jax.device_count()
   if args.cpu_devices is not None:
-    if args.cpu_devices < 1 or rows % args.cpu_devices:
-      parser.error(f"--cpu_devices={args.cpu_devices} is not allowed: need >= 1 and dividing B * N = {rows}")
+    if args.cpu_devices < 1 or any(r % args.cpu_devices for r in rows):
+      parser.error(f"--cpu_devices={args.cpu_devices} is not allowed: need >= 1 and dividing B * N = "
+                   f"{', '.join(map(str, sorted(rows)))}")
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before the first jax.devices()
-  elif rows % jax.device_count():
-    parser.error(f"{jax.device_count()} JAX devices (from the environment, e.g. XLA_FLAGS) do not divide "
-                 f"B * N = {rows}: pass --cpu_devices or other --batch / --num_samples")
-  print(f"B={args.batch} prompts x N={args.num_samples}, {args.prompt_len}-token prompts, "
-        f"{args.new_tokens} new tokens, temperature 1, ours on {jax.device_count()} x "
-        f"{jax.devices()[0].device_kind}, torch threads {args.threads}")
+  elif any(r % devices for r in rows):
+    parser.error(
+        f"{devices} JAX devices (from the environment, e.g. XLA_FLAGS) do not divide "
+        f"B * N = {', '.join(map(str, sorted(rows)))}: pass --cpu_devices or other --batch / --num_samples")
+  peers = args.peers.split(",")
+  if "vllm" in peers and not os.path.exists(VLLM_PYTHON):
+    print(f"vLLM peer: not installed ({VLLM_PYTHON} is missing; `bash bench/setup_vllm.sh` makes it); its "
+          "columns read n/a")
+    peers.remove("vllm")
+  print(f"{args.new_tokens} new tokens, temperature 1, ours on {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}, torch threads {args.threads}; peers: {', '.join(peers)}")
   header = (
-      "| preset | compute | transformers tok/s | bond_jax tok/s | ratio | paired median | fork vs repeat | "
-      "decode GFLOP/s | of matmul peak | products share | ceiling | paired ratios |")
+      "| preset | compute | rows | transformers tok/s | vLLM tok/s | bond_jax tok/s | vs transformers | "
+      "vs vLLM | paired median | fork vs repeat | decode GFLOP/s | of matmul peak | products share | "
+      "ceiling | paired ratios | vLLM paired ratios |")
   print(header)
   print("|---" * (header.count("|") - 1) + "|")
   for name in args.presets.split(","):
-    for row in run_preset(name, args.dtypes.split(","), args.batch, args.num_samples, args.prompt_len,
-                          args.new_tokens, args.repeats, args.threads):
-      print(
-          f"| {row['preset']} | {row['dtype']} | {row['theirs']:,.0f} | {row['ours']:,.0f} | "
-          f"{row['ratio']:.2f}x | {np.median(row['paired']):.2f}x | {row['fork_gain']:.2f}x | "
-          f"{row['flops'] / 1e9:.1f} | "
-          f"{row['flops'] / row['peak']:.0%} of {row['peak'] / 1e9:.0f} | "
-          f"{row['products_share']:.0%} | {row['ceiling']:.2f}x | "
-          f"{' '.join(f'{r:.2f}' for r in row['paired'])} |", flush=True)
+    for row in run_preset(name, args.dtypes.split(","), scenarios, peers, args.repeats, args.threads):
+      print(_format(row), flush=True)
 
 
 if __name__ == "__main__":

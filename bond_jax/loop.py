@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bond_jax import checkpoint, metrics as metrics_lib, update, workdir as workdir_lib
+from bond_jax import checkpoint, metrics as metrics_lib, sharding, update, workdir as workdir_lib
 from bond_jax.data import pipeline
 from bond_jax.models.config import ModelConfig
 
@@ -67,8 +67,9 @@ class Stage:
   state: the fresh update.TrainState on the mesh (also the restore target).
   step: the jitted update, (state, batch) -> (state, metrics with 'step_skipped'); update.build_update_step.
   batches: the stage's host batches (a restorable Grain dataset).
-  prepare: (host batch, state, step) -> (update batch on the mesh, {metric: float}); the metrics may hold
-    'tokens' (real tokens processed, for the rate; not logged). `step` is the 1-based step being run: a
+  prepare: (host batch, state, step) -> (update batch on the mesh, {metric: float or device scalar}); the
+    metrics may hold 'tokens' (real tokens processed, for the rate; not logged). Device scalars are
+    fetched with the step's metrics, after the step is dispatched: nothing waits between the two. `step` is the 1-based step being run: a
     stage derives its randomness from it, so a resumed run draws the same.
   evaluate: (state, step, final) -> results (floats are logged; final=True at the last step may cost
     more), or None for no evaluation.
@@ -77,6 +78,7 @@ class Stage:
   progress_keys: the metrics the progress line shows (default: all).
   base: with LoRA, the identity of the frozen base the state's adapters sit on ({'path', 'hash', 'lora'}),
     stored in every checkpoint's metadata; a resume onto another base is refused before the restore.
+  observe: (step, the step's metrics as floats) -> None, called after each step (e.g. a warning).
   """
   name: str
   kind: str
@@ -92,6 +94,7 @@ class Stage:
   evaluate_first: bool = False
   progress_keys: Sequence[str] = ()
   base: dict[str, Any] | None = None
+  observe: Callable[[int, dict[str, float]], None] | None = None
 
 
 def finished(workdir: str, stage: str, steps: int) -> dict[str, Any] | None:
@@ -213,9 +216,12 @@ class _Run:
   def train_step(self, step: int) -> dict[str, float]:
     batch, stats = self.stage.prepare(next(self.iterator), self.state, step)
     self.state, metrics = self.stage.step(self.state, batch)
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics, stats = sharding.to_host((metrics, stats))  # one fetch, after the step is dispatched
+    metrics = {k: float(v) for k, v in metrics.items()}
     tokens = float(stats.pop("tokens", 0.0))
-    metrics.update(stats)
+    metrics.update({k: float(v) for k, v in stats.items()})
+    if self.stage.observe is not None:
+      self.stage.observe(step, metrics)
     self.progress.step_done(step, tokens)
     if metrics["step_skipped"]:
       self.bad_in_a_row += 1

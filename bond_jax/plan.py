@@ -20,15 +20,17 @@ Phases (a run's peak is persistent + max(sampling, update): the KV cache is gone
   the naive 3 * B rows * (P + T) slots. Plus a compute-dtype copy of the sampled weights when
   param_dtype != compute_dtype (decode.cast_weights). Reward scoring (no gradient) is smaller than
   the update and not listed.
-- update (update.jbond_loss_fn): two calls with gradient (policy samples, best anchor samples, b rows
-  each) and up to two without (anchor, reference). Forward tensors of one layer on r rows:
-      S(r) = r * L * s * (4 D + 2 (H + K) Dh / t + 3 M / t) + r * (H / t) * L^2 * (4 + s)
-  (x-sized tensors; q, k, v and attention output; MLP gate, up, product; float32 scores + probs).
-  With remat: the layer inputs of both calls are kept, layers * 2b * L * D * s, plus one layer
-  recomputed with its gradients, 2 * S(b). Without remat: every layer's forward tensors of both calls,
-  layers * S(2b), plus one layer's gradients, S(b).
-  Logits: 3 * b * (L - 1) * V/t * 4 bytes (the float32 log-softmax of both gradient calls is kept for
-  the backward pass, plus one call's raw logits in flight). Gradients in param_dtype (a float32
+- update (update.jbond_loss_fn): one call with gradient (the policy sample and the best anchor sample of
+  each of b prompts: the prompt's forward once, b rows of P tokens, then the 2b responses of T tokens
+  against its cache repeated for them; scoring._shared_prompt_hidden) and up to two without (anchor,
+  reference). Forward tensors of one layer on r rows of q queries over k keys:
+      S(r, q, k) = r * q * s * (4 D + 2 (H + K) Dh / t + 3 M / t) + r * (H / t) * q * k * (4 + s)
+  (x-sized tensors; q, k, v and attention output; MLP gate, up, product; float32 scores + probs); the
+  gradient call's layer holds G = S(b, P, P) + S(2b, T, L) + its cache and the repeat, 3 b L 2 K/t Dh s.
+  With remat: the layer inputs are kept, layers * (b P + 2b T) * D * s, plus one layer recomputed with
+  its gradients, 2 G. Without remat: every layer's G, plus one layer's gradients, S(b, L, L).
+  Logits (the LM head on response positions only): 3 * b * T * V/t * 4 bytes (the float32 log-softmax of
+  the gradient call's 2b rows is kept for the backward pass, plus one call's raw logits in flight). Gradients in param_dtype (a float32
   accumulator too when m > 1), and with fsdp > 1 (or a dtype cast) one all-gathered layer plus the
   embedding in the compute dtype, split only over tensor.
 """
@@ -256,17 +258,19 @@ def plan(config: Any, mesh_shape: Mapping[str, int], num_devices: int | None = N
   kv = layers * 2 * (K // t) * Dh * s * (B * P + 2 * B * max(T - 1, 1)) / dp
   rows.append(Row("kv cache (anchor, n=2)", kv, "sampling", f"{rows_how}, kv_heads/tensor={t}"))
 
-  def forward_tensors(r: float) -> float:
-    return (r * L * s * (4 * D + 2 * (H + K) * Dh / t + 3 * M / t) + r * (H / t) * L * L * (4 + s))
+  def forward_tensors(r: float, queries: int, keys: int) -> float:
+    return (r * queries * s * (4 * D + 2 * (H + K) * Dh / t + 3 * M / t) + r * (H / t) * queries * keys *
+            (4 + s))
 
+  grad_layer = forward_tensors(b, P, P) + forward_tensors(2 * b, T, L) + 3 * b * L * 2 * (K / t) * Dh * s
   if cfg.remat:
-    acts = layers * 2 * b * L * D * s + 2 * forward_tensors(b)
+    acts = layers * (b * P + 2 * b * T) * D * s + 2 * grad_layer
     acts_name = "activations (remat)"
   else:
-    acts = layers * forward_tensors(2 * b) + forward_tensors(b)
+    acts = layers * grad_layer + forward_tensors(b, L, L)
     acts_name = "activations (no remat)"
   rows.append(Row(acts_name, acts, "update", f"{rows_how}, heads/mlp/tensor={t}"))
-  rows.append(Row("logits (f32)", 3 * b * (L - 1) * (V / t) * 4, "update", f"{rows_how}, vocab/tensor={t}"))
+  rows.append(Row("logits (f32)", 3 * b * T * (V / t) * 4, "update", f"{rows_how}, vocab/tensor={t}"))
   if lora is not None:  # XLA keeps each adapted projection's low-rank output of both gradient calls
     # (of every adapted layer; with remat of the one layer recomputed at a time)
     width = {"q": H * Dh / t, "k": K * Dh / t, "v": K * Dh / t, "o": D, "gate": M / t, "up": M / t, "down": D}

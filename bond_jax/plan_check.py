@@ -65,10 +65,10 @@ def measured(config: Any, mesh: jax.sharding.Mesh) -> Phases:
     options = dict(params_view=lambda b, a: lora_lib.attach(b, a, lora))
   state = update.new_state(trainable, optimizer, mesh, trainable)
   batch = _batch(config, mesh)
-  step = update.make_jbond_step(scoring.sequence_logprob_fn(cfg, 0), optimizer, mesh=mesh,
-                                state_sharding=sharding.shardings_of(state),
-                                ref_sharding=sharding.shardings_of(base),
-                                batch_sharding=sharding.shardings_of(batch), **options)
+  step = update.make_jbond_step(
+      scoring.sequence_logprob_fn(cfg, 0, response_width=config.sampling.max_new_tokens), optimizer,
+      mesh=mesh, state_sharding=sharding.shardings_of(state), ref_sharding=sharding.shardings_of(base),
+      batch_sharding=sharding.shardings_of(batch), **options)
   policy = base if lora is None else lora_lib.attach(base, trainable, lora)
   B, P, T = config.train.batch_size, max(config.data.prompt_buckets), config.sampling.max_new_tokens
   generate = sampling._jitted_generate(cfg, mesh, B, 2, T,

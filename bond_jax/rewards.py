@@ -26,6 +26,7 @@ import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bond_jax import scoring, sharding
@@ -164,23 +165,21 @@ def score(frozen, prompts, prompt_mask, responses, response_mask) -> jax.Array:
                          response_mask)
 
 
-def tie_rate(rewards: np.ndarray) -> float:
-  """The fraction of a prompt's response pairs whose rewards are equal, over rewards [B, M] (M >= 2)."""
-  rewards = np.asarray(rewards).reshape(len(rewards), -1)
+def tie_rate(rewards: Any) -> jax.Array:
+  """The fraction of a prompt's response pairs whose rewards are equal, over rewards [B, M] (M >= 2): a
+  float32 [] (traceable: the trainer computes it on device)."""
+  rewards = jnp.asarray(rewards).reshape(len(rewards), -1)
   m = rewards.shape[1]
   if m < 2:
-    return 0.0
+    return jnp.zeros((), jnp.float32)
   equal = rewards[:, :, None] == rewards[:, None, :]
-  return float((equal.sum() - rewards.size) / (len(rewards) * m * (m - 1)))
+  return ((jnp.sum(equal) - rewards.size) / (len(rewards) * m * (m - 1))).astype(jnp.float32)
 
 
-def batch_tie_rate(batch: Any) -> float:
+def batch_tie_rate(batch: Any) -> jax.Array:
   """tie_rate over every `*_rewards` field of an update batch ([B] or [B, M] each), joined per prompt."""
-  fields = [
-      np.asarray(sharding.to_host(getattr(batch, f.name))) for f in dataclasses.fields(batch)
-      if f.name.endswith("rewards")
-  ]
-  return tie_rate(np.concatenate([f.reshape(len(f), -1) for f in fields], axis=1))
+  fields = [getattr(batch, f.name) for f in dataclasses.fields(batch) if f.name.endswith("rewards")]
+  return tie_rate(jnp.concatenate([f.reshape(len(f), -1) for f in fields], axis=1))
 
 
 def own_tokenizer(config, policy_tokenizer):

@@ -5,6 +5,10 @@ Each function samples with sampling.generate, scores the responses by the run's 
 (the update's typed batch, Stats). Rows are [left pads | prompt | response | right pads]; a batch's
 `*_mask` marks the RESPONSE tokens whose log-probs the update sums (scoring.sequence_logprob_fn).
 
+The rollouts' prompts must have passed sampling.check_prompts for max_new_tokens (the distillation stage
+checks each host batch before placing it): with the reward model on device, a rollout reads nothing back from the device, so its sampling, scoring and the
+update that follows are dispatched without waiting on each other (tests/test_rollout.py counts it).
+
 BOND's math assumes samples from pi itself: training rollouts sample at temperature 1 with no top-k/top-p
 (validation.py enforces it), so the teacher-forced log-probs are those of the sampled law.
 Shapes: B prompts, P prompt tokens, T = max_new_tokens, L = P + T.
@@ -28,12 +32,13 @@ class Stats(NamedTuple):
 
 
 def sample(frozen: FrozenModels, params: Any, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
-           num_samples: int, max_new_tokens: int) -> sampling.Samples:
-  """num_samples responses [B, N, T] per prompt of a model with the policy's shape, at temperature 1."""
+           num_samples: int, max_new_tokens: int, prompts_checked: bool = False) -> sampling.Samples:
+  """num_samples responses [B, N, T] per prompt of a model with the policy's shape, at temperature 1.
+  prompts_checked: see sampling.generate (the rollouts below pass True)."""
   return sampling.generate(frozen.policy_cfg, params, prompts, prompt_mask, rng, num_samples=num_samples,
                            max_new_tokens=max_new_tokens, eos_ids=frozen.eos_ids, pad_id=frozen.pad_id,
                            mesh=frozen.mesh, prompt_width=prompts.shape[1],
-                           merge_adapters=frozen.merge_adapters)
+                           merge_adapters=frozen.merge_adapters, prompts_checked=prompts_checked)
 
 
 def _rewards(frozen: FrozenModels, prompts, prompt_mask, samples: sampling.Samples) -> jax.Array:
@@ -44,17 +49,29 @@ def jbond(frozen: FrozenModels, policy_params: Any, anchor_params: Any, prompts:
           prompt_mask: jax.Array, rng: jax.Array, max_new_tokens: int) -> tuple[update.JBondBatch, Stats]:
   """J-BOND: 1 policy sample and 2 anchor samples per prompt, all three scored in one reward call."""
   policy_rng, anchor_rng = jax.random.split(rng)
-  policy = sample(frozen, policy_params, prompts, prompt_mask, policy_rng, 1, max_new_tokens)
-  anchor = sample(frozen, anchor_params, prompts, prompt_mask, anchor_rng, 2, max_new_tokens)
-  responses = jnp.concatenate([policy.tokens, anchor.tokens], axis=1)
-  response_mask = jnp.concatenate([policy.mask, anchor.mask], axis=1)
+  policy = sample(frozen, policy_params, prompts, prompt_mask, policy_rng, 1, max_new_tokens, True)
+  anchor = sample(frozen, anchor_params, prompts, prompt_mask, anchor_rng, 2, max_new_tokens, True)
+  responses, response_mask, lengths = _joined_samples(policy, anchor)
   rewards = rewards_lib.score(frozen, prompts, prompt_mask, responses, response_mask)
+  return _jbond_batch(prompts, prompt_mask, responses, response_mask, rewards), Stats(lengths)
+
+
+@jax.jit
+def _joined_samples(*samples: sampling.Samples) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """tokens, mask [B, N1 + N2 + ..., T] and lengths [B, N1 + ...] of several models' samples (one
+  computation: a rollout dispatches few, so that none waits on the device's queue of pending ones)."""
+  join_samples = lambda name: jnp.concatenate([getattr(x, name) for x in samples], axis=1)
+  return join_samples("tokens"), join_samples("mask"), join_samples("lengths")
+
+
+@jax.jit
+def _jbond_batch(prompts, prompt_mask, responses, response_mask, rewards) -> update.JBondBatch:
+  """The update's batch of rows [policy sample, anchor samples] [B, 3, T] (one computation)."""
   rows = scoring.join(prompts, prompt_mask, responses, response_mask)
   tokens, mask = rows.tokens, rows.response_mask
-  batch = update.JBondBatch(policy_tokens=tokens[:, 0], policy_mask=mask[:, 0], policy_rewards=rewards[:, 0],
-                            anchor_tokens=tokens[:, 1:], anchor_mask=mask[:, 1:], anchor_rewards=rewards[:,
-                                                                                                         1:])
-  return batch, Stats(jnp.concatenate([policy.lengths, anchor.lengths], axis=1))
+  return update.JBondBatch(policy_tokens=tokens[:, 0], policy_mask=mask[:, 0], policy_rewards=rewards[:, 0],
+                           anchor_tokens=tokens[:, 1:], anchor_mask=mask[:, 1:], anchor_rewards=rewards[:,
+                                                                                                        1:])
 
 
 def bond(frozen: FrozenModels, policy_params: Any, base_params: Any, prompts: jax.Array,
@@ -65,8 +82,9 @@ def bond(frozen: FrozenModels, policy_params: Any, base_params: Any, prompts: ja
   if k < n:
     raise ValueError(f"k={k} base samples cannot supply a Best-of-{n}: need k >= n")
   policy_rng, base_rng = jax.random.split(rng)
-  policy = sample(frozen, policy_params, prompts, prompt_mask, policy_rng, num_policy_samples, max_new_tokens)
-  base = sample(frozen, base_params, prompts, prompt_mask, base_rng, k, max_new_tokens)
+  policy = sample(frozen, policy_params, prompts, prompt_mask, policy_rng, num_policy_samples, max_new_tokens,
+                  True)
+  base = sample(frozen, base_params, prompts, prompt_mask, base_rng, k, max_new_tokens, True)
   base_rewards = _rewards(frozen, prompts, prompt_mask, base)
   best, _ = objectives.select_best(base_rewards[:, :n])  # ties: the lowest index
   pick = lambda x: jnp.take_along_axis(x, best[:, None, None], axis=1)
@@ -83,7 +101,7 @@ def reinforce(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, prom
               rng: jax.Array, max_new_tokens: int, *,
               num_policy_samples: int) -> tuple[update.ReinforceBatch, Stats]:
   """RLOO: M policy samples per prompt with their rewards."""
-  policy = sample(frozen, policy_params, prompts, prompt_mask, rng, num_policy_samples, max_new_tokens)
+  policy = sample(frozen, policy_params, prompts, prompt_mask, rng, num_policy_samples, max_new_tokens, True)
   rows = scoring.join(prompts, prompt_mask, policy.tokens, policy.mask)
   batch = update.ReinforceBatch(policy_tokens=rows.tokens, policy_mask=rows.response_mask,
                                 policy_rewards=_rewards(frozen, prompts, prompt_mask, policy))

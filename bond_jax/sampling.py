@@ -102,21 +102,27 @@ def bucket_length(length: int, limit: int | None = None) -> int:
   return max(int(length), min(bucket, limit)) if limit is not None else bucket
 
 
-@jax.jit
-def _prompt_stats(prompt_mask):
-  real = jnp.sum(prompt_mask, axis=-1)
-  left_padded = jnp.all(prompt_mask[:, 1:] >= prompt_mask[:, :-1])
-  return jnp.min(real), jnp.argmin(real), jnp.max(real), left_padded
+def _prompt_stats(prompt_mask, xp=jnp):
+  real = xp.sum(prompt_mask, axis=-1)
+  left_padded = xp.all(prompt_mask[:, 1:] >= prompt_mask[:, :-1])
+  return xp.min(real), xp.argmin(real), xp.max(real), left_padded
 
 
-def _check_prompts(cfg: ModelConfig, prompts, prompt_mask, max_new_tokens: int) -> int:
-  """Validates the prompt batch; returns the longest real prompt length."""
+_device_prompt_stats = jax.jit(_prompt_stats)
+
+
+def check_prompts(cfg: ModelConfig, prompts, prompt_mask, max_new_tokens: int) -> int:
+  """Validates a prompt batch [B, P] (one-line ValueErrors); returns the longest real prompt length.
+  Host (numpy) arrays are checked on the host, device arrays by one read back from the device."""
   if prompts.ndim != 2 or prompts.shape != prompt_mask.shape:
     raise ValueError(f"prompts {tuple(prompts.shape)} and prompt_mask {tuple(prompt_mask.shape)} must "
                      f"both be [B, P]")
   if prompts.shape[0] < 1 or prompts.shape[1] < 1:
     raise ValueError(f"prompts {tuple(prompts.shape)} is empty; need B >= 1 prompts of P >= 1 tokens")
-  shortest, shortest_row, longest, left_padded = jax.device_get(_prompt_stats(prompt_mask))
+  if isinstance(prompt_mask, np.ndarray):
+    shortest, shortest_row, longest, left_padded = _prompt_stats(prompt_mask.astype(bool), np)
+  else:
+    shortest, shortest_row, longest, left_padded = jax.device_get(_device_prompt_stats(prompt_mask))
   if shortest < 1:
     raise ValueError(f"prompt row {int(shortest_row)} is empty (prompt_mask has no True); every prompt "
                      f"needs >= 1 real token (e.g. BOS)")
@@ -131,7 +137,9 @@ def _check_prompts(cfg: ModelConfig, prompts, prompt_mask, max_new_tokens: int) 
 def _fit_width(prompts, prompt_mask, width: int):
   """Left-padded prompts cut or padded on the LEFT to `width` columns (real tokens stay at the right)."""
   have = prompts.shape[1]
-  if have >= width:
+  if have == width:
+    return prompts, prompt_mask
+  if have > width:
     return prompts[:, have - width:], prompt_mask[:, have - width:]
   extra = width - have
   return (jnp.pad(prompts, ((0, 0), (extra, 0))), jnp.pad(prompt_mask, ((0, 0), (extra, 0))))
@@ -374,7 +382,8 @@ def _jitted_generate(cfg: ModelConfig, mesh: Mesh, batch: int, num_samples: int,
 def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
              num_samples: int, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0, mesh: Mesh | None = None,
-             prompt_width: int | None = None, merge_adapters: bool = True) -> Samples:
+             prompt_width: int | None = None, merge_adapters: bool = True,
+             prompts_checked: bool = False) -> Samples:
   """Sample N responses per prompt.
 
   Args:
@@ -391,6 +400,9 @@ def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax
       e.g. the caller's own padding bucket (the trainer's prompts come in a few fixed widths already).
     merge_adapters: with LoRA adapters attached to params (models/lora.py), merge them into the weights
       once per call (True) or apply the low-rank product at every decode step (False).
+    prompts_checked: the caller has run `check_prompts` on this batch with this max_new_tokens (the
+      trainer does, on each host batch before placing it); needs prompt_width. Nothing is then read back
+      from the device: a rollout's steps are dispatched without waiting on each other.
   Compiles once per (cfg, mesh, B, N, T, prompt bucket, top_k, and whether temperature is 0 or 1 and
   top_p < 1); the values of temperature, top_p, eos_ids and pad_id are traced and never recompile.
   Returns:
@@ -399,8 +411,12 @@ def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax
   """
   validate_sampling(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_k=top_k, top_p=top_p)
+  if prompts_checked and prompt_width is None:
+    raise ValueError("prompts_checked=True needs prompt_width (the checked batch's width)")
+  host = lambda x, dtype: x if isinstance(x, jax.Array) else np.asarray(x, dtype)  # checked where it is
+  prompts, prompt_mask = host(prompts, np.int32), host(prompt_mask, bool)
+  longest = prompt_width if prompts_checked else check_prompts(cfg, prompts, prompt_mask, max_new_tokens)
   prompts, prompt_mask = jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_mask, bool)
-  longest = _check_prompts(cfg, prompts, prompt_mask, max_new_tokens)
   width = bucket_length(longest, limit=cfg.max_seq_len - max_new_tokens)
   if prompt_width is not None:
     if not longest <= prompt_width <= cfg.max_seq_len - max_new_tokens:

@@ -14,6 +14,12 @@ and log-softmax run on `chunk` positions at a time under jax.checkpoint. The [R,
 never held at once (with a 256k vocabulary they would dominate memory), and the backward pass recomputes a
 chunk's logits instead of storing them. The update step's `sequence_logprob_fn`, the SFT loss and the
 evaluation's `sequence_logprobs` all go through it.
+
+A prompt's N responses read it once (`_shared_prompt_hidden`): the prompt runs into a KV cache of P + T
+slots and its N responses run as continuations of that cache, [B * N, T] tokens instead of [B * N, P + T].
+Rewards, the evaluation's log-probs and the update's log-probs of rows grouped by prompt ([B, N, L] with
+`response_width`) go that way; a response scores as its joined row does, up to float noise (the products
+are batched differently). The LM head runs only on the positions that predict response tokens.
 """
 
 from __future__ import annotations
@@ -89,6 +95,51 @@ def _logprobs_from(cfg: ModelConfig, params: Any, tokens: jax.Array, attend_mask
   return _head_logprobs(model, params, hidden[:, first - 1:-1], tokens[:, first:], chunk, temperature)
 
 
+def _shared_prompt_hidden(model: transformer.Transformer, params: Any, prompts: jax.Array,
+                          prompt_attend: jax.Array, responses: jax.Array,
+                          response_attend: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Hidden states of prompts [B, P] and of their responses [B, N, T] -> ([B, P, D], [B, N, T, D]).
+
+  The prompt runs once into a cache of P + T slots; the cache is repeated for its N responses, which run
+  as its continuation (positions and attention as in the joined row [prompt | response]).
+  """
+  batch, num_samples, length = responses.shape
+  cache = transformer.init_cache(model.cfg, batch, prompts.shape[1] + length)
+  prompt_hidden, cache = model.apply({"params": params}, prompts, prompt_attend, cache,
+                                     method=transformer.Transformer.hidden)
+  repeat = lambda x, axis: jnp.repeat(x, num_samples, axis=axis)  # row b * N + n continues prompt b
+  cache = dict(cache, k=repeat(cache["k"], 1), v=repeat(cache["v"], 1), valid=repeat(cache["valid"], 0))
+  flat = lambda x: x.reshape(batch * num_samples, length)
+  hidden, _ = model.apply({"params": params}, flat(responses), flat(response_attend), cache,
+                          method=transformer.Transformer.hidden)
+  return prompt_hidden, hidden.reshape(batch, num_samples, length, -1)
+
+
+def _response_logprobs(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_attend: jax.Array,
+                       responses: jax.Array, response_attend: jax.Array, chunk: int,
+                       temperature: float) -> jax.Array:
+  """[B, N, T] float32 log-probs of responses [B, N, T] after prompts [B, P] (entries off the response
+  mask are garbage: the caller masks them). One response per prompt runs as its joined row; N > 1 share
+  the prompt's forward (_shared_prompt_hidden)."""
+  batch, num_samples, length = responses.shape
+  if num_samples == 1:
+    rows = join(prompts, prompt_attend, responses, response_attend)
+    flat = lambda x: x[:, 0]
+    chosen = _logprobs_from(cfg, params, flat(rows.tokens), flat(rows.attend_mask), prompts.shape[1], chunk,
+                            temperature)
+    return chosen[:, None]
+  model = transformer.Transformer(cfg)
+  prompt_hidden, hidden = _shared_prompt_hidden(model, params, prompts, prompt_attend, responses,
+                                                response_attend)
+  # response token t is predicted at the position before it: the prompt's last one for t = 0
+  last = jnp.broadcast_to(prompt_hidden[:, None, -1:], (batch, num_samples, 1, hidden.shape[-1]))
+  predicting = jnp.concatenate([last, hidden[:, :, :-1]], axis=2)
+  rows = batch * num_samples
+  chosen = _head_logprobs(model, params, predicting.reshape(rows, length, -1),
+                          responses.reshape(rows, length), chunk, temperature)
+  return chosen.reshape(batch, num_samples, length)
+
+
 def token_logprobs(cfg: ModelConfig, params: Any, tokens: jax.Array, attend_mask: jax.Array,
                    target_mask: jax.Array | None = None, *, chunk: int = 128,
                    temperature: float = 1.0) -> jax.Array:
@@ -111,29 +162,40 @@ def token_logprobs(cfg: ModelConfig, params: Any, tokens: jax.Array, attend_mask
   return logp if target_mask is None else jnp.where(target_mask[:, 1:], logp, 0.0)
 
 
-def sequence_logprob_fn(cfg: ModelConfig, pad_id: int, chunk: int = 128) -> SequenceLogprobFn:
-  """The update steps' `sequence_logprob_fn(params, tokens [R, L], response_mask [R, L]) -> log pi [R]`.
+def sequence_logprob_fn(cfg: ModelConfig, pad_id: int, chunk: int = 128,
+                        response_width: int | None = None) -> SequenceLogprobFn:
+  """The update steps' `sequence_logprob_fn(params, tokens, response_mask) -> log pi`: tokens and
+  response_mask [R, L] -> [R], or [B, N, L] -> [B, N].
 
   Rows are `join`'s tokens and response_mask; the attention mask is rebuilt as
   `(tokens != pad_id) | response_mask`, so the pad id must never be produced for real text (our
   SentencePiece models reserve it). Temperature 1: BOND's math needs log pi of the sampled law.
+  response_width: T when every response lies in the last T columns (join's rows of T-token responses):
+  the LM head then runs on those positions only, and rows [B, N, L] are read as N responses to ONE prompt
+  per b (tokens[:, n, :L - T] the same for every n, as join makes them), whose prompt runs once.
   """
 
   def fn(params: Any, tokens: jax.Array, response_mask: jax.Array) -> jax.Array:
     attend = (tokens != pad_id) | response_mask
-    return jnp.sum(token_logprobs(cfg, params, tokens, attend, response_mask, chunk=chunk), axis=-1)
+    if response_width is None:
+      rows = lambda x: x.reshape(-1, x.shape[-1])
+      per_token = token_logprobs(cfg, params, rows(tokens), rows(attend), rows(response_mask), chunk=chunk)
+      return jnp.sum(per_token, axis=-1).reshape(tokens.shape[:-1])
+    grouped = lambda x: x if x.ndim == 3 else x[:, None]
+    tokens_3d, attend_3d, mask_3d = (grouped(x) for x in (tokens, attend, response_mask))
+    prompt_width = tokens.shape[-1] - response_width
+    chosen = _response_logprobs(cfg, params, tokens_3d[:, 0, :prompt_width], attend_3d[:, 0, :prompt_width],
+                                tokens_3d[..., prompt_width:], attend_3d[..., prompt_width:], chunk, 1.0)
+    total = jnp.sum(jnp.where(mask_3d[..., prompt_width:], chosen, 0.0), axis=-1)
+    return total.reshape(tokens.shape[:-1])
 
   return fn
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7))
 def _sequence_logprobs(cfg, params, prompts, prompt_mask, responses, response_mask, temperature, chunk):
-  batch, num_samples, length = responses.shape
-  rows = join(prompts, prompt_mask, responses, response_mask)
-  flat = lambda x: x.reshape(batch * num_samples, -1)
-  chosen = _logprobs_from(cfg, params, flat(rows.tokens), flat(rows.attend_mask), prompts.shape[1], chunk,
-                          temperature)  # only the positions that predict responses
-  per_token = jnp.where(response_mask, chosen.reshape(batch, num_samples, length), 0.0)
+  chosen = _response_logprobs(cfg, params, prompts, prompt_mask, responses, response_mask, chunk, temperature)
+  per_token = jnp.where(response_mask, chosen, 0.0)
   return per_token, jnp.sum(per_token, axis=-1)
 
 
@@ -160,15 +222,20 @@ def sequence_logprobs(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_
 
 @functools.partial(jax.jit, static_argnums=0)
 def _rewards(cfg_rm, rm_params, prompts, prompt_mask, responses, response_mask):
-  rows = join(prompts, prompt_mask, responses, response_mask)
-  flat = lambda x: x.reshape(-1, x.shape[-1])
-  scores = reward.score(cfg_rm, rm_params, flat(rows.tokens), flat(rows.attend_mask))
-  return scores.reshape(responses.shape[:2])
+  backbone = transformer.Transformer(cfg_rm, with_lm_head=False)
+  prompt_hidden, hidden = _shared_prompt_hidden(backbone, rm_params["backbone"], prompts, prompt_mask,
+                                                responses, response_mask)
+  # the row's last real token: the response's, or the prompt's last (left-padded: its last column) when the
+  # response is empty
+  last = jnp.take_along_axis(hidden, reward.last_real_index(response_mask)[..., None, None], axis=2)[:, :, 0]
+  last = jnp.where(jnp.any(response_mask, axis=-1)[..., None], last, prompt_hidden[:, None, -1])
+  return reward.read_head(rm_params["head"], last)
 
 
 def rewards(cfg_rm: ModelConfig, rm_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
             responses: jax.Array, response_mask: jax.Array) -> jax.Array:
   """Reward-model scores [B, N] float32 of prompt + response, read at the response's last real token (e.g.
-  its EOS). prompts, prompt_mask [B, P] left-padded; responses, response_mask [B, N, T] right-padded."""
+  its EOS). prompts, prompt_mask [B, P] left-padded; responses, response_mask [B, N, T] right-padded. Each
+  prompt's forward runs once for its N responses (_shared_prompt_hidden)."""
   return _rewards(cfg_rm, rm_params, jnp.asarray(prompts), jnp.asarray(prompt_mask, bool),
                   jnp.asarray(responses), jnp.asarray(response_mask, bool))

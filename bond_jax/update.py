@@ -1,7 +1,10 @@
 """Jitted update steps for BOND, iterative BOND, J-BOND and the RLOO baseline, generic over the policy.
 
-The policy enters only through `sequence_logprob_fn(params, tokens, mask) -> [rows]`: the SEQUENCE log-prob
-of each response (sum over the response tokens where mask is 1 of log-softmax at temperature 1). A tabular
+The policy enters only through `sequence_logprob_fn(params, tokens, mask) -> [B, N]` of tokens [B, N, T]:
+the SEQUENCE log-prob of each response (sum over the response tokens where mask is 1 of log-softmax at
+temperature 1). The N rows of a prompt b come together, so that a prompt's forward can serve all of them
+(scoring.sequence_logprob_fn with response_width): the losses group every set of rows that shares a
+prompt (J-BOND: the policy sample and the best anchor sample) into one call. A tabular
 autoregressive policy (tests) and the transformer (teacher-forced, scoring.sequence_logprob_fn) plug in
 the same way. The caller samples; a step only scores the samples it is given.
 
@@ -167,15 +170,26 @@ def new_state(params: Any, optimizer: optax.GradientTransformation, mesh: jax.sh
 # Losses over batches (policy-generic), built from objectives.
 
 
-def _flat_logprobs(sequence_logprob_fn: SequenceLogprobFn, params: Any, tokens: Array, mask: Array) -> Array:
-  """Sequence log-probs of tokens [..., T] -> [...] through a [rows, T] -> [rows] function."""
-  lead = tokens.shape[:-1]
-  rows = sequence_logprob_fn(params, tokens.reshape(-1, tokens.shape[-1]), mask.reshape(-1, mask.shape[-1]))
-  return rows.reshape(lead)
+def _grouped_logprobs(sequence_logprob_fn: SequenceLogprobFn, params: Any, tokens: Array,
+                      mask: Array) -> Array:
+  """Sequence log-probs [B, N] of rows tokens [B, N, T] grouped by prompt ([B, T]: one row each -> [B])."""
+  grouped = tokens.ndim == 2
+  tokens, mask = (x[:, None] if grouped else x for x in (tokens, mask))
+  out = sequence_logprob_fn(params, tokens, mask)
+  return out[:, 0] if grouped else out
 
 
 def _constant_logprobs(fn: SequenceLogprobFn, params: Any, tokens: Array, mask: Array) -> Array:
-  return jax.lax.stop_gradient(_flat_logprobs(fn, params, tokens, mask))
+  return jax.lax.stop_gradient(_grouped_logprobs(fn, params, tokens, mask))
+
+
+def _with_best(fn: SequenceLogprobFn, params: Any, tokens: Array, mask: Array, best_tokens: Array,
+               best_mask: Array) -> tuple[Array, Array]:
+  """(log pi of tokens [B, M, T] -> [B, M], of best_tokens [B, T] -> [B]) in ONE call: the best sample
+  answers the same prompt, so the policy's forward of that prompt serves both."""
+  rows = lambda x, best: jnp.concatenate([x, best[:, None]], axis=1)
+  both = _grouped_logprobs(fn, params, rows(tokens, best_tokens), rows(mask, best_mask))
+  return both[:, :-1], both[:, -1]
 
 
 def bond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, n: int, beta: float, baseline: str = "loo",
@@ -188,12 +202,12 @@ def bond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, n: int, beta: float,
     if base_params is None:
       raise ValueError("BOND needs ref_params (or an anchor in the state for iterative BOND)")
     tokens, mask = batch.policy_tokens, batch.policy_mask
-    policy_logprobs = _flat_logprobs(sequence_logprob_fn, params, tokens, mask)
+    policy_logprobs, best_logprobs = _with_best(sequence_logprob_fn, params, tokens, mask, batch.best_tokens,
+                                                batch.best_mask)
     base_logprobs = _constant_logprobs(sequence_logprob_fn, base_params, tokens, mask)
     ref_logprobs = None
     if use_anchor and ref_params is not None:
       ref_logprobs = _constant_logprobs(sequence_logprob_fn, ref_params, tokens, mask)
-    best_logprobs = _flat_logprobs(sequence_logprob_fn, params, batch.best_tokens, batch.best_mask)
     return objectives.bond_loss(policy_logprobs, base_logprobs, batch.policy_rewards, batch.base_rewards,
                                 best_logprobs, n=n, beta=beta, baseline=baseline, ref_logprobs=ref_logprobs)
 
@@ -209,12 +223,13 @@ def jbond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta: float, gamma:
     if anchor_params is None:
       raise ValueError("J-BOND needs anchor_params in the TrainState (init_train_state(anchor_params=...))")
     tokens, mask = batch.policy_tokens, batch.policy_mask
-    policy_logprobs = _flat_logprobs(sequence_logprob_fn, params, tokens, mask)
-    anchor_logprobs = _constant_logprobs(sequence_logprob_fn, anchor_params, tokens, mask)
     best_index, _ = objectives.select_best(batch.anchor_rewards)
-    pick = lambda x: jnp.take_along_axis(x, best_index[:, None, None], axis=1)[:, 0]
-    best_logprobs = _flat_logprobs(sequence_logprob_fn, params, pick(batch.anchor_tokens),
-                                   pick(batch.anchor_mask))
+    pick = lambda x: jnp.take_along_axis(x, best_index[:, None, None], axis=1)
+    policy_logprobs, best_logprobs = _with_best(sequence_logprob_fn, params, tokens[:, None], mask[:, None],
+                                                pick(batch.anchor_tokens)[:, 0],
+                                                pick(batch.anchor_mask)[:, 0])
+    policy_logprobs = policy_logprobs[:, 0]
+    anchor_logprobs = _constant_logprobs(sequence_logprob_fn, anchor_params, tokens, mask)
     ref_logprobs = (None if ref_params is None else _constant_logprobs(sequence_logprob_fn, ref_params,
                                                                        tokens, mask))
     return objectives.jbond_loss(policy_logprobs, anchor_logprobs, batch.policy_rewards, batch.anchor_rewards,
@@ -234,7 +249,7 @@ def reinforce_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta_rl: float,
     if ref_params is None:
       raise ValueError("REINFORCE needs ref_params for its KL penalty")
     tokens, mask = batch.policy_tokens, batch.policy_mask
-    policy_logprobs = _flat_logprobs(sequence_logprob_fn, params, tokens, mask)
+    policy_logprobs = _grouped_logprobs(sequence_logprob_fn, params, tokens, mask)
     ref_logprobs = _constant_logprobs(sequence_logprob_fn, ref_params, tokens, mask)
     return objectives.reinforce_loss(policy_logprobs, ref_logprobs, batch.policy_rewards, beta_rl=beta_rl,
                                      baseline=baseline)

@@ -7,10 +7,10 @@ from bond_jax import rewards
 
 
 def test_tie_rate_counts_equal_pairs_within_a_prompt():
-  assert rewards.tie_rate(np.array([[1.0, 1.0, 2.0], [3.0, 4.0, 5.0]])) == pytest.approx(1 / 6)
-  assert rewards.tie_rate(np.zeros((4, 3))) == 1.0
-  assert rewards.tie_rate(np.arange(8.0).reshape(4, 2)) == 0.0
-  assert rewards.tie_rate(np.ones((3, 1))) == 0.0  # one response per prompt: no pair
+  assert float(rewards.tie_rate(np.array([[1.0, 1.0, 2.0], [3.0, 4.0, 5.0]]))) == pytest.approx(1 / 6)
+  assert float(rewards.tie_rate(np.zeros((4, 3)))) == 1.0
+  assert float(rewards.tie_rate(np.arange(8.0).reshape(4, 2))) == 0.0
+  assert float(rewards.tie_rate(np.ones((3, 1)))) == 0.0  # one response per prompt: no pair
 
 
 def test_row_buckets_pad_at_most_a_quarter_and_four_widths_per_octave():

@@ -3,8 +3,11 @@
 The join and the chunked log-probs themselves are tested in test_scoring.py.
 """
 
+import time
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bond_jax import rollout, scoring, sharding
@@ -43,3 +46,53 @@ def test_bond_batch_joins_scores_and_picks_the_best_of_n_base_samples():
   best_reward = reward.score(CFG, rm_params, best_tokens, (best_tokens != PAD) | best_mask)
   np.testing.assert_allclose(best_reward, np.max(batch.base_rewards[:, :n], axis=-1), atol=1e-5)
   assert np.unique(np.asarray(batch.base_rewards)).size == 12  # no tie makes the pick ambiguous
+
+
+@jax.jit
+def _late(prompts):
+  """prompts, ready only after ~0.5 s of matmuls (a value nothing should wait for)."""
+  x = jax.lax.fori_loop(0, 1500, lambda i, x: jnp.tanh(x @ x), jnp.full((256, 256), 1e-3))
+  return prompts + (x[0, 0] > 1e9).astype(prompts.dtype)  # + 0, known only when the loop is done
+
+
+def test_a_jbond_step_waits_on_nothing_and_compiles_once():
+  """After the first step, the rollout, the update and the step's logged stats are all dispatched before
+  their input prompts even exist (nothing is read back from the device in between), and nothing compiles."""
+  from bond_jax import update
+  from bond_jax.stages import distill
+  params = nn.unbox(transformer.init_boxed(CFG, jax.random.key(0)))
+  rm_params = nn.unbox(reward.init_boxed(CFG, jax.random.key(1)))
+  mesh = sharding.make_mesh({}, jax.devices()[:1])
+  frozen = FrozenModels(policy_cfg=CFG, reference_params=params, reward_cfg=CFG, reward_params=rm_params,
+                        eos_ids=(1,), pad_id=PAD, mesh=mesh)
+  host_prompts = np.random.default_rng(0).integers(3, 64, (2, 6)).astype(np.int32)
+  prompts, prompt_mask = jax.device_put((host_prompts, np.ones_like(host_prompts, bool)))
+  optimizer = update.make_optimizer(update.OptimizerConfig(learning_rate=1e-3))
+  state = update.new_state(jax.tree.map(np.copy, params), optimizer, mesh, params)  # the step donates it
+  step = update.make_jbond_step(scoring.sequence_logprob_fn(CFG, PAD, response_width=5), optimizer, mesh=mesh,
+                                state_sharding=sharding.shardings_of(state),
+                                ref_sharding=sharding.shardings_of(params))
+
+  def run(state, prompts, seed):
+    batch, stats = rollout.jbond(frozen, state.params, state.anchor_params, prompts, prompt_mask,
+                                 jax.random.key(seed), 5)
+    state, metrics = step(state, params, batch)
+    return state, metrics, distill._step_stats(stats.response_lengths, batch)
+
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, *_, **__: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+  with jax.set_mesh(mesh):
+    state, _, _ = jax.block_until_ready(run(state, _late(prompts), 0))
+    first = len(compiles)
+    began = time.perf_counter()
+    jax.block_until_ready(_late(prompts))
+    late = time.perf_counter() - began
+    began = time.perf_counter()
+    out = run(state, _late(prompts), 1)
+    dispatched = time.perf_counter() - began
+    state, metrics, stats = jax.block_until_ready(out)
+  assert first > 0 and len(compiles) == first
+  assert dispatched < 0.5 * late, (dispatched, late)  # a read-back would wait for the prompts
+  assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
+  assert 0 < float(stats["tokens"]) <= 2 * 3 * 5  # 2 prompts x 3 samples of <= 5 tokens

@@ -150,6 +150,28 @@ def test_chunked_logprobs_equal_the_sampler_teacher_forcing_and_its_gradient():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_rows_grouped_by_prompt_share_its_forward_and_score_as_joined_rows():
+  """response_width: [B, N, L] rows run each prompt once ([B, L] rows: the LM head on the response only);
+  values and gradients equal the plain per-row function's."""
+  params = nn.unbox(transformer.init_boxed(CFG, jax.random.key(0)))
+  prompts, responses, mask = _rows()
+  rows = scoring.join(jnp.asarray(prompts), jnp.asarray(prompts != 0), jnp.asarray(responses),
+                      jnp.asarray(mask))
+  tokens, row_mask = rows.tokens, rows.response_mask  # [2, 3, 11]
+  plain = scoring.sequence_logprob_fn(CFG, 0, chunk=3)
+  shared = scoring.sequence_logprob_fn(CFG, 0, chunk=3, response_width=5)
+  expected = plain(params, tokens.reshape(6, -1), row_mask.reshape(6, -1)).reshape(2, 3)
+  assert np.abs(np.asarray(expected)).min() > 1.0  # not a comparison of zeros
+  np.testing.assert_allclose(jax.jit(shared)(params, tokens, row_mask), expected, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(shared)(params, tokens[:, 1], row_mask[:, 1]), expected[:, 1], atol=1e-5)
+  weights = jnp.asarray([[1.0, -2.0, 0.5], [0.3, 1.5, -1.0]])  # every row's gradient counts differently
+  grad = lambda fn, t, m: jax.jit(jax.grad(lambda p: jnp.sum(weights.reshape(t.shape[:-1]) * fn(p, t, m))))(
+      params)
+  got, want = grad(shared, tokens, row_mask), grad(plain, tokens.reshape(6, -1), row_mask.reshape(6, -1))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_sequence_logprobs_equal_full_logits_for_every_chunk():
   params = nn.unbox(transformer.init_boxed(CFG, jax.random.key(0)))
   prompts, responses, mask = _rows()

@@ -33,7 +33,12 @@ class RewardModel(nn.Module):
     kernel = self.param("head", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                         (self.cfg.d_model,), self.cfg.params_dtype)
     last = jnp.take_along_axis(hidden, last_real_index(token_mask)[:, None, None], axis=1)[:, 0]
-    return (last.astype(jnp.float32) @ kernel.astype(jnp.float32))
+    return read_head(kernel, last)
+
+
+def read_head(kernel: jax.Array, last: jax.Array) -> jax.Array:
+  """The scalar head [D] on the hidden states [..., D] of rows' last real tokens -> float32 scores [...]."""
+  return last.astype(jnp.float32) @ kernel.astype(jnp.float32)
 
 
 def init_boxed(cfg: ModelConfig, rng: jax.Array) -> Any:

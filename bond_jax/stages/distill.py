@@ -16,10 +16,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bond_jax import algorithms, artifacts, checkpoint, evaluate as evaluate_lib, loop
-from bond_jax import rewards as rewards_lib, scoring, sharding, update
+from bond_jax import rewards as rewards_lib, sampling, scoring, sharding, update
 from bond_jax import workdir as workdir_lib
 from bond_jax.data import prompts as prompts_lib
 from bond_jax.frozen import FrozenModels
@@ -176,6 +175,18 @@ def warn_ties(tie_rate: float, step: int, warned: list[int]) -> None:
         flush=True)
 
 
+@jax.jit
+def _step_stats(response_lengths: jax.Array, batch: Any) -> dict[str, jax.Array]:
+  """What a step logs beside the update's metrics (on device): mean and total response length [B, M],
+  the rewards' tie rate."""
+  lengths = response_lengths.astype(jnp.float32)
+  return {
+      "response_length": jnp.mean(lengths),
+      "tokens": jnp.sum(lengths),
+      "reward_tie_rate": rewards_lib.batch_tie_rate(batch)
+  }
+
+
 def build(ctx: Context) -> loop.Stage:
   """The distillation stage: the policy starts at pi_ref (and so does the anchor, where there is one)."""
   config, mesh = ctx.config, ctx.mesh
@@ -188,23 +199,21 @@ def build(ctx: Context) -> loop.Stage:
   options.update(num_microbatches=config.optimizer.grad_accum_steps, mesh=mesh,
                  state_sharding=sharding.shardings_of(state),
                  ref_sharding=sharding.shardings_of(frozen.reference_params))
-  step = algorithm.make_step(config.bond, scoring.sequence_logprob_fn(frozen.policy_cfg, frozen.pad_id),
-                             optimizer, options)
+  # rollout rows are join's [prompt | max_new_tokens response slots]: each prompt's forward serves its rows
+  logprob_fn = scoring.sequence_logprob_fn(frozen.policy_cfg, frozen.pad_id,
+                                           response_width=config.sampling.max_new_tokens)
+  step = algorithm.make_step(config.bond, logprob_fn, optimizer, options)
   base_rng = jax.random.key(config.seed)
   warned: list[int] = []
 
   def prepare(host_batch, state, step):
+    # checked here, on the host: the rollout then reads nothing back from the device before the update
+    sampling.check_prompts(frozen.policy_cfg, host_batch["tokens"], host_batch["mask"],
+                           config.sampling.max_new_tokens)
     placed = sharding.global_batch(host_batch, mesh)  # the global batch, on every process
     batch, stats = algorithm.rollout(config.bond, frozen, state, placed["tokens"], placed["mask"],
                                      jax.random.fold_in(base_rng, step - 1), config.sampling.max_new_tokens)
-    lengths = np.asarray(sharding.to_host(stats.response_lengths))
-    ties = rewards_lib.batch_tie_rate(batch)
-    warn_ties(ties, step, warned)
-    return batch, {
-        "response_length": float(lengths.mean()),
-        "tokens": float(lengths.sum()),
-        "reward_tie_rate": ties
-    }
+    return batch, _step_stats(stats.response_lengths, batch)  # device scalars, fetched with the metrics
 
   evaluation = _Evaluation(ctx, frozen, eval_sets) if config.eval.num_prompts and eval_sets else None
   run_step = lambda state, batch: step(state, frozen.reference_params, batch)
@@ -212,7 +221,8 @@ def build(ctx: Context) -> loop.Stage:
                     schedule=loop.Schedule.from_section(config.train), state=state, step=run_step,
                     batches=prompts_lib.prompt_dataset(config, train_prompts, ctx.tokenizer), prepare=prepare,
                     evaluate=evaluation, eval_line=eval_line, evaluate_first=True,
-                    progress_keys=algorithms.PROGRESS_KEYS + ("response_length",), base=frozen.base_identity)
+                    progress_keys=algorithms.PROGRESS_KEYS + ("response_length",), base=frozen.base_identity,
+                    observe=lambda step, metrics: warn_ties(metrics["reward_tie_rate"], step, warned))
 
 
 def _initial_policy(config, frozen: FrozenModels) -> tuple[Any, dict[str, Any]]:
