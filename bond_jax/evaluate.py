@@ -168,19 +168,30 @@ def reference_pool(frozen: FrozenModels, prompts: jax.Array, prompt_mask: jax.Ar
 POOL_FIELDS = ReferencePool._fields
 
 
+def pools_are_kept(frozen: FrozenModels) -> bool:
+  """Whether pools can be kept and read back: not with a host reward route (its code is not hashable), nor
+  across several processes (every process would have to agree that a file exists before the collective
+  draw)."""
+  return frozen.text_rewards is None and jax.process_count() == 1
+
+
+def models_digest(frozen: FrozenModels) -> str:
+  """pi_ref's and the reward model's contents (not their paths), hashed: the part of a pool's fingerprint
+  that is the same for every held-out set (a scan of both models: compute it once per run)."""
+  return "|".join(
+      (checkpoint.tree_digest(frozen.reference_params), checkpoint.tree_digest(frozen.reward_params),
+       repr(frozen.policy_cfg), repr(frozen.reward_cfg)))
+
+
 def pool_fingerprint(frozen: FrozenModels, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
-                     num_samples: int, max_new_tokens: int) -> str | None:
-  """What a reference pool is a function of, hashed: pi_ref's and the reward model's contents (not their
-  paths), the prompts, the draw's key, K, the response budget and the token ids that end or pad a response.
-  None where a pool must be drawn every time: a host reward route (its code is not hashable) or several
-  processes (every process would have to agree that a file exists before the collective draw)."""
-  if frozen.text_rewards is not None or jax.process_count() > 1:
+                     num_samples: int, max_new_tokens: int, models: str | None = None) -> str | None:
+  """What a reference pool is a function of, hashed: `models_digest` (pass `models` to reuse it), the
+  prompts, the draw's key, K, the response budget and the token ids that end or pad a response.
+  None where a pool must be drawn every time (`pools_are_kept`)."""
+  if not pools_are_kept(frozen):
     return None
   parts = [
-      checkpoint.tree_digest(frozen.reference_params),
-      checkpoint.tree_digest(frozen.reward_params),
-      repr(frozen.policy_cfg),
-      repr(frozen.reward_cfg),
+      models or models_digest(frozen),
       str(np.asarray(jax.random.key_data(rng)).tolist()), f"K={num_samples} T={max_new_tokens}",
       f"eos={frozen.eos_ids} pad={frozen.pad_id}"
   ]

@@ -70,6 +70,7 @@ class _Evaluation:
     self.rng = jax.random.key(ctx.config.seed + 1)
     self.pools: dict[str, evaluate_lib.ReferencePool] = {}
     self.pool_dir = ctx.config.eval.get("pool_dir") or os.path.join(self.out_dir, "pools")
+    self.models_digest: str | None = None
     self.history = self._read_history()
 
   def _read_history(self) -> list[dict[str, Any]]:
@@ -99,7 +100,10 @@ class _Evaluation:
     c = self.config
     rng = jax.random.fold_in(self.rng, _POOL_SEED - index)  # set 0 keeps the pool seed of a single-set run
     options = dict(num_samples=c.eval.quantile_samples, max_new_tokens=c.sampling.max_new_tokens)
-    fingerprint = evaluate_lib.pool_fingerprint(self.frozen, prompts, mask, rng, **options)
+    if self.models_digest is None and evaluate_lib.pools_are_kept(self.frozen):
+      self.models_digest = evaluate_lib.models_digest(self.frozen)  # both models scanned once per run
+    fingerprint = evaluate_lib.pool_fingerprint(self.frozen, prompts, mask, rng, models=self.models_digest,
+                                                **options)
     path = fingerprint and os.path.join(self.pool_dir, f"{name}-{fingerprint}.npz")
     if path and os.path.exists(path):
       print(f"[{STAGE}] {name}: pi_ref's pool read from {path}", flush=True)
