@@ -21,7 +21,7 @@ from bond_jax import objectives, rollout, update
 from bond_jax.frozen import FrozenModels
 
 # (bond config, frozen models, state, prompts [B, P], prompt mask [B, P], rng, max_new_tokens)
-#   -> (update batch, rollout.Stats)
+#   -> (update batch, rollout.Stats); an algorithm that `draws_reference` also takes reference= (a pool)
 Rollout = Callable[
     [ml_collections.ConfigDict, FrozenModels, update.TrainState, jax.Array, jax.Array, jax.Array, int],
     tuple[Any, rollout.Stats]]
@@ -37,12 +37,16 @@ POLICY_SAMPLES = 2  # per prompt for BOND and RLOO: the fewest a leave-one-out b
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
   """uses_anchor: the state carries anchor params (started at pi_ref). target_best_of(bond, step): the
-  Best-of-N of pi_ref the algorithm aims at after `step` steps, or None (RLOO aims at none)."""
+  Best-of-N of pi_ref the algorithm aims at after `step` steps, or None (RLOO aims at none).
+  draws_reference: each step draws bond.k samples of pi_ref per prompt (with rollout.bond_keys' base key),
+  so its rollout takes them as reference= from a kept pool instead (bond.pool_dir: the study's BOND arms
+  share them)."""
   name: str
   uses_anchor: bool
   rollout: Rollout
   make_step: StepBuilder
   target_best_of: Callable[[ml_collections.ConfigDict, int], float | None]
+  draws_reference: bool = False
 
 
 def _jbond_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
@@ -51,11 +55,11 @@ def _jbond_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
                        prompts, mask, rng, max_new_tokens)
 
 
-def _bond_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
+def _bond_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens, reference=None):
   base = (frozen.model_params(state.anchor_params)
           if state.anchor_params is not None else frozen.reference_params)
   return rollout.bond(frozen, frozen.model_params(state.params), base, prompts, mask, rng, max_new_tokens,
-                      n=bond.n, k=bond.k, num_policy_samples=POLICY_SAMPLES)
+                      n=bond.n, k=bond.k, num_policy_samples=POLICY_SAMPLES, reference=reference)
 
 
 def _reinforce_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
@@ -83,9 +87,9 @@ ALGORITHMS: dict[str, Algorithm] = {
             # Best-of-2 of an anchor that is Best-of-2^M after M hard updates
             target_best_of=lambda b, step: float(2.0**(step // b.anchor_period + 1))),
         Algorithm(
-            "bond", uses_anchor=False,
-            rollout=_bond_rollout, make_step=lambda b, fn, opt, options: update.make_bond_step(
-                fn, opt, n=b.n, beta=b.beta, **options), target_best_of=lambda b, step: float(b.n)),
+            "bond", uses_anchor=False, rollout=_bond_rollout, make_step=lambda b, fn, opt, options: update.
+            make_bond_step(fn, opt, n=b.n, beta=b.beta, **options), target_best_of=lambda b, step: float(b.n),
+            draws_reference=True),
         Algorithm(
             "iterative_bond",
             uses_anchor=True,

@@ -2,7 +2,7 @@
 
 On held-out prompts x [B, P]: M policy samples y per prompt, K reference samples y_1..y_K per prompt, all
 scored by the reward model. pi_ref is frozen, so its K samples and their rewards are drawn once per run
-(`reference_pool`, a fixed seed: a resumed run draws the same ones) and every evaluation reuses them. From
+(reference_pools.py, a fixed seed: a resumed run reads the same ones) and every evaluation reuses them. From
 these:
 - the policy's reference quantile u = (#{r(y_i) < r(y)} + #{r(y_i) = r(y)} / 2) / K (a BoN-of-N sample has
   u ~ Beta(N, 1):
@@ -23,18 +23,17 @@ these:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from bond_jax import checkpoint, rewards as rewards_lib, rollout, scoring, sharding
+from bond_jax import reference_pools, rewards as rewards_lib, rollout, scoring, sharding
 from bond_jax.frozen import FrozenModels
 
 
@@ -144,83 +143,9 @@ def _host(x) -> np.ndarray:
   return np.asarray(sharding.to_host(x), np.float64)  # rows may live on other processes' devices
 
 
-class ReferencePool(NamedTuple):
-  """K samples of pi_ref per evaluation prompt, scored once per run: rewards and response lengths [B, K]
-  float64 (host); the samples themselves, tokens / mask [B, K, T] and their log pi_ref [B, K] (device), for
-  the Best-of-N KL estimates (`best_of_n_kl`)."""
-  rewards: np.ndarray
-  lengths: np.ndarray
-  tokens: jax.Array
-  mask: jax.Array
-  ref_logprobs: jax.Array
-
-
-def reference_pool(frozen: FrozenModels, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
-                   num_samples: int, max_new_tokens: int) -> ReferencePool:
-  """Sample num_samples = K responses of pi_ref per prompt [B, P] and score them."""
-  reference = rollout.sample(frozen, frozen.reference_params, prompts, prompt_mask, rng, num_samples,
-                             max_new_tokens)
-  rewards = rewards_lib.score(frozen, prompts, prompt_mask, reference.tokens, reference.mask)
-  return ReferencePool(_host(rewards), _host(reference.lengths), reference.tokens, reference.mask,
-                       jnp.sum(reference.model_logprobs, axis=-1))
-
-
-POOL_FIELDS = ReferencePool._fields
-
-
-def pools_are_kept(frozen: FrozenModels) -> bool:
-  """Whether pools can be kept and read back: not with a host reward route (its code is not hashable), nor
-  across several processes (every process would have to agree that a file exists before the collective
-  draw)."""
-  return frozen.text_rewards is None and jax.process_count() == 1
-
-
-def models_digest(frozen: FrozenModels) -> str:
-  """pi_ref's and the reward model's contents (not their paths), hashed: the part of a pool's fingerprint
-  that is the same for every held-out set (a scan of both models: compute it once per run)."""
-  return "|".join(
-      (checkpoint.tree_digest(frozen.reference_params), checkpoint.tree_digest(frozen.reward_params),
-       repr(frozen.policy_cfg), repr(frozen.reward_cfg)))
-
-
-def pool_fingerprint(frozen: FrozenModels, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
-                     num_samples: int, max_new_tokens: int, models: str | None = None) -> str | None:
-  """What a reference pool is a function of, hashed: `models_digest` (pass `models` to reuse it), the
-  prompts, the draw's key, K, the response budget and the token ids that end or pad a response.
-  None where a pool must be drawn every time (`pools_are_kept`)."""
-  if not pools_are_kept(frozen):
-    return None
-  parts = [
-      models or models_digest(frozen),
-      str(np.asarray(jax.random.key_data(rng)).tolist()), f"K={num_samples} T={max_new_tokens}",
-      f"eos={frozen.eos_ids} pad={frozen.pad_id}"
-  ]
-  digest = hashlib.sha256("|".join(parts).encode())
-  for x in (prompts, prompt_mask):
-    digest.update(np.ascontiguousarray(sharding.to_host(x)).tobytes())
-  return digest.hexdigest()[:24]
-
-
-def save_pool(pool: ReferencePool, path: str) -> None:
-  """Write a pool as one .npz, atomically (a killed run leaves no half-written file for the next to trust)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  partial = f"{path}.partial-{os.getpid()}"
-  with open(partial, "wb") as f:
-    np.savez(f, **{name: np.asarray(sharding.to_host(x)) for name, x in zip(POOL_FIELDS, pool)})
-  os.replace(partial, path)
-
-
-def load_pool(path: str, mesh: Any) -> ReferencePool:
-  """A pool written by `save_pool`, its device arrays placed as the sampler places them (batch split)."""
-  with np.load(path) as saved:
-    arrays = {name: saved[name] for name in POOL_FIELDS}
-  place = lambda x: jax.device_put(x, sharding.fitted(mesh, x.shape, ("act_batch",) + (None,) * (x.ndim - 1)))
-  return ReferencePool(arrays["rewards"], arrays["lengths"], place(arrays["tokens"]), place(arrays["mask"]),
-                       place(arrays["ref_logprobs"]))
-
-
 def best_of_n_kl(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
-                 reference: ReferencePool, summary: dict[str, Any], n: float) -> dict[str, float]:
+                 reference: reference_pools.ReferencePool, summary: dict[str,
+                                                                         Any], n: float) -> dict[str, float]:
   """Both KLs between the policy and Best-of-n of pi_ref (n an integer <= K), from the pool and `summary`:
 
       KL(pi_BoN || pi) = log n - (n - 1)/n - E_BoN[log pi(y) - log pi_ref(y)]    (E_BoN[log F] = -1/n)
@@ -243,8 +168,8 @@ def best_of_n_kl(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, p
 
 
 def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
-             rng: jax.Array, reference: ReferencePool, *, best_of: Sequence[int], policy_samples: int,
-             max_new_tokens: int, tracked_n: float | None = None,
+             rng: jax.Array, reference: reference_pools.ReferencePool, *, best_of: Sequence[int],
+             policy_samples: int, max_new_tokens: int, tracked_n: float | None = None,
              with_best_of_n_kl: bool = False) -> dict[str, Any]:
   """Sample M = policy_samples responses of the policy per prompt [B, P], score them, rank them against
   the `reference` pool of the same prompts, then `summarize` (and `best_of_n_kl` at the tracked N when

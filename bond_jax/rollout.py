@@ -16,13 +16,17 @@ Shapes: B prompts, P prompt tokens, T = max_new_tokens, L = P + T.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from bond_jax import objectives, rewards as rewards_lib, sampling, scoring, update
+from bond_jax import objectives, rewards as rewards_lib, sampling, scoring, sharding, update
 from bond_jax.frozen import FrozenModels
+
+if TYPE_CHECKING:  # reference_pools draws with this module's `sample`
+  from bond_jax import reference_pools
 
 
 class Stats(NamedTuple):
@@ -74,21 +78,42 @@ def _jbond_batch(prompts, prompt_mask, responses, response_mask, rewards) -> upd
                                                                                                         1:])
 
 
+def bond_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(policy key, base key) of a BOND step's key: `bond` samples the base with the second, so a pool of
+  pi_ref drawn with it (reference_pools.draw) holds the very samples the step would draw."""
+  policy_rng, base_rng = jax.random.split(rng)
+  return policy_rng, base_rng
+
+
 def bond(frozen: FrozenModels, policy_params: Any, base_params: Any, prompts: jax.Array,
          prompt_mask: jax.Array, rng: jax.Array, max_new_tokens: int, *, n: int, k: int,
-         num_policy_samples: int) -> tuple[update.BondBatch, Stats]:
+         num_policy_samples: int,
+         reference: "reference_pools.ReferencePool | None" = None) -> tuple[update.BondBatch, Stats]:
   """BOND / iterative BOND: M policy samples; k samples of the base (pi_ref, or the anchor) give the
-  quantiles, and the best of the first n of them is the forward-KL target."""
+  quantiles, and the best of the first n of them is the forward-KL target.
+
+  reference: pi_ref's k samples of these prompts drawn with bond_keys(rng)[1] (a kept pool: the study's
+  BOND arms share them), used instead of sampling the base; only where the base is pi_ref."""
   if k < n:
     raise ValueError(f"k={k} base samples cannot supply a Best-of-{n}: need k >= n")
-  policy_rng, base_rng = jax.random.split(rng)
+  policy_rng, base_rng = bond_keys(rng)
   policy = sample(frozen, policy_params, prompts, prompt_mask, policy_rng, num_policy_samples, max_new_tokens,
                   True)
-  base = sample(frozen, base_params, prompts, prompt_mask, base_rng, k, max_new_tokens, True)
-  base_rewards = _rewards(frozen, prompts, prompt_mask, base)
+  if reference is None:
+    base = sample(frozen, base_params, prompts, prompt_mask, base_rng, k, max_new_tokens, True)
+    base_tokens, base_mask, base_rewards = base.tokens, base.mask, _rewards(frozen, prompts, prompt_mask,
+                                                                            base)
+  else:
+    if reference.rewards.shape[1] != k:
+      raise ValueError(f"the reference pool has {reference.rewards.shape[1]} samples per prompt; k={k}")
+    # the pool's rewards are the score's float32 values widened to float64: narrowing them back is exact;
+    # placed as the score places them (rows split), as the update's jit expects
+    base_tokens, base_mask = reference.tokens, reference.mask
+    rewards = np.asarray(reference.rewards, np.float32)
+    base_rewards = jax.device_put(rewards, sharding.fitted(frozen.mesh, rewards.shape, ("act_batch", None)))
   best, _ = objectives.select_best(base_rewards[:, :n])  # ties: the lowest index
   pick = lambda x: jnp.take_along_axis(x, best[:, None, None], axis=1)
-  best_rows = scoring.join(prompts, prompt_mask, pick(base.tokens), pick(base.mask))
+  best_rows = scoring.join(prompts, prompt_mask, pick(base_tokens), pick(base_mask))
   rows = scoring.join(prompts, prompt_mask, policy.tokens, policy.mask)
   batch = update.BondBatch(policy_tokens=rows.tokens, policy_mask=rows.response_mask,
                            policy_rewards=_rewards(frozen, prompts, prompt_mask,

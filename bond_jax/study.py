@@ -151,9 +151,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, study: str, names: str 
   check_base(config, workdir)
   arms = arms_of(study, names)
   configs = {arm.name: arm_config(config, workdir, arm) for arm in arms}
-  for arm_cfg in configs.values():  # every arm evaluates against the same pools of pi_ref: drawn once
-    arm_cfg.eval.pool_dir = arm_cfg.eval.get("pool_dir") or os.path.join(workdir, "study", study,
-                                                                         "reference_pools")
+  pools = os.path.join(workdir, "study", study, "reference_pools")
+  for arm_cfg in configs.values():  # pi_ref's pools, drawn once for all arms: the evaluation's, and the
+    # k samples of each training step that the BOND arms (same prompts and keys per step) all draw
+    arm_cfg.eval.pool_dir = arm_cfg.eval.get("pool_dir") or pools
+    arm_cfg.bond.pool_dir = arm_cfg.bond.get("pool_dir") or pools
   for name, arm_cfg in configs.items():
     try:
       validation.validate(arm_cfg, "bond")

@@ -57,6 +57,13 @@ def _positive_int(key: str, value: Any) -> None:
       f"{key}={value!r} must be an integer >= 1")
 
 
+def _pool_dir(key: str, value: Any) -> None:
+  """A directory that pi_ref's pools are kept in (reference_pools.py): '' or a path that is not a file."""
+  _require(isinstance(value, str), f"{key}={value!r} must be a directory path ('' = the default)")
+  _require(not value or not os.path.exists(value) or os.path.isdir(value),
+           f"{key}={value!r} is a file; allowed: a directory (made if missing) or ''")
+
+
 def _schedule(name: str, section: ml_collections.ConfigDict) -> None:
   for key in _SCHEDULE_KEYS:
     _positive_int(f"{name}.{key}", section[key])
@@ -249,7 +256,9 @@ def _distill(config: ml_collections.ConfigDict, policy: ModelConfig, rows: int) 
       widest + s.max_new_tokens <= policy.max_seq_len,
       f"data.prompt_buckets up to {widest} + sampling.max_new_tokens={s.max_new_tokens} = "
       f"{widest + s.max_new_tokens} exceeds the model's context max_seq_len={policy.max_seq_len}")
+  _pool_dir("bond.pool_dir", config.bond.get("pool_dir", ""))
   e = config.eval
+  _pool_dir("eval.pool_dir", e.get("pool_dir", ""))
   _positive_int("eval.policy_samples", e.policy_samples)
   _positive_int("eval.quantile_samples", e.quantile_samples)
   _require(

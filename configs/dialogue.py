@@ -75,6 +75,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
           # quantile to 0.636 (0.562 on held-out topics, below Best-of-2): 0 is the default.
           gamma=0.0,
           k=16,  # reference samples per prompt for Monte-Carlo quantiles (BOND)
+          # BOND: where each step's k samples of pi_ref are kept, keyed by what they depend on (as
+          # eval.pool_dir): '' = drawn every step, never kept; the study's BOND arms share one
+          pool_dir="",
           anchor_period=100,  # hard anchor update every this many steps (iterative BOND)
           beta_rl=0.05,  # KL weight of the REINFORCE baseline
       ))

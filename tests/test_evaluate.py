@@ -1,9 +1,7 @@
 """Evaluation against Best-of-N: the order-statistics estimator and the BoN reference lines."""
 
 import math
-import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -106,53 +104,3 @@ def test_quantile_ks_is_small_for_best_of_n_and_large_for_another_n():
   # the exact law's own CDF steps: every sample at the top count -> distance 1 - P(count < K)
   top = np.ones(10)
   assert evaluate.quantile_ks(top, 4, 1) == pytest.approx(0.8)
-
-
-def test_a_saved_pool_reads_back_bitwise_and_its_fingerprint_tracks_its_inputs(tmp_path):
-  import dataclasses
-
-  import flax.linen as nn
-  import jax
-
-  from bond_jax import sharding
-  from bond_jax.frozen import FrozenModels
-  from bond_jax.models import reward, transformer
-  from bond_jax.models.config import ModelConfig
-  cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                    mlp_dim=64, max_seq_len=64)
-  params = nn.unbox(transformer.init_boxed(cfg, jax.random.key(0)))
-  rm_params = {**nn.unbox(reward.init_boxed(cfg, jax.random.key(1))), "head": jnp.ones((cfg.d_model,))}
-  frozen = FrozenModels(policy_cfg=cfg, reference_params=params, reward_cfg=cfg, reward_params=rm_params,
-                        eos_ids=(1,), pad_id=0, mesh=sharding.make_mesh({"fsdp": 2},
-                                                                        jax.devices()[:2]))
-  prompts = np.random.default_rng(0).integers(3, 64, (4, 6)).astype(np.int32)
-  mask = np.ones_like(prompts, bool)
-  rng, options = jax.random.key(3), dict(num_samples=4, max_new_tokens=5)
-  pool = evaluate.reference_pool(frozen, prompts, mask, rng, **options)
-  path = str(tmp_path / "pools" / "p.npz")
-  evaluate.save_pool(pool, path)
-  again = evaluate.load_pool(path, frozen.mesh)
-  for name, x, y in zip(evaluate.POOL_FIELDS, pool, again):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
-    assert np.asarray(x).dtype == np.asarray(y).dtype
-  assert again.tokens.sharding.is_equivalent_to(pool.tokens.sharding, 3)
-  assert os.listdir(tmp_path / "pools") == ["p.npz"]  # no partial file left behind
-
-  base = evaluate.pool_fingerprint(frozen, prompts, mask, rng, **options)
-  assert base == evaluate.pool_fingerprint(frozen, prompts.copy(), mask, rng, **options)
-  nudged = {**params, "final_norm": jax.tree.map(lambda x: x + 1e-3, params["final_norm"])}
-  changed = [
-      evaluate.pool_fingerprint(dataclasses.replace(frozen, reference_params=nudged), prompts, mask, rng,
-                                **options),
-      evaluate.pool_fingerprint(frozen, prompts[::-1].copy(), mask, rng, **options),
-      evaluate.pool_fingerprint(frozen, prompts, mask, jax.random.key(4), **options),
-      evaluate.pool_fingerprint(frozen, prompts, mask, rng, num_samples=8, max_new_tokens=5),
-      evaluate.pool_fingerprint(
-          dataclasses.replace(frozen, reward_params={
-              **rm_params, "head": -rm_params["head"]
-          }), prompts, mask, rng, **options),
-      evaluate.pool_fingerprint(dataclasses.replace(frozen, eos_ids=(1, 2)), prompts, mask, rng, **options),
-  ]
-  assert base not in changed and len(set(changed)) == len(changed)
-  assert evaluate.pool_fingerprint(dataclasses.replace(frozen, text_rewards=object()), prompts, mask, rng,
-                                   **options) is None

@@ -17,8 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bond_jax import algorithms, artifacts, checkpoint, evaluate as evaluate_lib, loop
-from bond_jax import rewards as rewards_lib, sampling, scoring, sharding, update
+from bond_jax import algorithms, artifacts, checkpoint, evaluate as evaluate_lib, loop, reference_pools
+from bond_jax import rewards as rewards_lib, rollout, sampling, scoring, sharding, update
 from bond_jax import workdir as workdir_lib
 from bond_jax.data import prompts as prompts_lib
 from bond_jax.frozen import FrozenModels
@@ -58,8 +58,8 @@ class _Evaluation:
   primary one: its metrics are the result's top level, the others' go under their names, their scalars also
   as '<name>_<metric>'). pi_ref's pools are drawn once and kept in eval.pool_dir (`_pool`)."""
 
-  def __init__(self, ctx: Context, frozen: FrozenModels, sets: dict[str, Any]):
-    self.config, self.frozen = ctx.config, frozen
+  def __init__(self, ctx: Context, frozen: FrozenModels, sets: dict[str, Any], store: reference_pools.Store):
+    self.config, self.frozen, self.store = ctx.config, frozen, store
     self.out_dir = os.path.join(workdir_lib.stage_dir(ctx.workdir, STAGE), "eval")
     # the same host batch on every process -> one replicated global array
     self.batches = {
@@ -68,9 +68,8 @@ class _Evaluation:
                            sharding.replicated(frozen.mesh)) for name, records in sets.items()
     }
     self.rng = jax.random.key(ctx.config.seed + 1)
-    self.pools: dict[str, evaluate_lib.ReferencePool] = {}
+    self.pools: dict[str, reference_pools.ReferencePool] = {}
     self.pool_dir = ctx.config.eval.get("pool_dir") or os.path.join(self.out_dir, "pools")
-    self.models_digest: str | None = None
     self.history = self._read_history()
 
   def _read_history(self) -> list[dict[str, Any]]:
@@ -94,23 +93,16 @@ class _Evaluation:
                                  max_new_tokens=c.sampling.max_new_tokens, tracked_n=tracked_n,
                                  with_best_of_n_kl=c.eval.best_of_n_kl)
 
-  def _pool(self, index: int, name: str, prompts: jax.Array, mask: jax.Array) -> evaluate_lib.ReferencePool:
+  def _pool(self, index: int, name: str, prompts: jax.Array,
+            mask: jax.Array) -> reference_pools.ReferencePool:
     """pi_ref's pool of a set: read from eval.pool_dir when a pool of the same inputs is there (a resumed
     run, or another run of the same pi_ref and reward model: the study's arms), else drawn and written."""
     c = self.config
     rng = jax.random.fold_in(self.rng, _POOL_SEED - index)  # set 0 keeps the pool seed of a single-set run
-    options = dict(num_samples=c.eval.quantile_samples, max_new_tokens=c.sampling.max_new_tokens)
-    if self.models_digest is None and evaluate_lib.pools_are_kept(self.frozen):
-      self.models_digest = evaluate_lib.models_digest(self.frozen)  # both models scanned once per run
-    fingerprint = evaluate_lib.pool_fingerprint(self.frozen, prompts, mask, rng, models=self.models_digest,
-                                                **options)
-    path = fingerprint and os.path.join(self.pool_dir, f"{name}-{fingerprint}.npz")
-    if path and os.path.exists(path):
+    pool, path = self.store.get(self.pool_dir, name, prompts, mask, rng, num_samples=c.eval.quantile_samples,
+                                max_new_tokens=c.sampling.max_new_tokens)
+    if path:
       print(f"[{STAGE}] {name}: pi_ref's pool read from {path}", flush=True)
-      return evaluate_lib.load_pool(path, self.frozen.mesh)
-    pool = evaluate_lib.reference_pool(self.frozen, prompts, mask, rng, **options)
-    if path and jax.process_index() == 0:
-      evaluate_lib.save_pool(pool, path)
     return pool
 
   def __call__(self, state: update.TrainState, step: int, final: bool) -> dict[str, Any]:
@@ -209,17 +201,30 @@ def build(ctx: Context) -> loop.Stage:
   step = algorithm.make_step(config.bond, logprob_fn, optimizer, options)
   base_rng = jax.random.key(config.seed)
   warned: list[int] = []
+  store = reference_pools.Store(frozen)
+  keeps_reference = (algorithm.draws_reference and bool(config.bond.get("pool_dir")) and
+                     reference_pools.can_keep(frozen))
 
   def prepare(host_batch, state, step):
     # checked here, on the host: the rollout then reads nothing back from the device before the update
     sampling.check_prompts(frozen.policy_cfg, host_batch["tokens"], host_batch["mask"],
                            config.sampling.max_new_tokens)
     placed = sharding.global_batch(host_batch, mesh)  # the global batch, on every process
-    batch, stats = algorithm.rollout(config.bond, frozen, state, placed["tokens"], placed["mask"],
-                                     jax.random.fold_in(base_rng, step - 1), config.sampling.max_new_tokens)
+    rng, extra = jax.random.fold_in(base_rng, step - 1), {}
+    if keeps_reference:  # pi_ref's k samples of this step, read or drawn (then this step waits for them)
+      extra["reference"], path = store.get(config.bond.pool_dir, "train", placed["tokens"], placed["mask"],
+                                           rollout.bond_keys(rng)[1], num_samples=config.bond.k,
+                                           max_new_tokens=config.sampling.max_new_tokens)
+      if step % config.train.log_every == 0:
+        print(
+            f"[{STAGE}] step {step}: pi_ref's {config.bond.k} samples per prompt {'read from' if path else 'drawn into'} "
+            f"{config.bond.pool_dir} (so far read {store.read}, drawn {store.drawn}, with the evaluation's)",
+            flush=True)
+    batch, stats = algorithm.rollout(config.bond, frozen, state, placed["tokens"], placed["mask"], rng,
+                                     config.sampling.max_new_tokens, **extra)
     return batch, _step_stats(stats.response_lengths, batch)  # device scalars, fetched with the metrics
 
-  evaluation = _Evaluation(ctx, frozen, eval_sets) if config.eval.num_prompts and eval_sets else None
+  evaluation = (_Evaluation(ctx, frozen, eval_sets, store) if config.eval.num_prompts and eval_sets else None)
   run_step = lambda state, batch: step(state, frozen.reference_params, batch)
   return loop.Stage(name=STAGE, kind=KIND, mesh=mesh, model=frozen.policy_cfg,
                     schedule=loop.Schedule.from_section(config.train), state=state, step=run_step,
