@@ -90,6 +90,9 @@ BAD_CONFIGS = [
     ("reference", "/no/such/sft", r"reference='/no/such/sft' is not a directory"),
     ("reward_model", "/no/such/rm", r"reward_model='/no/such/rm' is not a directory"),
     ("data.tokenizer", "/no/such.model", r"data.tokenizer='/no/such.model' is not a file"),
+    ("bond.pool_dir", __file__, r"bond.pool_dir='.*test_stage_order.py' is a file; allowed: a directory "
+     r"\(made if missing\) or ''"),
+    ("eval.pool_dir", __file__, r"eval.pool_dir='.*test_stage_order.py' is a file; allowed: a directory"),
 ]
 
 
