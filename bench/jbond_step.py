@@ -7,7 +7,8 @@ Random weights (policy = anchor = reference at start; reward model = same backbo
 default distillation settings (temperature 1, J-BOND beta 0.5, Adam), on all local devices as one mesh.
 Phases: policy sampling (1 sample per prompt), anchor sampling (2), reward scoring of the 3 responses, the
 update; `step` is the whole step as the distillation stage runs it (rollout.jbond, then the update), timed
-end to end. Each is timed after a warm-up (compilation excluded), best of --repeats; `compiles` counts
+end to end. Where the tree has it, the update is that of the steps the stage does not log, which skip
+pi_ref's forward (it only measures kl_policy_ref); the logged steps' update is printed below the table. Each is timed after a warm-up (compilation excluded), best of --repeats; `compiles` counts
 the XLA compilations during the timed whole steps (0: nothing recompiles from step to step).
 
 --against: a git revision checked out in a temporary worktree; this file runs there as a subprocess on
@@ -103,18 +104,25 @@ def measure(name: str, batch: int, prompt_len: int, new_tokens: int, repeats: in
         repeats)
     batch_tree, _ = rollout.jbond(frozen, state.params, state.anchor_params, prompts, prompt_mask, key,
                                   new_tokens)
-    # the J-BOND update as the distillation stage builds it (algorithms.py)
-    step = algorithms.get("jbond").make_step(
+    # the J-BOND update as the distillation stage builds it (algorithms.py): where the tree can, the step
+    # of the steps it does not log, without pi_ref's forward (logged steps: `update_logged`)
+    make_step = algorithms.get("jbond").make_step
+    skips_ref = "measure_ref" in inspect.signature(make_step).parameters
+    build = lambda **kw: make_step(
         config.bond, _logprob_fn(scoring, cfg, new_tokens), optimizer,
-        dict(num_microbatches=config.optimizer.grad_accum_steps, mesh=mesh,
-             state_sharding=sharding.shardings_of(state), ref_sharding=sharding.shardings_of(policy)))
+        dict(num_microbatches=config.optimizer.grad_accum_steps, mesh=mesh, state_sharding=sharding.
+             shardings_of(state), ref_sharding=sharding.shardings_of(policy)), **kw)
+    step = build(measure_ref=False) if skips_ref else build()
     holder = {"state": state}
 
-    def run_update():
+    def run_update(step):
       holder["state"], metrics = step(holder["state"], policy, batch_tree)
       jax.block_until_ready(metrics)
 
-    out["update"] = _best_time(run_update, repeats)
+    out["update"] = _best_time(lambda: run_update(step), repeats)
+    if skips_ref:
+      logged = build()
+      out["update_logged"] = _best_time(lambda: run_update(logged), repeats)
 
     def whole_step():
       batch, stats = rollout.jbond(frozen, holder["state"].params, holder["state"].anchor_params, prompts,
@@ -197,7 +205,7 @@ def main():
             steps.setdefault(code, []).append(r["step"])
             best[code] = r if code not in best else {
                 k:
-                    min(v, best[code][k]) if k in ("policy", "anchor", "score", "update",
+                    min(v, best[code][k]) if k in ("policy", "anchor", "score", "update", "update_logged",
                                                    "step") else max(v, best[code][k]) if k in (
                                                        "peak", "compiles") else v for k, v in r.items()
             }
@@ -210,6 +218,10 @@ def main():
               f"{ratio('score'):.2f}x | {ratio('update'):.2f}x | {ratio('step'):.2f}x | | | |", flush=True)
           rounds = " ".join(f"{a / b:.2f}" for a, b in zip(steps["previous"], steps["this"]))
           print(f"\nwhole step, previous / this, each round (best of --repeats): {rounds}", flush=True)
+        if "update_logged" in best["this"]:
+          print(
+              f"this tree's logged steps (1 in train.log_every) also run pi_ref for kl_policy_ref: update "
+              f"{best['this']['update_logged'] * 1e3:.0f} ms", flush=True)
     finally:
       if previous:
         subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", previous], check=False)

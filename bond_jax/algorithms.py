@@ -25,10 +25,11 @@ from bond_jax.frozen import FrozenModels
 Rollout = Callable[
     [ml_collections.ConfigDict, FrozenModels, update.TrainState, jax.Array, jax.Array, jax.Array, int],
     tuple[Any, rollout.Stats]]
-# (bond config, sequence_logprob_fn, optimizer, build_update_step's options) -> jitted step
+# (bond config, sequence_logprob_fn, optimizer, build_update_step's options, measure_ref) -> jitted step;
+# measure_ref=False: a step without pi_ref's forward, for an algorithm that `measures_ref_only`
 StepBuilder = Callable[
-    [ml_collections.ConfigDict, update.SequenceLogprobFn, optax.GradientTransformation, dict[str,
-                                                                                             Any]], Callable]
+    [ml_collections.ConfigDict, update.SequenceLogprobFn, optax.GradientTransformation, dict[str, Any], bool],
+    Callable]
 
 PROGRESS_KEYS = ("reward_mean", "kl_policy_ref", "kl_policy_anchor", "penalty_rate", "loss")
 POLICY_SAMPLES = 2  # per prompt for BOND and RLOO: the fewest a leave-one-out baseline needs
@@ -40,13 +41,16 @@ class Algorithm:
   Best-of-N of pi_ref the algorithm aims at after `step` steps, or None (RLOO aims at none).
   draws_reference: each step draws bond.k samples of pi_ref per prompt (with rollout.bond_keys' base key),
   so its rollout takes them as reference= from a kept pool instead (bond.pool_dir: the study's BOND arms
-  share them)."""
+  share them). measures_ref_only: the loss never reads pi_ref, which only measures kl_policy_ref, so
+  make_step(..., measure_ref=False) builds a step without pi_ref's forward (the stage runs it on the
+  steps it does not log)."""
   name: str
   uses_anchor: bool
   rollout: Rollout
   make_step: StepBuilder
   target_best_of: Callable[[ml_collections.ConfigDict, int], float | None]
   draws_reference: bool = False
+  measures_ref_only: bool = False
 
 
 def _jbond_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
@@ -68,41 +72,61 @@ def _reinforce_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
                            num_policy_samples=POLICY_SAMPLES)
 
 
+def _jbond_step(b, fn, opt, options, measure_ref=True):
+  return update.make_jbond_step(fn, opt, beta=b.beta, gamma=b.gamma, eta=b.eta, measure_ref=measure_ref,
+                                **options)
+
+
+def _jbond_hard_step(b, fn, opt, options, measure_ref=True):
+  return update.make_jbond_step(fn, opt, beta=b.beta, gamma=b.gamma, eta=b.eta, anchor_period=b.anchor_period,
+                                measure_ref=measure_ref, **options)
+
+
+def _bond_step(b, fn, opt, options, measure_ref=True):
+  del measure_ref  # BOND's loss reads its base (pi_ref) anyway
+  return update.make_bond_step(fn, opt, n=b.n, beta=b.beta, **options)
+
+
+def _iterative_bond_step(b, fn, opt, options, measure_ref=True):
+  del measure_ref
+  return update.make_bond_step(fn, opt, n=b.n, beta=b.beta, anchor_period=b.anchor_period, **options)
+
+
+def _reinforce_step(b, fn, opt, options, measure_ref=True):
+  del measure_ref  # RLOO's loss reads pi_ref (its KL penalty)
+  return update.make_reinforce_step(fn, opt, beta_rl=b.beta_rl, **options)
+
+
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a for a in (
         Algorithm(
             "jbond",
             uses_anchor=True,
             rollout=_jbond_rollout,
-            make_step=lambda b, fn, opt, options: update.make_jbond_step(fn, opt, beta=b.beta, gamma=b.gamma,
-                                                                         eta=b.eta, **options),
+            make_step=_jbond_step,
             # the EMA anchor makes each step distil Best-of-2 of an anchor that is itself ahead of pi_ref
-            target_best_of=lambda b, step: float(2.0**(b.eta * step))),
+            target_best_of=lambda b, step: float(2.0**(b.eta * step)),
+            measures_ref_only=True),
         Algorithm(
             "jbond_hard",
             uses_anchor=True,
             rollout=_jbond_rollout,
-            make_step=lambda b, fn, opt, options: update.make_jbond_step(
-                fn, opt, beta=b.beta, gamma=b.gamma, eta=b.eta, anchor_period=b.anchor_period, **options),
+            make_step=_jbond_hard_step,
             # Best-of-2 of an anchor that is Best-of-2^M after M hard updates
-            target_best_of=lambda b, step: float(2.0**(step // b.anchor_period + 1))),
-        Algorithm(
-            "bond", uses_anchor=False, rollout=_bond_rollout, make_step=lambda b, fn, opt, options: update.
-            make_bond_step(fn, opt, n=b.n, beta=b.beta, **options), target_best_of=lambda b, step: float(b.n),
-            draws_reference=True),
+            target_best_of=lambda b, step: float(2.0**(step // b.anchor_period + 1)),
+            measures_ref_only=True),
+        Algorithm("bond", uses_anchor=False, rollout=_bond_rollout, make_step=_bond_step,
+                  target_best_of=lambda b, step: float(b.n), draws_reference=True),
         Algorithm(
             "iterative_bond",
             uses_anchor=True,
             rollout=_bond_rollout,
-            make_step=lambda b, fn, opt, options: update.make_bond_step(
-                fn, opt, n=b.n, beta=b.beta, anchor_period=b.anchor_period, **options),
+            make_step=_iterative_bond_step,
             # n^(M + 1) after M hard anchor updates
             target_best_of=lambda b, step: float(
                 objectives.iterative_best_of(b.n, step // b.anchor_period + 1))),
-        Algorithm(
-            "reinforce", uses_anchor=False,
-            rollout=_reinforce_rollout, make_step=lambda b, fn, opt, options: update.make_reinforce_step(
-                fn, opt, beta_rl=b.beta_rl, **options), target_best_of=lambda b, step: None),
+        Algorithm("reinforce", uses_anchor=False, rollout=_reinforce_rollout, make_step=_reinforce_step,
+                  target_best_of=lambda b, step: None),
     )
 }
 

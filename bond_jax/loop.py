@@ -51,6 +51,11 @@ class Schedule:
   keep_checkpoints: int = 2
   max_bad_steps: int = 5
 
+  def logged(self, step: int) -> bool:
+    """Whether the loop logs after `step` (1-based): the first, every log_every-th and the last step (a
+    resumed run also logs its first step)."""
+    return step == 1 or step % self.log_every == 0 or step == self.steps
+
   @classmethod
   def from_section(cls, section: Any) -> "Schedule":
     """From a config section with these keys (config.sft, config.reward_training, config.train)."""
@@ -207,7 +212,9 @@ class _Run:
       self.final = dict(step=step, **_scalars(results))
 
   def log(self, step: int) -> None:
-    means = {k: float(np.mean([m[k] for m in self.pending])) for k in self.pending[0]}
+    # a metric some steps do not measure (J-BOND's kl_policy_ref) is the mean of the steps that do
+    keys = dict.fromkeys(k for m in self.pending for k in m)
+    means = {k: float(np.mean([m[k] for m in self.pending if k in m])) for k in keys}
     self.pending = []
     text, tokens_per_s = self.progress.line(step, means, self.stage.progress_keys)
     _say(text)
@@ -258,7 +265,7 @@ def _train(stage: Stage, workdir: str, stop_at_step: int | None) -> dict[str, An
       r.evaluate(0)
     for step in range(r.start + 1, last + 1):
       r.pending.append(r.train_step(step))
-      if step == r.start + 1 or step % schedule.log_every == 0 or step == last:
+      if step == r.start + 1 or schedule.logged(step) or step == last:
         r.log(step)
       if stage.evaluate is not None and (step % schedule.eval_every == 0 or step == schedule.steps):
         r.evaluate(step)

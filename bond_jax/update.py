@@ -215,8 +215,11 @@ def bond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, n: int, beta: float,
 
 
 def jbond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta: float, gamma: float, baseline: str = "loo",
-                  penalty: float = objectives.JBOND_PENALTY) -> LossFn:
-  """J-BOND on a batch: selects the better anchor sample (lowest index on ties) and scores it."""
+                  penalty: float = objectives.JBOND_PENALTY, measure_ref: bool = True) -> LossFn:
+  """J-BOND on a batch: selects the better anchor sample (lowest index on ties) and scores it.
+  measure_ref: also run pi_ref on the policy's sample for the kl_policy_ref metric (the loss never needs
+  pi_ref: without it a step skips one of its four forwards; the distillation stage measures on the steps
+  it logs)."""
   objectives.validate_hparams(beta=beta, gamma=gamma, baseline=baseline)
 
   def loss_fn(params, anchor_params, ref_params, batch):
@@ -230,8 +233,8 @@ def jbond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta: float, gamma:
                                                 pick(batch.anchor_mask)[:, 0])
     policy_logprobs = policy_logprobs[:, 0]
     anchor_logprobs = _constant_logprobs(sequence_logprob_fn, anchor_params, tokens, mask)
-    ref_logprobs = (None if ref_params is None else _constant_logprobs(sequence_logprob_fn, ref_params,
-                                                                       tokens, mask))
+    ref_logprobs = (None if ref_params is None or not measure_ref else _constant_logprobs(
+        sequence_logprob_fn, ref_params, tokens, mask))
     return objectives.jbond_loss(policy_logprobs, anchor_logprobs, batch.policy_rewards, batch.anchor_rewards,
                                  best_logprobs, beta=beta, gamma=gamma, baseline=baseline, penalty=penalty,
                                  ref_logprobs=ref_logprobs)
@@ -405,13 +408,14 @@ def _hard_update(anchor, params, step, *, period):
 def make_jbond_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.GradientTransformation, *,
                     beta: float = 0.5, gamma: float = 0.0, eta: float = 0.02, baseline: str = "loo",
                     penalty: float = objectives.JBOND_PENALTY, anchor_period: int | None = None,
-                    **step_options):
+                    measure_ref: bool = True, **step_options):
   """J-BOND (Algorithm 2) with the EMA anchor update theta_a <- (1 - eta) theta_a + eta theta after
   every applied update, or (anchor_period given, the paper's Fig. 5 comparison) a hard anchor update: the
   anchor becomes the policy every anchor_period updates. The state must carry anchor_params (start them at
-  pi_ref)."""
+  pi_ref). measure_ref: see jbond_loss_fn."""
   objectives.validate_hparams(eta=eta, anchor_period=anchor_period)
-  loss_fn = jbond_loss_fn(sequence_logprob_fn, beta=beta, gamma=gamma, baseline=baseline, penalty=penalty)
+  loss_fn = jbond_loss_fn(sequence_logprob_fn, beta=beta, gamma=gamma, baseline=baseline, penalty=penalty,
+                          measure_ref=measure_ref)
   if anchor_period is not None:
     anchor_update = functools.partial(_hard_update, period=anchor_period)
   else:

@@ -262,6 +262,25 @@ def test_jbond_gamma_step_lowers_kl_to_anchor():
   assert float(with_gamma) < float(without) - 0.01
 
 
+def test_jbond_step_without_pi_ref_is_the_same_update_less_its_kl_metric():
+  """measure_ref=False (the distillation stage's unlogged steps) skips pi_ref's forward: the same new state,
+  bitwise, and the same metrics but kl_policy_ref."""
+  policy_table = REF_TABLE + 0.3 * jax.random.normal(jax.random.key(22), REF_TABLE.shape)
+  batch = jbond_batch(jax.random.key(23), policy_table, REF_TABLE, 256)
+  results = []
+  for measure_ref in (True, False):
+    step = upd.make_jbond_step(tabular_logprob, optax.adam(0.1), beta=0.5, gamma=0.5, eta=0.1,
+                               measure_ref=measure_ref, donate=False)
+    state = upd.init_train_state(policy_table, optax.adam(0.1), anchor_params=policy_table * 0.9)
+    results.append(step(state, REF_TABLE, batch))
+  (measured, with_kl), (unmeasured, without_kl) = results
+  for x, y in zip(jax.tree.leaves(measured), jax.tree.leaves(unmeasured)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert set(with_kl) - set(without_kl) == {"kl_policy_ref"}
+  for name, value in without_kl.items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(with_kl[name]), err_msg=name)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Sharding, accumulation, non-finite guard, optimizer, validation.
 

@@ -198,7 +198,12 @@ def build(ctx: Context) -> loop.Stage:
   # rollout rows are join's [prompt | max_new_tokens response slots]: each prompt's forward serves its rows
   logprob_fn = scoring.sequence_logprob_fn(frozen.policy_cfg, frozen.pad_id,
                                            response_width=config.sampling.max_new_tokens)
-  step = algorithm.make_step(config.bond, logprob_fn, optimizer, options)
+  schedule = loop.Schedule.from_section(config.train)
+  # pi_ref's forward only measures kl_policy_ref for J-BOND: run it on the steps the loop logs, not on the
+  # others (a fourth of the update's forwards; the evaluation measures KL(pi || pi_ref) with its SE anyway)
+  steps = {True: algorithm.make_step(config.bond, logprob_fn, optimizer, options)}
+  steps[False] = (algorithm.make_step(config.bond, logprob_fn, optimizer, options, measure_ref=False)
+                  if algorithm.measures_ref_only else steps[True])
   base_rng = jax.random.key(config.seed)
   warned: list[int] = []
   store = reference_pools.Store(frozen)
@@ -222,14 +227,14 @@ def build(ctx: Context) -> loop.Stage:
             flush=True)
     batch, stats = algorithm.rollout(config.bond, frozen, state, placed["tokens"], placed["mask"], rng,
                                      config.sampling.max_new_tokens, **extra)
-    return batch, _step_stats(stats.response_lengths, batch)  # device scalars, fetched with the metrics
+    # device scalars, fetched with the metrics; the update batch carries which step runs it
+    return (batch, schedule.logged(step)), _step_stats(stats.response_lengths, batch)
 
   evaluation = (_Evaluation(ctx, frozen, eval_sets, store) if config.eval.num_prompts and eval_sets else None)
-  run_step = lambda state, batch: step(state, frozen.reference_params, batch)
-  return loop.Stage(name=STAGE, kind=KIND, mesh=mesh, model=frozen.policy_cfg,
-                    schedule=loop.Schedule.from_section(config.train), state=state, step=run_step,
-                    batches=prompts_lib.prompt_dataset(config, train_prompts, ctx.tokenizer), prepare=prepare,
-                    evaluate=evaluation, eval_line=eval_line, evaluate_first=True,
+  run_step = lambda state, item: steps[item[1]](state, frozen.reference_params, item[0])
+  return loop.Stage(name=STAGE, kind=KIND, mesh=mesh, model=frozen.policy_cfg, schedule=schedule, state=state,
+                    step=run_step, batches=prompts_lib.prompt_dataset(config, train_prompts, ctx.tokenizer),
+                    prepare=prepare, evaluate=evaluation, eval_line=eval_line, evaluate_first=True,
                     progress_keys=algorithms.PROGRESS_KEYS + ("response_length",), base=frozen.base_identity,
                     observe=lambda step, metrics: warn_ties(metrics["reward_tie_rate"], step, warned))
 
