@@ -14,7 +14,9 @@ these:
   pi_ref (the quantile is a function of y, and KL cannot grow under a function), so KL above it is spent on
   changes the reward model does not see;
 - the response length of Best-of-N of the reference (same estimator as its reward), to tell a policy that
-  matches BoN from one that found a cheaper route to the same rewards (e.g. longer responses);
+  matches BoN from one that found a cheaper route to the same rewards (e.g. longer responses), and the
+  fraction of the policy's, pi_ref's and Best-of-N's responses that run into the max_new_tokens budget
+  without an EOS (`truncated_fraction`), with the policy's mean quantile on each side of that line;
 - the Kolmogorov-Smirnov distance of the policy's quantiles to those of Best-of-N for the N the policy
   tracks (`quantile_ks`). Ranked among K samples, a BoN-of-N sample's count K u is Beta-binomial(K, N, 1)
   (u ~ Beta(N, 1), then Binomial(K, u)), so the distance is taken to that law: against Beta(N, 1) itself a
@@ -167,6 +169,32 @@ def best_of_n_kl(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, p
   }
 
 
+def _ran_to_the_cap(frozen: FrozenModels, tokens: jax.Array, mask: jax.Array) -> np.ndarray:
+  """[B, N] float: 1 where a response [B, N, T] has no EOS, i.e. it ran into the max_new_tokens budget."""
+  eos = jnp.zeros((frozen.policy_cfg.vocab_size,), bool).at[jnp.asarray(frozen.eos_ids, jnp.int32)].set(True)
+  return 1.0 - _host(jnp.any(mask & eos[tokens], axis=-1))
+
+
+def _at_the_cap(frozen: FrozenModels, policy_tokens, policy_mask, reference: reference_pools.ReferencePool,
+                quantiles: np.ndarray, best_of: Sequence[int], best_of_n: dict[str, Any]) -> dict[str, float]:
+  """How much of the policy, pi_ref and Best-of-N of pi_ref runs into the response budget (a reward model
+  that prefers length prefers those), and the policy's mean quantile on each side of it. Best-of-N's
+  fraction goes into best_of_n[N] (order-statistics estimator, as its length)."""
+  policy_cut = _ran_to_the_cap(frozen, policy_tokens, policy_mask).ravel()
+  reference_cut = _ran_to_the_cap(frozen, reference.tokens, reference.mask)
+  for n in best_of:
+    best_of_n[str(n)]["truncated_fraction"] = float(
+        np.mean(best_of_n_mean(reference.rewards, n, values=reference_cut)))
+  out = {
+      "policy_truncated_fraction": float(np.mean(policy_cut)),
+      "reference_truncated_fraction": float(np.mean(reference_cut))
+  }
+  for name, where in (("truncated", policy_cut == 1), ("ended", policy_cut == 0)):
+    if where.any():  # absent where no sample is on that side
+      out[f"policy_quantile_{name}"] = float(np.mean(quantiles[where]))
+  return out
+
+
 def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
              rng: jax.Array, reference: reference_pools.ReferencePool, *, best_of: Sequence[int],
              policy_samples: int, max_new_tokens: int, tracked_n: float | None = None,
@@ -186,6 +214,9 @@ def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, promp
                   best_of=best_of, reference_lengths=reference.lengths, tracked_n=tracked_n)
   out["policy_response_length"] = float(jnp.mean(policy.lengths))
   out["reference_response_length"] = float(np.mean(reference.lengths))
+  out.update(
+      _at_the_cap(frozen, policy.tokens, policy.mask, reference, np.asarray(out["policy_quantiles"]), best_of,
+                  out["best_of_n"]))
   if with_best_of_n_kl:
     out.update(best_of_n_kl(frozen, policy_params, prompts, prompt_mask, reference, out, out["tracked_n"]))
   return out

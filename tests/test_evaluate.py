@@ -104,3 +104,39 @@ def test_quantile_ks_is_small_for_best_of_n_and_large_for_another_n():
   # the exact law's own CDF steps: every sample at the top count -> distance 1 - P(count < K)
   top = np.ones(10)
   assert evaluate.quantile_ks(top, 4, 1) == pytest.approx(0.8)
+
+
+def test_the_share_at_the_length_cap_of_the_policy_pi_ref_and_best_of_n():
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from bond_jax import reference_pools, sharding
+  from bond_jax.frozen import FrozenModels
+  from bond_jax.models import reward, transformer
+  from bond_jax.models.config import ModelConfig
+  cfg = ModelConfig(vocab_size=16, d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                    mlp_dim=64, max_seq_len=32)
+  params = nn.unbox(transformer.init_boxed(cfg, jax.random.key(0)))
+  rm_params = {**nn.unbox(reward.init_boxed(cfg, jax.random.key(1))), "head": jnp.ones((cfg.d_model,))}
+  frozen = FrozenModels(policy_cfg=cfg, reference_params=params, reward_cfg=cfg, reward_params=rm_params,
+                        eos_ids=(1, 2), pad_id=0, mesh=sharding.make_mesh({},
+                                                                          jax.devices()[:1]))
+  prompts = np.random.default_rng(0).integers(3, 16, (6, 4)).astype(np.int32)
+  mask = np.ones_like(prompts, bool)
+  pool = reference_pools.draw(frozen, prompts, mask, jax.random.key(2), num_samples=8, max_new_tokens=6)
+  out = evaluate.evaluate(frozen, params, prompts, mask, jax.random.key(3), pool, best_of=(1, 2, 8),
+                          policy_samples=4, max_new_tokens=6)
+  cut = lambda tokens, mask: ~np.any(np.asarray(mask) & np.isin(np.asarray(tokens), (1, 2)), axis=-1)
+  reference_cut = cut(pool.tokens, pool.mask)
+  assert 0 < reference_cut.mean() < 1  # both kinds of response in the pool (2 of 16 ids end one)
+  assert out["reference_truncated_fraction"] == pytest.approx(reference_cut.mean())
+  assert out["best_of_n"]["1"]["truncated_fraction"] == pytest.approx(reference_cut.mean())
+  best = np.take_along_axis(reference_cut, np.argmax(pool.rewards, axis=1)[:, None], 1)  # Best-of-K = top
+  assert out["best_of_n"]["8"]["truncated_fraction"] == pytest.approx(best.mean())
+  assert np.all(np.asarray(pool.lengths)[reference_cut] == 6)  # no EOS: the whole budget
+  # the policy (= pi_ref here) split by the cap: the two sides' quantiles average to the whole
+  share = out["policy_truncated_fraction"]
+  assert 0 < share < 1
+  whole = share * out["policy_quantile_truncated"] + (1 - share) * out["policy_quantile_ended"]
+  assert whole == pytest.approx(out["policy_quantile_mean"])

@@ -145,6 +145,11 @@ def eval_line(result: dict[str, Any]) -> str:
       f"{result['policy_effective_n']:.2f}) | KL(pi||ref) {result['kl_policy_ref']:.3f} +- "
       f"{result['kl_policy_ref_stderr']:.3f} (BoN at N_eff {result['kl_bon_at_effective_n']:.3f}) | length "
       f"{result['policy_response_length']:.1f} (ref {result['reference_response_length']:.1f}, {lengths})")
+  cut = ", ".join(
+      f"BoN-{n} {bon[n]['truncated_fraction']:.0%}" for n in shown if "truncated_fraction" in bon[n])
+  if "policy_truncated_fraction" in result:
+    line += (f" | at the length cap {result['policy_truncated_fraction']:.0%} (ref "
+             f"{result['reference_truncated_fraction']:.0%}, {cut})")
   line += f" | KS to BoN-{result['tracked_n']:.2f} {result['quantile_ks']:.3f}"
   if "target_best_of" in result:
     line += f" | aims at BoN-{result['target_best_of']:.2f} (KL {result['kl_target_best_of']:.3f})"
@@ -156,7 +161,8 @@ def eval_line(result: dict[str, Any]) -> str:
           f"\n    {name.replace('_', ' ')}: quantile {other['policy_quantile_mean']:.3f} +- "
           f"{other['policy_quantile_stderr']:.3f} ({quantiles}), KL(pi||ref) "
           f"{other['kl_policy_ref']:.3f}, KS {other['quantile_ks']:.3f}, reward {other['policy_reward']:.3f}, "
-          f"length {other['policy_response_length']:.1f}")
+          f"length {other['policy_response_length']:.1f}, at the cap {other['policy_truncated_fraction']:.0%}"
+      )
   return line
 
 
