@@ -146,26 +146,31 @@ def _host(x) -> np.ndarray:
 
 
 def best_of_n_kl(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
-                 reference: reference_pools.ReferencePool, summary: dict[str,
-                                                                         Any], n: float) -> dict[str, float]:
-  """Both KLs between the policy and Best-of-n of pi_ref (n an integer <= K), from the pool and `summary`:
+                 reference: reference_pools.ReferencePool, policy_log_ratio: np.ndarray,
+                 quantiles: np.ndarray, n: float) -> dict[str, float]:
+  """Both KLs between the policy and Best-of-n of pi_ref (n an integer <= K), with their SEs, from the pool
+  and the policy's samples (policy_log_ratio = log pi(y) - log pi_ref(y) and their quantiles, [S]):
 
       KL(pi_BoN || pi) = log n - (n - 1)/n - E_BoN[log pi(y) - log pi_ref(y)]    (E_BoN[log F] = -1/n)
-      KL(pi || pi_BoN) = KL(pi || pi_ref) - log n - (n - 1) E_pi[log F(r(y))]
+      KL(pi || pi_BoN) = E_pi[log pi(y) - log pi_ref(y) - (n - 1) log F(r(y))] - log n
 
-  E_BoN by the order-statistics weights over the pool's K samples (`best_of_n_mean`); F(r(y)) by the policy
-  sample's quantile among them, floored at 1/K (a small upward bias of the second KL where quantiles are 0).
+  E_BoN by the order-statistics weights over the pool's K samples (`best_of_n_mean`), one estimate per
+  prompt (the first SE is over prompts); F(r(y)) by the policy sample's quantile among them, floored at 1/K
+  (a small upward bias of the second KL where quantiles are 0; its SE is over the samples).
   """
   _, policy_on_pool = scoring.sequence_logprobs(frozen.policy_cfg, policy_params, prompts, prompt_mask,
                                                 reference.tokens, reference.mask)
   log_ratio = _host(policy_on_pool) - _host(reference.ref_logprobs)  # [B, K]
   n = int(n)
-  e_bon = float(np.mean(best_of_n_mean(reference.rewards, n, values=log_ratio)))
+  e_bon = best_of_n_mean(reference.rewards, n, values=log_ratio)  # [B]
+  log_f = np.log(np.maximum(np.asarray(quantiles, np.float64), 1.0 / reference.rewards.shape[1]))
+  backward = np.asarray(policy_log_ratio, np.float64).ravel() - (n - 1) * log_f.ravel()  # [S]
+  stderr = lambda x: float(np.std(x) / np.sqrt(x.size))
   return {
-      "kl_bon_to_policy":
-          math.log(n) - (n - 1) / n - e_bon,
-      "kl_policy_to_bon":
-          summary["kl_policy_ref"] - math.log(n) - (n - 1) * summary["policy_log_quantile_mean"],
+      "kl_bon_to_policy": math.log(n) - (n - 1) / n - float(np.mean(e_bon)),
+      "kl_bon_to_policy_stderr": stderr(e_bon),
+      "kl_policy_to_bon": float(np.mean(backward)) - math.log(n),
+      "kl_policy_to_bon_stderr": stderr(backward),
   }
 
 
@@ -218,7 +223,10 @@ def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, promp
       _at_the_cap(frozen, policy.tokens, policy.mask, reference, np.asarray(out["policy_quantiles"]), best_of,
                   out["best_of_n"]))
   if with_best_of_n_kl:
-    out.update(best_of_n_kl(frozen, policy_params, prompts, prompt_mask, reference, out, out["tracked_n"]))
+    log_ratio = _host(policy_logprobs) - _host(ref_logprobs)
+    out.update(
+        best_of_n_kl(frozen, policy_params, prompts, prompt_mask, reference, log_ratio,
+                     np.asarray(out["policy_quantiles"]), out["tracked_n"]))
   return out
 
 

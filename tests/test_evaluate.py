@@ -126,7 +126,7 @@ def test_the_share_at_the_length_cap_of_the_policy_pi_ref_and_best_of_n():
   mask = np.ones_like(prompts, bool)
   pool = reference_pools.draw(frozen, prompts, mask, jax.random.key(2), num_samples=8, max_new_tokens=6)
   out = evaluate.evaluate(frozen, params, prompts, mask, jax.random.key(3), pool, best_of=(1, 2, 8),
-                          policy_samples=4, max_new_tokens=6)
+                          policy_samples=4, max_new_tokens=6, tracked_n=2, with_best_of_n_kl=True)
   cut = lambda tokens, mask: ~np.any(np.asarray(mask) & np.isin(np.asarray(tokens), (1, 2)), axis=-1)
   reference_cut = cut(pool.tokens, pool.mask)
   assert 0 < reference_cut.mean() < 1  # both kinds of response in the pool (2 of 16 ids end one)
@@ -140,3 +140,10 @@ def test_the_share_at_the_length_cap_of_the_policy_pi_ref_and_best_of_n():
   assert 0 < share < 1
   whole = share * out["policy_quantile_truncated"] + (1 - share) * out["policy_quantile_ended"]
   assert whole == pytest.approx(out["policy_quantile_mean"])
+  # The KLs to Best-of-2 with their SEs: the policy is pi_ref, so E_BoN[log pi - log pi_ref] = 0 on every
+  # prompt (KL(BoN || pi) is the bound, SE ~0), and KL(pi || BoN) = KL(pi || ref) - log 2 - E[log F].
+  assert out["kl_bon_to_policy"] == pytest.approx(evaluate.bon_kl_bound(2), abs=1e-5)
+  assert out["kl_bon_to_policy_stderr"] < 1e-5
+  expected = out["kl_policy_ref"] - math.log(2) - out["policy_log_quantile_mean"]
+  assert out["kl_policy_to_bon"] == pytest.approx(expected, abs=1e-12)
+  assert 0 < out["kl_policy_to_bon_stderr"] < 1
