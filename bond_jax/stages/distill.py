@@ -226,7 +226,7 @@ def build(ctx: Context) -> loop.Stage:
       extra["reference"], path = store.get(config.bond.pool_dir, "train", placed["tokens"], placed["mask"],
                                            rollout.bond_keys(rng)[1], num_samples=config.bond.k,
                                            max_new_tokens=config.sampling.max_new_tokens)
-      if step % config.train.log_every == 0:
+      if schedule.logged(step):  # the loop logs this step too
         print(
             f"[{STAGE}] step {step}: pi_ref's {config.bond.k} samples per prompt {'read from' if path else 'drawn into'} "
             f"{config.bond.pool_dir} (so far read {store.read}, drawn {store.drawn}, with the evaluation's)",
