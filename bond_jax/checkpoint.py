@@ -259,11 +259,14 @@ def _orbax_read(step: int, directory: Any, what: str, read: Callable[[], Any]) -
   # TensorStore reads completing later call back into the closed event loop. Those are let finish and
   # collected here, with Python's report of them silenced.
   # Orbax's worker threads also log the failure they hand back (absl ERROR with a traceback, seen under
-  # load): the caller reports it in one line instead, so those records are dropped while the read runs.
+  # load), and an abandoned read task that is garbage-collected later is logged by asyncio ("Task exception
+  # was never retrieved", with its traceback) at any time afterwards: the caller reports the failure in one
+  # line instead, so those records are dropped while the read runs and, after a failed read, for the rest
+  # of the process (only records whose traceback runs through Orbax's reads: _DropOrbaxReadErrors).
   previous = sys.unraisablehook
   sys.unraisablehook = functools.partial(_drop_abandoned_read_errors, previous)
-  orbax_errors = _DropOrbaxErrors()
-  std_logging.getLogger("absl").addFilter(orbax_errors)
+  during_read = _DropOrbaxErrors()
+  std_logging.getLogger("absl").addFilter(during_read)
   try:
     try:
       return read()
@@ -271,10 +274,12 @@ def _orbax_read(step: int, directory: Any, what: str, read: Callable[[], Any]) -
       if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
         raise
       reason = f"{what}: {_one_line(e)}"
+    for name in ("absl", "asyncio"):
+      std_logging.getLogger(name).addFilter(_ORBAX_READ_ERRORS)  # idempotent: a filter is added once
     _let_abandoned_reads_finish()
   finally:
     sys.unraisablehook = previous
-    std_logging.getLogger("absl").removeFilter(orbax_errors)
+    std_logging.getLogger("absl").removeFilter(during_read)
   raise CorruptCheckpointError(step, directory, reason)
 
 
@@ -283,6 +288,31 @@ class _DropOrbaxErrors(std_logging.Filter):
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     return not (record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+class _DropOrbaxReadErrors(std_logging.Filter):
+  """Drops ERROR records whose exception (or one it was raised from) passed through an Orbax function
+  that reads or deserializes: late reports of a failed read, which _orbax_read already turned into one
+  line. Other Orbax errors (a failed save) still print."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno < std_logging.ERROR or not record.exc_info or record.exc_info[1] is None:
+      return True
+    error, seen = record.exc_info[1], set()
+    while error is not None and id(error) not in seen:
+      seen.add(id(error))
+      tb = error.__traceback__
+      while tb is not None:
+        code = tb.tb_frame.f_code
+        if f"{os.sep}orbax{os.sep}" in code.co_filename and any(
+            word in code.co_name for word in ("read", "deserialize", "restore")):
+          return False
+        tb = tb.tb_next
+      error = error.__cause__ or error.__context__
+    return True
+
+
+_ORBAX_READ_ERRORS = _DropOrbaxReadErrors()
 
 
 def _let_abandoned_reads_finish(timeout_s: float = 5.0) -> None:

@@ -1,9 +1,12 @@
 """Orbax checkpoints: restore onto another mesh, PRNG keys, metadata, retention, damage and fallback."""
 
+import functools
+import gc
 import logging
 import os
 import re
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -162,6 +165,46 @@ def test_when_every_checkpoint_is_damaged_it_says_so_and_starts_fresh(pristine, 
   checkpoint.save(mngr, 3, _small(5), {})  # the fresh run's first checkpoint may reuse a set-aside step
   _assert_bitwise_equal(checkpoint.restore_latest_good(mngr, _small(0))[0], _small(5))
   assert checkpoint.restore_latest_good(checkpoint.manager(str(tmp_path / "none")), _small(0)) is None
+
+
+def test_late_reports_of_a_failed_read_stay_quiet_and_other_errors_print(pristine, tmp_path, caplog):
+  """An abandoned Orbax read can be reported after restore_latest_good has moved on: by asyncio when its
+  task is garbage-collected ("Task exception was never retrieved", with a traceback). After a failed read
+  those records are dropped for the rest of the process; an error from anywhere else still prints."""
+  directory = _copy(pristine, tmp_path)
+  damage.truncate(os.path.join(directory, "3", "state"))
+  assert checkpoint.restore_latest_good(checkpoint.manager(directory, async_save=False), _small(0))[2] == 2
+  os.rename(os.path.join(directory, "3.corrupt"), os.path.join(directory, "3"))
+  reader, orbax_errors = checkpoint.manager(directory, async_save=False), []
+
+  def read():  # the same damaged step, read by Orbax itself: keep the error it raises
+    try:
+      return reader.restore(
+          3, args=checkpoint.ocp.args.Composite(
+              state=checkpoint.ocp.args.StandardRestore(checkpoint.abstract_like(_small(0)))))
+    except Exception as e:
+      orbax_errors.append(e)
+      raise
+
+  with pytest.raises(checkpoint.CorruptCheckpointError):
+    checkpoint._orbax_read(3, directory, "state", read)
+  try:
+    raise KeyError("not from a checkpoint read")
+  except KeyError as e:
+    other_error = e
+  with caplog.at_level(logging.ERROR):
+    for error in (orbax_errors[0], other_error):
+      logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=error)
+      logging.getLogger("absl").error("late report", exc_info=error)
+  printed = [r.exc_info[1] is other_error for r in caplog.records if r.exc_info]
+  # The kept error holds the abandoned reads' coroutines: finalise them the way _orbax_read does.
+  previous, sys.unraisablehook = sys.unraisablehook, functools.partial(checkpoint._drop_abandoned_read_errors,
+                                                                       sys.unraisablehook)
+  orbax_errors.clear()
+  caplog.clear()
+  gc.collect()
+  sys.unraisablehook = previous
+  assert printed == [True, True], printed
 
 
 def test_every_reader_verifies_checksums(pristine, tmp_path):
