@@ -54,6 +54,10 @@ def check_workdir(workdir: str, which: str) -> None:
   if which not in _STAGES:
     raise cli.UserError(f"which={which!r}; allowed: {', '.join(_STAGES)}")
   stage, hint = _STAGES[which]
+  if which == "reward" and os.path.exists(workdir_lib.bag_of_words_path(workdir)):
+    raise cli.UserError(f"workdir {workdir}'s reward model is the bag-of-words model in "
+                        f"{workdir_lib.bag_of_words_path(workdir)} (reward_training.model='bag_of_words'), "
+                        "which has no Hugging Face form: use that JSON file (words and weights) as it is")
   directory = workdir_lib.checkpoint_dir(workdir, stage)
   if not (os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))):
     raise cli.UserError(f"workdir {workdir} has no {which} checkpoint (none in {directory}); {hint}")

@@ -119,15 +119,24 @@ def setup(config: ml_collections.ConfigDict, workdir: str, until: str = "bond") 
     return _process_zero_first("prepare workdir", lambda: prepare_workdir(config, workdir, until, mesh))
 
 
+def stage_finished(config: ml_collections.ConfigDict, workdir: str, name: str) -> dict[str, Any] | None:
+  """The final metrics of stage `name` in workdir if it finished under this config, else None."""
+  if name == "reward":
+    return reward_model.finished(config, workdir)
+  return loop.finished(workdir, name, config[dict((n, s) for n, _, s in STAGES)[name]].steps)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, until: str = "bond") -> dict[str, dict[str, Any]]:
   """Run the planned stages; returns {stage name: its final metrics (the last evaluation for 'bond')}."""
   ctx = setup(config, workdir, until)
   results = {}
   for name, module, section in planned_stages(config, until):
-    done = loop.finished(workdir, name, config[section].steps)
+    done = stage_finished(config, workdir, name)
     if done is not None:
       if jax.process_index() == 0:
         print(f"[{name}] finished already (step {done['step']})", flush=True)
+    elif name == "reward" and reward_model.is_bag_of_words(config):  # fitted in one call, not a loop
+      done = _process_zero_first("bag-of-words reward", lambda: reward_model.fit_bag_of_words(ctx))
     else:
       with jax.set_mesh(ctx.mesh):
         done = loop.run(module.build(ctx), workdir)

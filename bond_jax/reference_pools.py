@@ -60,18 +60,21 @@ def draw(frozen: FrozenModels, prompts: jax.Array, prompt_mask: jax.Array, rng: 
 
 
 def can_keep(frozen: FrozenModels) -> bool:
-  """Whether pools can be kept and read back: not with a host reward route (its code is not hashable), nor
+  """Whether pools can be kept and read back: not with a host reward route whose scorer has no digest (a
+  user's function: its code is not hashable), nor
   across several processes (every process would have to agree that a file exists before the collective
   draw)."""
-  return frozen.text_rewards is None and jax.process_count() == 1
+  text = frozen.text_rewards
+  return (text is None or getattr(text, "digest", None) is not None) and jax.process_count() == 1
 
 
 def models_digest(frozen: FrozenModels) -> str:
   """pi_ref's and the reward model's contents (not their paths), hashed: the part of a fingerprint that is
   the same for every pool of a run (a scan of both models: `Store` computes it once)."""
-  return "|".join(
-      (checkpoint.tree_digest(frozen.reference_params), checkpoint.tree_digest(frozen.reward_params),
-       repr(frozen.policy_cfg), repr(frozen.reward_cfg)))
+  text = frozen.text_rewards
+  rewards = checkpoint.tree_digest(frozen.reward_params) if text is None else f"text:{text.digest}"
+  return "|".join((checkpoint.tree_digest(frozen.reference_params), rewards, repr(frozen.policy_cfg),
+                   repr(frozen.reward_cfg)))
 
 
 def fingerprint(frozen: FrozenModels, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,

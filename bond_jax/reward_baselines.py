@@ -6,11 +6,18 @@
                    fitted by L-BFGS on the training pairs with an L2 penalty, then applied unchanged.
 Both return per-pair wins [N] in {0, 1/2, 1}, so their accuracy gets the same Wilson interval as the
 model's. A reward model that does not beat them has learned length or word choice, not preference.
+
+The bag-of-words model is also a reward in its own right (`reward_training.model='bag_of_words'`): its
+score of a response is w . x(response), the Bradley-Terry utility it was fitted with. `save` / `load` keep
+it as JSON (words and float64 weights, exact: JSON writes floats by repr), and `digest` names its contents.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
+import os
 import re
 from collections.abc import Sequence
 
@@ -60,15 +67,51 @@ class BagOfWords:
                                   options={"maxiter": 500})
     self.weights = fit.x
 
+  @classmethod
+  def load(cls, path: str) -> "BagOfWords":
+    """The model `save` wrote to path (ValueError naming the path when it is not such a file)."""
+    try:
+      with open(path) as f:
+        data = json.load(f)
+      words, weights = list(data["words"]), np.asarray(data["weights"], np.float64)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+      raise ValueError(f"{path} is not a bag-of-words reward model: {error}") from None
+    if weights.shape != (len(words),):
+      raise ValueError(f"{path} is not a bag-of-words reward model: {len(words)} words, {weights.shape} "
+                       "weights")
+    model = cls.__new__(cls)
+    model.index, model.weights = {w: i for i, w in enumerate(words)}, weights
+    return model
+
+  def save(self, path: str, **extra) -> None:
+    """Write the words and weights (and `extra` JSON fields, e.g. metrics) to path, atomically."""
+    words = sorted(self.index, key=self.index.get)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      json.dump(dict(words=words, weights=[float(w) for w in self.weights], **extra), f)
+    os.replace(tmp, path)
+
+  def digest(self) -> str:
+    """sha256 of the words and weights (what a pool of rewards scored by this model depends on)."""
+    words = sorted(self.index, key=self.index.get)
+    return hashlib.sha256(json.dumps([words, self.weights.tolist()]).encode()).hexdigest()
+
+  def scores(self, texts: Sequence[str]) -> np.ndarray:
+    """[N] float64 utilities w . x(text) of response texts."""
+    return self._presence(texts) @ self.weights
+
+  def _presence(self, texts: Sequence[str]) -> np.ndarray:
+    """[N, V] word-presence features x(text) in {0, 1}."""
+    out = np.zeros((len(texts), len(self.index)))
+    for row, text in enumerate(texts):
+      for word in _words(text):
+        if word in self.index:
+          out[row, self.index[word]] = 1.0
+    return out
+
   def _features(self, records: Sequence[dict]) -> np.ndarray:
     """[N, V] x_chosen - x_rejected."""
-    out = np.zeros((len(records), len(self.index)))
-    for row, record in enumerate(records):
-      for sign, key in ((1.0, "chosen"), (-1.0, "rejected")):
-        for word in _words(record[key]):
-          if word in self.index:
-            out[row, self.index[word]] += sign
-    return out
+    return self._presence([r["chosen"] for r in records]) - self._presence([r["rejected"] for r in records])
 
   def wins(self, records: Sequence[dict]) -> np.ndarray:
     """[N] wins of the fitted model on `records`."""

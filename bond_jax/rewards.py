@@ -1,6 +1,8 @@
 """Rewards of sampled responses, by one of three routes (`score` is what rollouts and evaluation call):
 
-1. a reward model that shares the policy's tokenizer: scoring.rewards on device, on the policy's ids;
+1. a reward model that shares the policy's tokenizer: scoring.rewards on device, on the policy's ids (or,
+   where the workdir's reward stage fitted a bag-of-words model, reward_training.model='bag_of_words',
+   that model on the decoded responses, on the host as route 3);
 2. a reward model with its OWN tokenizer and chat template (another family, another vocabulary): the
    policy's responses are decoded to text, the conversation is rendered with the reward model's template
    (prompt turns + the response as the assistant turn; without a template, prompt text + response) and
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bond_jax import scoring, sharding
+from bond_jax import reward_baselines, scoring, sharding
 from bond_jax.models import reward as reward_lib
 
 TIED_WARNING = 0.5  # tie rate above which a run is warned that its rewards give BOND little signal
@@ -126,12 +128,15 @@ class TextRewards:
   """Routes 2 and 3: samples -> (prompt values, response texts) -> scorer -> rewards [B, N] on the mesh.
 
   prompt_of: {prompt ids (a tuple, no padding): the record's prompt value} of the run's prompts; a prompt
-  not in it (a record read from TFDS) is the policy tokenizer's decoding of its ids."""
+  not in it (a record read from TFDS) is the policy tokenizer's decoding of its ids. digest: what the
+  scorer computes, hashed, where it is known (a fitted model's contents; None for a user's function):
+  pools of pi_ref's rewards can then be kept (reference_pools.can_keep)."""
 
   def __init__(self, scorer: Callable, policy_tokenizer, prompt_of: dict[tuple[int, ...], Any],
-               eos_ids: Sequence[int], mesh, key: str):
+               eos_ids: Sequence[int], mesh, key: str, digest: str | None = None):
     self.scorer, self.tokenizer, self.prompt_of = scorer, policy_tokenizer, prompt_of
     self.eos_ids, self.mesh, self.key = set(int(i) for i in eos_ids), mesh, key
+    self.digest = digest
 
   def texts(self, prompts, prompt_mask, responses, response_mask) -> tuple[list[Any], list[str]]:
     prompts, prompt_mask, responses, response_mask = sharding.to_host(
@@ -214,6 +219,14 @@ def route(config, policy_tokenizer, workdir: str, mesh, records: Any, eos_ids: S
   if config.get("reward_fn"):
     fn = import_function(config.reward_fn)
     return Route(None, None, TextRewards(fn, policy_tokenizer, lookup, eos_ids, mesh, "reward_fn"))
+  from bond_jax import workdir as workdir_lib
+  bag_of_words = workdir_lib.bag_of_words_path(config.reward_model or workdir)
+  if os.path.exists(bag_of_words):  # that workdir's reward stage fitted a bag-of-words model
+    model = reward_baselines.BagOfWords.load(bag_of_words)
+    return Route(
+        None, None,
+        TextRewards(lambda prompts, responses: model.scores(responses), policy_tokenizer, lookup, eos_ids,
+                    mesh, f"the bag-of-words reward {bag_of_words}", digest=model.digest()))
   from bond_jax import artifacts  # deferred: artifacts reads checkpoints and Hugging Face directories
   params, cfg = artifacts.load(config.reward_model or workdir, "reward", mesh)
   own = own_tokenizer(config, policy_tokenizer)

@@ -109,7 +109,7 @@ def check_base(config: ml_collections.ConfigDict, workdir: str) -> None:
                      "there first")
   workdir_lib.check_config(config, workdir)
   for stage, section in (("sft", "sft"), ("reward", "reward_training")):
-    if loop.finished(workdir, stage, config[section].steps) is None:
+    if pipeline.stage_finished(config, workdir, stage) is None:
       raise ValueError(f"--workdir={workdir!r} has no finished {stage} stage ({section}.steps="
                        f"{config[section].steps}); run python -m bond_jax.train --config=... "
                        f"--workdir={workdir} --until=reward first")

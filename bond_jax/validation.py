@@ -36,6 +36,7 @@ import jax
 import ml_collections
 
 from bond_jax import algorithms, checkpoint, sharding, update
+from bond_jax import workdir as workdir_lib
 from bond_jax.data import hf_tokenizer, prepare
 from bond_jax.models import lora as lora_lib
 from bond_jax.models import presets
@@ -158,7 +159,9 @@ def _models(config: ml_collections.ConfigDict) -> tuple[ModelConfig, ModelConfig
              f"model.preset={config.model.preset!r}; allowed: {', '.join(presets.PRESETS)}")
     vocab = None if config.data.tokenizer else config.data.vocab_size
     policy = presets.from_config(config.model, vocab)
-  rm = _model_of(config.reward_model, "reward", "reward_model") if config.reward_model else None
+  bag_of_words = config.reward_model and os.path.exists(workdir_lib.bag_of_words_path(config.reward_model))
+  rm = _model_of(config.reward_model, "reward",
+                 "reward_model") if config.reward_model and not bag_of_words else None
   if rm is not None and not hf_tokenizer.has_tokenizer(config.reward_model):
     _require(
         rm.vocab_size == policy.vocab_size,
@@ -208,6 +211,9 @@ def validate(config: ml_collections.ConfigDict, until: str = "bond") -> ModelCon
     _rows_divide(f"{name}.batch_size", section.batch_size, 1, rows)
   _require(config.sft.seq_len >= 2, f"sft.seq_len={config.sft.seq_len} must be >= 2")
   rt = config.reward_training
+  _require(
+      rt.get("model", "transformer") in ("transformer", "bag_of_words"),
+      f"reward_training.model={rt.get('model')!r}; allowed: transformer, bag_of_words")
   _require(
       max(rt.buckets) == rt.max_len, f"reward_training.buckets={tuple(rt.buckets)} must end at "
       f"reward_training.max_len={rt.max_len}")

@@ -43,7 +43,12 @@ GUARDED_FIELDS = (
     "reward_training.rating",
     "reward_training.margin",
     "reward_training.max_pairs_per_prompt",
+    "reward_training.model",
 )
+# A guarded field added after workdirs were made: a workdir recorded without it (by a config that has it)
+# was made with this value.
+LEGACY_VALUES = {"reward_training.model": "transformer"}
+BAG_OF_WORDS_FILE = "bag_of_words.json"  # the reward stage's model when reward_training.model='bag_of_words'
 
 
 def tokenizer_path(workdir: str) -> str:
@@ -64,6 +69,11 @@ def stage_dir(workdir: str, stage: str) -> str:
   if not stage or os.sep in stage or stage.startswith("."):
     raise ValueError(f"stage={stage!r} must be a plain directory name such as 'sft' or 'reward'")
   return os.path.join(workdir, stage)
+
+
+def bag_of_words_path(workdir: str) -> str:
+  """<workdir>/reward/bag_of_words.json: a bag-of-words reward stage's fitted model and its metrics."""
+  return os.path.join(stage_dir(workdir, "reward"), BAG_OF_WORDS_FILE)
 
 
 def checkpoint_dir(workdir: str, stage: str) -> str:
@@ -110,7 +120,11 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   with open(path) as f:
     stored = json.load(f)
-  difference = _first_difference(stored, guarded_config(config), "")
+  current = guarded_config(config)
+  for field, value in LEGACY_VALUES.items():
+    if field not in stored and current.get(field) is not None:
+      stored[field] = value
+  difference = _first_difference(stored, current, "")
   if difference:
     raise ValueError(f"workdir {workdir} was made by a different config: {difference}; use a new "
                      "--workdir or the original values (guarded fields: see bond_jax/workdir.py)")

@@ -77,6 +77,7 @@ BAD_CONFIGS = [
     ("sft.warmup_steps", -1, r"sft.warmup_steps=-1 must be an integer >= 0"),
     ("reward_training.b2", 1.0, r"reward_training.b2=1.0 must lie in \[0, 1\)"),
     ("reward_training.steps", 0, r"reward_training.steps=0 must be an integer >= 1"),
+    ("reward_training.model", "bert", r"reward_training.model='bert'; allowed: transformer, bag_of_words"),
     ("train.max_bad_steps", 0, r"train.max_bad_steps=0 must be an integer >= 1"),
     ("mesh.data", 3, r"mesh: mesh .* does not fit 8 devices: 8 is not divisible by 3"),
     ("mesh.tensor", 8, r"mesh=.*num_kv_heads=2 is not divisible|mesh=.*dimension"),

@@ -14,11 +14,20 @@ beside two baselines on the same pairs (bond_jax/reward_baselines.py): the longe
 bag-of-words Bradley-Terry model fitted on the training pairs. The interval treats pairs as independent
 draws; they are not (a split holds few starter prompts, and each conversation appears in several pairs),
 so it understates the real uncertainty; the number of distinct prompts is reported with it.
+
+With reward_training.model='bag_of_words' the stage trains no network: the reward model IS the
+bag-of-words Bradley-Terry model (fitted once on the same training pairs, in seconds; `fit_bag_of_words`),
+saved to <workdir>/reward/bag_of_words.json with its held-out accuracy beside the length baseline. The
+distillation stage then scores responses by it on the host (rewards.route). Why a default may want it: on
+the embedded task it is the more accurate model of the human ratings, and the one a small policy can learn
+to please (docs/results.md).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bond_jax import artifacts, loop, reward_baselines, sharding, update
+from bond_jax import workdir as workdir_lib
 from bond_jax.data import pipeline
 from bond_jax.data.tokenizer import Tokenizer
 from bond_jax.models import params as params_lib
@@ -35,6 +45,7 @@ from bond_jax.models.config import ModelConfig
 from bond_jax.stages.context import Context
 
 STAGE, KIND = "reward", "reward"
+MODELS = ("transformer", "bag_of_words")  # reward_training.model
 NDIMS = {"tokens": 3, "mask": 3, "response_mask": 3}
 EVAL_SPLITS = ("in_distribution", "validation", "test")
 BASELINES = (("length", "longer response"), ("bow", "bag-of-words"))
@@ -194,9 +205,46 @@ def build(ctx: Context) -> loop.Stage:
       }), evaluate=lambda state, step, final: evaluate(state.params, final))
 
 
+def is_bag_of_words(config) -> bool:
+  return config.reward_training.get("model", "transformer") == "bag_of_words"
+
+
+def finished(config, workdir: str) -> dict[str, Any] | None:
+  """The final metrics of the workdir's reward stage of this config's model, if it finished; else None."""
+  if not is_bag_of_words(config):
+    return loop.finished(workdir, STAGE, config.reward_training.steps)
+  try:
+    with open(workdir_lib.bag_of_words_path(workdir)) as f:
+      return dict(json.load(f)["metrics"])
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def fit_bag_of_words(ctx: Context) -> dict[str, Any]:
+  """The stage with reward_training.model='bag_of_words': fit the Bradley-Terry bag-of-words model on the
+  training pairs, measure it on every held-out split beside the length baseline, and save both (one file,
+  written atomically: a killed fit leaves nothing behind). Returns the metrics `report` prints."""
+  splits = _splits(ctx.preferences)
+  train = splits.pop("train")
+  model = reward_baselines.BagOfWords(train)
+  metrics = {"step": 0, "model": "bag_of_words", "words": len(model.index)}
+  for name, records in splits.items():
+    metrics[f"{name}_pairs"] = float(len(records))
+    metrics[f"{name}_prompts"] = float(len({r["prompt"] for r in records}))
+    metrics.update(_summary(f"{name}_", model.wins(records)))
+    metrics.update(_summary(f"{name}_length_", reward_baselines.length_wins(records, ctx.tokenizer)))
+  path = workdir_lib.bag_of_words_path(ctx.workdir)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    model.save(path, metrics=metrics, train_pairs=len(train))
+  return metrics
+
+
 def report(m: dict[str, Any]) -> str:
+  what = (f"bag-of-words model ({m['words']} words)"
+          if m.get("model") == "bag_of_words" else f"step {m['step']}")
   lines = [
-      f"[{STAGE}] step {m['step']}: held-out pairwise accuracy (95% Wilson interval; pairs share "
+      f"[{STAGE}] {what}: held-out pairwise accuracy (95% Wilson interval; pairs share "
       "starter prompts, so the interval is optimistic)"
   ]
   interval = lambda p: f"{m[f'{p}accuracy']:.3f} [{m[f'{p}ci_low']:.3f}, {m[f'{p}ci_high']:.3f}]"

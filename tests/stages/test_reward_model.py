@@ -1,5 +1,10 @@
 """Reward stage: the Wilson interval, a tiny Bradley-Terry run from an SFT backbone with its baselines."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -29,7 +34,7 @@ def tiny_config():
   c.sft.update(dict(steps=2, batch_size=8, seq_len=64, eval_every=2, eval_batches=1, checkpoint_every=2))
   c.reward_training.update(
       dict(steps=30, batch_size=8, max_len=64, buckets=(32, 64), learning_rate=3e-3, warmup_steps=2,
-           max_pairs_per_prompt=4, eval_every=30, checkpoint_every=30, log_every=10))
+           max_pairs_per_prompt=4, eval_every=30, checkpoint_every=30, log_every=10, model="transformer"))
   return c
 
 
@@ -62,3 +67,62 @@ def test_reward_model_learns_train_pairs_and_reports_heldout_accuracy(tmp_path):
   assert accuracy > 0.7, accuracy
   trained_head = np.asarray(jax.device_get(params["head"]))
   assert np.abs(trained_head).max() > 0  # the zero-initialised head moved
+
+
+def test_a_bag_of_words_reward_stage_fits_once_reports_and_scores_the_policys_responses(tmp_path, capsys):
+  from types import SimpleNamespace
+  from bond_jax import reference_pools, rewards, study
+  workdir = str(tmp_path)
+  config = tiny_config()
+  config.reward_training.model = "bag_of_words"
+  final = pipeline.run(config, workdir, until="reward")["reward"]
+  path = wd.bag_of_words_path(workdir)
+  assert not os.path.exists(wd.checkpoint_dir(workdir, "reward"))  # no network was trained
+  with open(path) as f:
+    saved = json.load(f)
+  assert saved["metrics"] == final and final["model"] == "bag_of_words"
+  model = reward_baselines.BagOfWords.load(path)
+  ctx = pipeline.setup(config, workdir, until="reward")
+  splits = rt._splits(ctx.preferences)
+  assert saved["train_pairs"] == len(splits["train"])
+  for name in ("validation", "test"):
+    wins = model.wins(splits[name])
+    assert final[f"{name}_accuracy"] == wins.mean() and final[f"{name}_pairs"] == len(wins)
+    assert 0 <= final[f"{name}_length_accuracy"] <= 1 and f"{name}_bow_accuracy" not in final
+  out = capsys.readouterr().out
+  assert f"[reward] bag-of-words model ({len(model.index)} words): held-out pairwise accuracy" in out
+  # A rerun finds the stage finished and fits nothing; the study accepts the workdir as its base.
+  mtime = os.stat(path).st_mtime_ns
+  assert pipeline.run(config, workdir, until="reward")["reward"] == final
+  assert os.stat(path).st_mtime_ns == mtime and "[reward] finished already" in capsys.readouterr().out
+  study.check_base(config, workdir)
+  # The distillation's reward route: that model on the decoded responses, with a digest (pools kept).
+  route = rewards.route(config, ctx.tokenizer, workdir, ctx.mesh, [], eos_ids=[ctx.tokenizer.eos_id])
+  assert route.cfg is None and route.text.digest == model.digest()
+  assert reference_pools.can_keep(SimpleNamespace(text_rewards=route.text))
+  texts = [" I love great movies\nA: me too", " no", " what do you like to do for fun?", " ok ok"]
+  ids = [ctx.tokenizer.encode(t) for t in texts]
+  width = max(map(len, ids))
+  responses = np.zeros((2, 2, width), np.int32)
+  response_mask = np.zeros((2, 2, width), bool)
+  for i, seq in enumerate(ids):
+    responses[i // 2, i % 2, :len(seq)], response_mask[i // 2, i % 2, :len(seq)] = seq, True
+  prompts = np.full((2, 4), 5, np.int32)
+  scores = np.asarray(jax.device_get(route.text(prompts, np.ones((2, 4), bool), responses, response_mask)))
+  decoded = [ctx.tokenizer.decode(seq) for seq in ids]
+  np.testing.assert_array_equal(scores.reshape(-1), model.scores(decoded).astype(np.float32))
+  assert len(set(scores.reshape(-1).tolist())) > 1
+  # Export refuses it in one line: a bag of words has no Hugging Face form.
+  proc = subprocess.run([
+      sys.executable, "-m", "bond_jax.export", f"--workdir={workdir}", "--which=reward",
+      f"--out={tmp_path.parent / 'bow_export'}"
+  ], capture_output=True, text=True, timeout=120,
+                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+  assert proc.returncode == 2 and "has no Hugging Face form" in proc.stderr.strip().splitlines()[-1]
+  assert not os.path.exists(tmp_path.parent / "bow_export")
+  # The workdir is guarded: its reward stage cannot be redone as a network under the same workdir.
+  config.reward_training.model = "transformer"
+  with pytest.raises(
+      ValueError, match=r"reward_training.model='transformer' \(the workdir was made with "
+      r"'bag_of_words'\)"):
+    pipeline.run(config, workdir, until="reward")
