@@ -134,6 +134,8 @@ def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_
           float(tracked_n or max(effective_n, 1.0)),
   }
   out["quantile_ks"] = quantile_ks(quantile, reference_rewards.shape[1], out["tracked_n"])
+  # and to each Best-of-N law of the table: which one the policy's sample follows, whatever it aims at
+  out["quantile_ks_best_of"] = {str(n): quantile_ks(quantile, reference_rewards.shape[1], n) for n in best_of}
   if reference_lengths is not None:
     for n in best_of:
       out["best_of_n"][str(n)]["response_length"] = float(

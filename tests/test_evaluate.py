@@ -40,6 +40,10 @@ def test_a_best_of_n_policy_scores_n_over_n_plus_one(n):
   edges = np.linspace(0, 1, 6)
   expected = (edges[1:]**n - edges[:-1]**n) / 0.2  # Beta(n, 1) mass per bin
   np.testing.assert_allclose(hist, expected, atol=0.15)
+  # its law is the nearest Best-of-N law of the table, whatever N it is said to track
+  ks = out["quantile_ks_best_of"]
+  assert sorted(ks) == ["1", "2", "4"] and min(ks, key=ks.get) == str(n) and ks[str(n)] < 0.03
+  assert ks["4"] == evaluate.quantile_ks(np.asarray(out["policy_quantiles"]), k, 4)
 
 
 def test_ties_count_half_so_the_reference_scores_one_half():

@@ -132,6 +132,12 @@ class _Evaluation:
     evaluate_lib.write(primary, self.out_dir, step, self.history, others)
 
 
+def _ks_to(result: dict[str, Any], shown: list[str]) -> str:
+  """' (BoN-2 ks, BoN-4 ks)': the KS distances to the shown Best-of-N laws, where recorded."""
+  by_n = result.get("quantile_ks_best_of") or {}
+  return " (" + ", ".join(f"BoN-{n} {by_n[n]:.3f}" for n in shown) + ")" if by_n else ""
+
+
 def eval_line(result: dict[str, Any]) -> str:
   """The console line of an evaluation: the policy against Best-of-2 / Best-of-4 of pi_ref."""
   bon = result["best_of_n"]
@@ -151,6 +157,7 @@ def eval_line(result: dict[str, Any]) -> str:
     line += (f" | at the length cap {result['policy_truncated_fraction']:.0%} (ref "
              f"{result['reference_truncated_fraction']:.0%}, {cut})")
   line += f" | KS to BoN-{result['tracked_n']:.2f} {result['quantile_ks']:.3f}"
+  line += _ks_to(result, shown)
   if "target_best_of" in result:
     line += f" | aims at BoN-{result['target_best_of']:.2f} (KL {result['kl_target_best_of']:.3f})"
   # the Best-of-N quantiles the held-out sets are read against: N / (N + 1), from the evaluation itself
@@ -160,7 +167,8 @@ def eval_line(result: dict[str, Any]) -> str:
       line += (
           f"\n    {name.replace('_', ' ')}: quantile {other['policy_quantile_mean']:.3f} +- "
           f"{other['policy_quantile_stderr']:.3f} ({quantiles}), KL(pi||ref) "
-          f"{other['kl_policy_ref']:.3f}, KS {other['quantile_ks']:.3f}, reward {other['policy_reward']:.3f}, "
+          f"{other['kl_policy_ref']:.3f}, KS {other['quantile_ks']:.3f}{_ks_to(other, shown)}, reward "
+          f"{other['policy_reward']:.3f}, "
           f"length {other['policy_response_length']:.1f}, at the cap {other['policy_truncated_fraction']:.0%}"
       )
   return line
@@ -267,6 +275,9 @@ def report(result: dict[str, Any]) -> str:
           f"{result['policy_reward']:.3f}")
   if "quantile_ks" in result:
     line += f", KS to BoN-{result['tracked_n']:.2f} {result['quantile_ks']:.3f}"
+  if result.get("quantile_ks_best_of"):
+    n, ks = min(result["quantile_ks_best_of"].items(), key=lambda item: item[1])
+    line += f" (nearest Best-of-N law: BoN-{n}, KS {ks:.3f})"
   if "held_out_topics_policy_quantile_mean" in result:
     line += (
         f"; held-out topics: quantile {result['held_out_topics_policy_quantile_mean']:.3f} +- "
