@@ -16,8 +16,9 @@ GIB = 2**30
 
 def _config(preset="tiny", **changes):
   config = dialogue.get_config(preset)
-  if preset == "tiny":  # the hand computations below use P = 96 prompt and T = 24 new tokens
+  if preset == "tiny":  # the hand computations below use P = 96 prompt and T = 24 new tokens, 16 prompts
     config.data.prompt_buckets, config.sampling.max_new_tokens = (96,), 24
+    config.train.batch_size = 16
   for key, value in changes.items():
     section, name = key.split("__")
     config[section][name] = value
