@@ -294,7 +294,9 @@ def test_bad_input_is_one_line_exit_2_within_seconds_and_touches_nothing(flags, 
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
-  assert _hashes(workdir) == before and took < 5, took
+  # The bound is the subprocess's start (importing jax, flax and Orbax: ~3 s alone, 5 s beside another
+  # pytest worker in a fresh clone); any compute (tokenizer, datasets, the first compile) takes far longer.
+  assert _hashes(workdir) == before and took < 10, took
 
 
 @pytest.mark.skipif(
