@@ -17,13 +17,13 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
 import re
 from collections.abc import Sequence
 
 import numpy as np
 import scipy.optimize
 
+from bond_jax import workdir
 from bond_jax.data.tokenizer import Tokenizer
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -86,10 +86,8 @@ class BagOfWords:
   def save(self, path: str, **extra) -> None:
     """Write the words and weights (and `extra` JSON fields, e.g. metrics) to path, atomically."""
     words = sorted(self.index, key=self.index.get)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-      json.dump(dict(words=words, weights=[float(w) for w in self.weights], **extra), f)
-    os.replace(tmp, path)
+    workdir.write_atomically(path,
+                             json.dumps(dict(words=words, weights=self.weights.tolist(), **extra)).encode())
 
   def digest(self) -> str:
     """sha256 of the words and weights (what a pool of rewards scored by this model depends on)."""
