@@ -30,6 +30,9 @@ def test_the_paper_study_has_every_arm_of_the_three_figures():
   assert [a.name for a in study.arms_of("paper", "rloo_beta1, anchor_hard")] == ["rloo_beta1", "anchor_hard"]
   configs = {a.name: study.arm_config(dialogue.get_config(), "/base", a) for a in arms}
   assert study._same_configs(configs) == {"anchor_ema": "jbond_eta0.02_gamma1"}  # run once, read twice
+  # Every arm samples the study's prompts a step, not the Quickstart's, unless told to keep the config's.
+  assert {c.train.batch_size for c in configs.values()} == {study.PROMPTS_PER_STEP} != {48}
+  assert study.arm_config(dialogue.get_config(), "/base", arms[0], 0).train.batch_size == 48
 
 
 def _smoke_config():
@@ -44,7 +47,7 @@ def test_two_arms_run_end_to_end_then_resume_as_finished(smoke_stages, tmp_path,
   workdir = str(tmp_path / "base")
   shutil.copytree(smoke_stages, workdir)
   names = "jbond_eta0.05_gamma0,bond_n4_beta0.5"
-  study_dir = study.run(_smoke_config(), workdir, "paper", names, parallel=2)
+  study_dir = study.run(_smoke_config(), workdir, "paper", names, parallel=2, prompts_per_step=0)
   table = open(os.path.join(study_dir, "results.md")).read()
   for name in names.split(","):
     row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
@@ -58,7 +61,8 @@ def test_two_arms_run_end_to_end_then_resume_as_finished(smoke_stages, tmp_path,
   assert bond_row["tracked_n"] == 4.0
   assert {"front.png", "bond.png"} <= set(os.listdir(study_dir))
   capsys.readouterr()
-  study.run(_smoke_config(), workdir, "paper", names, parallel=2)  # both finished: nothing runs
+  study.run(_smoke_config(), workdir, "paper", names, parallel=2,
+            prompts_per_step=0)  # both finished: nothing runs
   assert "2 finished, running 0" in capsys.readouterr().out
 
   # A later arm reads pi_ref's pools (one per held-out set) instead of drawing them, and its evaluation
@@ -71,7 +75,7 @@ def test_two_arms_run_end_to_end_then_resume_as_finished(smoke_stages, tmp_path,
   assert open(os.path.join(study_dir,
                            "bond_n4_beta0.5.log")).read().count("samples per prompt drawn into") == 2
   # Fig. 5's EMA arm has the config of a front arm: it is run once and linked.
-  study.run(_smoke_config(), workdir, "paper", "jbond_eta0.02_gamma1,anchor_ema")
+  study.run(_smoke_config(), workdir, "paper", "jbond_eta0.02_gamma1,anchor_ema", prompts_per_step=0)
   assert "running 1" in capsys.readouterr().out
   assert open(os.path.join(study_dir, "jbond_eta0.02_gamma1.log")).read().count("pool read from") == 2
   first = [_history(study_dir, name)[0] for name in ("jbond_eta0.05_gamma0", "jbond_eta0.02_gamma1")]
@@ -96,6 +100,7 @@ def _cli(*flags):
     (["--study=fig9"], "--study='fig9'; allowed: paper"),
     (["--arms=jbond_eta0.3_gamma0"], "--arms: unknown arm 'jbond_eta0.3_gamma0' of study 'paper'; allowed:"),
     (["--parallel=0"], "--parallel=0 must be >= 1"),
+    (["--prompts_per_step=-1"], "--prompts_per_step=-1; allowed: 0 (the config's train.batch_size) or a"),
     ([], "has no finished sft stage"),
 ])
 def test_bad_input_is_one_line_exit_2(flags, message, tmp_path, smoke_stages):
