@@ -12,7 +12,8 @@ L = P + T, D d_model, H heads, K kv heads, Dh head_dim, M mlp_dim, V vocab, t = 
 s = bytes of the compute dtype.
 
 Phases (a run's peak is persistent + max(sampling, update): the KV cache is gone before the update):
-- persistent: policy, anchor, reference, reward model (backbone + head) in param_dtype; Adam mu and nu
+- persistent: policy, anchor, reference, reward model (backbone + head; none when rewards are computed on
+  the host: a reward_fn or a bag-of-words reward) in param_dtype; Adam mu and nu
   (2 x policy, float32).
 - sampling (rollout.jbond_batch: generate(policy, n=1) then generate(anchor, n=2)); the anchor call is
   the larger: its prompt cache is shared by the 2 samples (sampling.py), so the KV cache holds
@@ -172,23 +173,34 @@ def _adapter_shapes(cfg, lora) -> list[tuple[tuple[int, ...], tuple]]:
   return [(tuple(s.shape), n) for s, n in zip(shapes, names)]
 
 
+def reward_on_device(config: Any) -> bool:
+  """False when the run's rewards are computed on the host (a reward_fn, or this workdir's bag-of-words
+  reward stage): no reward model params then. A given reward_model path counts as a network of the
+  policy's preset (the plan reads no files)."""
+  if config.get("reward_fn"):
+    return False
+  return bool(config.get("reward_model")) or config.reward_training.get("model",
+                                                                        "transformer") != "bag_of_words"
+
+
 def _model_rows(cfg, lora, lm_elems: float, rm_elems: float, adapter_elems: float, how: str) -> list[Row]:
-  """The four model trees and Adam's moments. With LoRA one base (in lora.base_dtype) is pi_ref and what
-  the policy's and the anchor's adapters sit on; the adapters and their moments are float32."""
+  """The model trees (the reward model's only when it is on the device: rm_elems > 0) and Adam's moments.
+  With LoRA one base (in lora.base_dtype) is pi_ref and what the policy's and the anchor's adapters sit on;
+  the adapters and their moments are float32."""
   ps = _BYTES[cfg.param_dtype]
-  reward = Row("reward model params", rm_elems * ps, "persistent", how)
+  reward = [Row("reward model params", rm_elems * ps, "persistent", how)] if rm_elems else []
   if lora is None:
     return [
         Row("policy params", lm_elems * ps, "persistent", how),
         Row("anchor params", lm_elems * ps, "persistent", how),
-        Row("reference params", lm_elems * ps, "persistent", how), reward,
+        Row("reference params", lm_elems * ps, "persistent", how), *reward,
         Row("adam mu+nu (f32)", 2 * lm_elems * 4, "persistent", how)
     ]
   base = _BYTES[lora.base_dtype or cfg.param_dtype]
   return [
       Row(f"policy adapters (r={lora.rank})", adapter_elems * 4, "persistent", how),
       Row("anchor adapters (EMA)", adapter_elems * 4, "persistent", how),
-      Row("reference = base (shared)", lm_elems * base, "persistent", how), reward,
+      Row("reference = base (shared)", lm_elems * base, "persistent", how), *reward,
       Row("adam mu+nu (f32, adapters)", 2 * adapter_elems * 4, "persistent", how)
   ]
 
@@ -246,7 +258,7 @@ def plan(config: Any, mesh_shape: Mapping[str, int], num_devices: int | None = N
   L = P + T
   b = B // m // dp
   lm = _param_shapes(cfg, "lm")
-  rm = _param_shapes(cfg, "reward")
+  rm = _param_shapes(cfg, "reward") if reward_on_device(config) else []
   lm_elems, rm_elems = _shard_elements(lm, mesh), _shard_elements(rm, mesh)
   adapter_elems = 0.0 if lora is None else _shard_elements(_adapter_shapes(cfg, lora), mesh)
   trainable = (lm_elems * ps, lm_elems) if lora is None else (adapter_elems * 4, adapter_elems)

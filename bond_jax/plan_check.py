@@ -2,8 +2,9 @@
 run's config on the local devices (a CPU mesh in tests), read with `compiled.memory_analysis()`.
 
 XLA's per-device phases, in the plan's terms:
-  persistent  the update's arguments (state: policy or adapters, anchor, Adam; pi_ref or the base; the
-              batch, a few KiB) + the reward model's arrays (not an argument of the update)
+  persistent  the update's arguments but the batch (state: policy or adapters, anchor, Adam; pi_ref or
+              the base) + the reward model's arrays (not an argument of the update; none when
+              the rewards are computed on the host: plan.reward_on_device)
   update      temp + output - alias (the donated state's buffers are reused for the new state)
   sampling    the sampler's temp + output (its weights are the persistent policy)
   peak        persistent + max(update, sampling), as plan.peak_bytes
@@ -57,7 +58,7 @@ def measured(config: Any, mesh: jax.sharding.Mesh) -> Phases:
   base = params_lib.init_sharded(cfg, "lm", jax.random.key(0), mesh)
   if lora is not None and lora.base_dtype:
     base = jax.tree.map(lambda x: x.astype(lora.base_dtype), base)
-  reward = params_lib.placement(cfg, "reward", mesh)
+  reward = params_lib.placement(cfg, "reward", mesh) if plan.reward_on_device(config) else {}
   optimizer = update.make_optimizer(update.OptimizerConfig.from_section(config.optimizer, config.train.steps))
   trainable, options = base, {}
   if lora is not None:
@@ -80,9 +81,10 @@ def measured(config: Any, mesh: jax.sharding.Mesh) -> Phases:
     mask = jax.ShapeDtypeStruct((B, P), jnp.bool_, sharding=sharding.batch_sharding(mesh, 2))
     sm = generate.lower(policy, prompts, mask, jax.random.key(0), np.float32(1), np.float32(1),
                         np.zeros(cfg.vocab_size, bool), np.int32(0)).compile().memory_analysis()
-  reward_bytes = sum(
-      np.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(reward))
-  return Phases(persistent=float(up.argument_size_in_bytes + reward_bytes),
+  local_bytes = lambda tree: sum(
+      np.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(tree))
+  # the rollout batch is an argument of the update but no row of the plan (KiBs: B * (P + T) ids a device)
+  return Phases(persistent=float(up.argument_size_in_bytes - local_bytes(batch) + local_bytes(reward)),
                 update=float(up.temp_size_in_bytes + up.output_size_in_bytes - up.alias_size_in_bytes),
                 sampling=float(sm.temp_size_in_bytes + sm.output_size_in_bytes))
 

@@ -145,6 +145,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 3e-6
     c.optimizer.warmup_steps = 100
     c.bond.eta = 0.02 if preset == "gemma_7b" else 0.05
+    # A reward network of the policy's own family, as in the paper; the bag of words suits the tiny task.
+    c.reward_training.model = "transformer"
   elif preset == "small":
     c.model.preset = "small"
     c.data.vocab_size = 8192

@@ -16,6 +16,7 @@ GIB = 2**30
 
 def _config(preset="tiny", **changes):
   config = dialogue.get_config(preset)
+  config.reward_training.model = "transformer"  # the hand computations count a reward network's params
   if preset == "tiny":  # the hand computations below use P = 96 prompt and T = 24 new tokens, 16 prompts
     config.data.prompt_buckets, config.sampling.max_new_tokens = (96,), 24
     config.train.batch_size = 16
@@ -60,6 +61,25 @@ def test_tiny_by_hand_fsdp_only():
   persistent = (3 * n + (n + 256) + 2 * n) * 4 / 4  # policy, anchor, reference; reward model; adam
   update = sum(r.bytes for r in rows.values() if r.phase == "update")
   assert plan.peak_bytes(list(rows.values())) == pytest.approx(persistent + update)
+
+
+def test_rewards_computed_on_the_host_hold_no_reward_model_params():
+  network = _rows(_config(), fsdp=4)
+  persistent = lambda rows: sum(r.bytes for r in rows.values() if r.phase == "persistent")
+  for change in (dict(reward_training__model="bag_of_words"), dict(reward_fn="pkg.mod:fn")):
+    config = _config()
+    for key, value in change.items():
+      section, _, name = key.partition("__")
+      if name:
+        config[section][name] = value
+      else:
+        config[section] = value
+    rows = _rows(config, fsdp=4)
+    assert "reward model params" not in rows
+    assert persistent(network) - persistent(rows) == network["reward model params"].bytes > 0
+  given = _config(reward_training__model="bag_of_words")
+  given.reward_model = "/some/workdir"  # the plan reads no files: a given reward model counts as a network
+  assert "reward model params" in _rows(given, fsdp=4)
 
 
 def test_tensor_sharding_remat_and_accumulation():
@@ -167,8 +187,9 @@ def test_plan_totals_within_15_percent_of_xla_memory_analysis():
   import jax
   from bond_jax import plan_check, sharding
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
-  for rank, base_dtype in ((0, ""), (16, "bfloat16")):
+  for rank, base_dtype, reward in ((0, "", "transformer"), (16, "bfloat16", "bag_of_words")):
     config = dialogue.get_config("tiny")
+    config.reward_training.model = reward  # a reward network on the device, or rewards on the host
     config.mesh.update(data=2, fsdp=4)
     config.sampling.max_new_tokens = 32
     config.lora.update(rank=rank, base_dtype=base_dtype)
