@@ -176,9 +176,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, study: str, names: str 
   dirs = {arm.name: arm_dir(workdir, study, arm) for arm in arms}
   aliases = _same_configs(configs)
   pending = [name for name in _pending(configs, dirs) if name not in aliases]
+  same = f", {len(aliases)} the same run as another" if aliases else ""
   print(
-      f"[study] {study}: {len(arms)} arms, {len(arms) - len(pending)} finished, running {len(pending)} "
-      f"({parallel} at a time); logs in {os.path.join(workdir, 'study', study)}/<arm>.log", flush=True)
+      f"[study] {study}: {len(arms)} arms, {len(arms) - len(pending) - len(aliases)} finished{same}, "
+      f"running {len(pending)} ({parallel} at a time); logs in {os.path.join(workdir, 'study', study)}/"
+      "<arm>.log", flush=True)
   failed = _run_pending(pending, configs, dirs, parallel)
   for name, same in aliases.items():  # e.g. Fig. 5's EMA arm is one of Fig. 7's: run once, read twice
     if same not in failed:

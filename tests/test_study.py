@@ -76,7 +76,7 @@ def test_two_arms_run_end_to_end_then_resume_as_finished(smoke_stages, tmp_path,
                            "bond_n4_beta0.5.log")).read().count("samples per prompt drawn into") == 2
   # Fig. 5's EMA arm has the config of a front arm: it is run once and linked.
   study.run(_smoke_config(), workdir, "paper", "jbond_eta0.02_gamma1,anchor_ema", prompts_per_step=0)
-  assert "running 1" in capsys.readouterr().out
+  assert "2 arms, 0 finished, 1 the same run as another, running 1" in capsys.readouterr().out
   assert open(os.path.join(study_dir, "jbond_eta0.02_gamma1.log")).read().count("pool read from") == 2
   first = [_history(study_dir, name)[0] for name in ("jbond_eta0.05_gamma0", "jbond_eta0.02_gamma1")]
   assert first[0] == first[1]
