@@ -85,9 +85,9 @@ def _paper_arms() -> list[Arm]:
 
 
 STUDIES = {"paper": _paper_arms}
-# Every arm's prompts a step, unless --prompts_per_step says otherwise. 16, not the Quickstart's 48: at 48
-# each arm samples 3x more and the paper study's 18 arms would take ~4 h on a 2-core CPU instead of ~1.5 h
-# (docs/results.md); the comparisons hold every arm to the same prompts either way.
+# Every arm's prompts a step, unless --prompts_per_step says otherwise. 16, not the Quickstart's 48: the
+# paper study's 18 arms took 51 min on a 2-core CPU at 16 (docs/results.md); at 48 each arm samples 3x
+# more (an estimated 2.5 h). The comparisons hold every arm to the same prompts either way.
 PROMPTS_PER_STEP = 16
 
 
@@ -247,7 +247,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("parallel", max(1, (os.cpu_count() or 1) // 2), "Arms run at once.")
   flags.DEFINE_integer(
       "prompts_per_step", PROMPTS_PER_STEP, "Every arm's train.batch_size (0: the config's own). "
-      f"{PROMPTS_PER_STEP} keeps the paper study near 1.5 h on a 2-core CPU.")
+      f"{PROMPTS_PER_STEP}: the paper study took 51 min on a 2-core CPU.")
   flags.mark_flags_as_required(["config", "workdir"])
 
 

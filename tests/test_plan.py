@@ -66,20 +66,14 @@ def test_tiny_by_hand_fsdp_only():
 def test_rewards_computed_on_the_host_hold_no_reward_model_params():
   network = _rows(_config(), fsdp=4)
   persistent = lambda rows: sum(r.bytes for r in rows.values() if r.phase == "persistent")
-  for change in (dict(reward_training__model="bag_of_words"), dict(reward_fn="pkg.mod:fn")):
-    config = _config()
-    for key, value in change.items():
-      section, _, name = key.partition("__")
-      if name:
-        config[section][name] = value
-      else:
-        config[section] = value
+  bag_of_words, reward_fn = _config(reward_training__model="bag_of_words"), _config()
+  reward_fn.reward_fn = "pkg.mod:fn"
+  for config in (bag_of_words, reward_fn):
     rows = _rows(config, fsdp=4)
     assert "reward model params" not in rows
     assert persistent(network) - persistent(rows) == network["reward model params"].bytes > 0
-  given = _config(reward_training__model="bag_of_words")
-  given.reward_model = "/some/workdir"  # the plan reads no files: a given reward model counts as a network
-  assert "reward model params" in _rows(given, fsdp=4)
+  bag_of_words.reward_model = "/some/workdir"  # the plan reads no files: a given reward model counts as a
+  assert "reward model params" in _rows(bag_of_words, fsdp=4)  # network of the policy's preset
 
 
 def test_tensor_sharding_remat_and_accumulation():
