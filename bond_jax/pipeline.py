@@ -135,7 +135,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, until: str = "bond") ->
     if done is not None:
       if jax.process_index() == 0:
         print(f"[{name}] finished already (step {done['step']})", flush=True)
-    elif name == "reward" and reward_model.is_bag_of_words(config):  # fitted in one call, not a loop
+    elif name == "reward" and workdir_lib.is_bag_of_words(config):  # fitted in one call, not a loop
       done = _process_zero_first("bag-of-words reward", lambda: reward_model.fit_bag_of_words(ctx))
     else:
       with jax.set_mesh(ctx.mesh):

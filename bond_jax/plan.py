@@ -42,6 +42,8 @@ import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
+from bond_jax import workdir as workdir_lib
+
 GIB = 2**30
 MESH_AXES = ("data", "fsdp", "tensor")
 # Per-device HBM in GiB (None: no limit checked).
@@ -179,8 +181,7 @@ def reward_on_device(config: Any) -> bool:
   policy's preset (the plan reads no files)."""
   if config.get("reward_fn"):
     return False
-  return bool(config.get("reward_model")) or config.reward_training.get("model",
-                                                                        "transformer") != "bag_of_words"
+  return bool(config.get("reward_model")) or not workdir_lib.is_bag_of_words(config)
 
 
 def _model_rows(cfg, lora, lm_elems: float, rm_elems: float, adapter_elems: float, how: str) -> list[Row]:

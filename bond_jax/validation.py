@@ -212,8 +212,8 @@ def validate(config: ml_collections.ConfigDict, until: str = "bond") -> ModelCon
   _require(config.sft.seq_len >= 2, f"sft.seq_len={config.sft.seq_len} must be >= 2")
   rt = config.reward_training
   _require(
-      rt.get("model", "transformer") in ("transformer", "bag_of_words"),
-      f"reward_training.model={rt.get('model')!r}; allowed: transformer, bag_of_words")
+      workdir_lib.reward_model_kind(config) in workdir_lib.REWARD_MODELS,
+      f"reward_training.model={rt.get('model')!r}; allowed: {', '.join(workdir_lib.REWARD_MODELS)}")
   _require(
       max(rt.buckets) == rt.max_len, f"reward_training.buckets={tuple(rt.buckets)} must end at "
       f"reward_training.max_len={rt.max_len}")

@@ -49,6 +49,19 @@ GUARDED_FIELDS = (
 # was made with this value.
 LEGACY_VALUES = {"reward_training.model": "transformer"}
 BAG_OF_WORDS_FILE = "bag_of_words.json"  # the reward stage's model when reward_training.model='bag_of_words'
+# reward_training.model: what the workdir's reward stage makes (a config without the key: the legacy value)
+REWARD_MODELS = ("transformer", "bag_of_words")
+
+
+def reward_model_kind(config: ml_collections.ConfigDict) -> str:
+  """reward_training.model of `config` (one of REWARD_MODELS once validated)."""
+  return config.reward_training.get("model", LEGACY_VALUES["reward_training.model"])
+
+
+def is_bag_of_words(config: ml_collections.ConfigDict) -> bool:
+  """Whether this config's reward stage fits the bag-of-words model (scored on the host) instead of a
+  network."""
+  return reward_model_kind(config) == "bag_of_words"
 
 
 def tokenizer_path(workdir: str) -> str:

@@ -45,7 +45,6 @@ from bond_jax.models.config import ModelConfig
 from bond_jax.stages.context import Context
 
 STAGE, KIND = "reward", "reward"
-MODELS = ("transformer", "bag_of_words")  # reward_training.model
 NDIMS = {"tokens": 3, "mask": 3, "response_mask": 3}
 EVAL_SPLITS = ("in_distribution", "validation", "test")
 BASELINES = (("length", "longer response"), ("bow", "bag-of-words"))
@@ -205,13 +204,9 @@ def build(ctx: Context) -> loop.Stage:
       }), evaluate=lambda state, step, final: evaluate(state.params, final))
 
 
-def is_bag_of_words(config) -> bool:
-  return config.reward_training.get("model", "transformer") == "bag_of_words"
-
-
 def finished(config, workdir: str) -> dict[str, Any] | None:
   """The final metrics of the workdir's reward stage of this config's model, if it finished; else None."""
-  if not is_bag_of_words(config):
+  if not workdir_lib.is_bag_of_words(config):
     return loop.finished(workdir, STAGE, config.reward_training.steps)
   try:
     with open(workdir_lib.bag_of_words_path(workdir)) as f:
