@@ -202,6 +202,21 @@ def _at_the_cap(frozen: FrozenModels, policy_tokens, policy_mask, reference: ref
   return out
 
 
+def _kl_parts(frozen: FrozenModels, policy_params: Any, prompts, prompt_mask, policy) -> dict[str, float]:
+  """KL(pi || pi_ref) from the full next-token laws along the policy's samples (scoring.response_kl: the
+  lower-variance estimate of what kl_policy_ref samples) and the part of it spent on where to stop: how
+  much of the KL buys length."""
+  kl, stopping = (
+      _host(x).ravel()
+      for x in scoring.response_kl(frozen.policy_cfg, policy_params, frozen.reference_params, prompts,
+                                   prompt_mask, policy.tokens, policy.mask, frozen.eos_ids))
+  return {
+      "kl_policy_ref_exact": float(np.mean(kl)),
+      "kl_policy_ref_exact_stderr": float(np.std(kl) / np.sqrt(kl.size)),
+      "kl_stopping": float(np.mean(stopping)),
+  }
+
+
 def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
              rng: jax.Array, reference: reference_pools.ReferencePool, *, best_of: Sequence[int],
              policy_samples: int, max_new_tokens: int, tracked_n: float | None = None,
@@ -219,6 +234,7 @@ def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, promp
   policy_logprobs = jnp.sum(policy.model_logprobs, axis=-1)
   out = summarize(_host(policy_rewards), reference.rewards, _host(policy_logprobs), _host(ref_logprobs),
                   best_of=best_of, reference_lengths=reference.lengths, tracked_n=tracked_n)
+  out.update(_kl_parts(frozen, policy_params, prompts, prompt_mask, policy))
   out["policy_response_length"] = float(jnp.mean(policy.lengths))
   out["reference_response_length"] = float(np.mean(reference.lengths))
   out.update(

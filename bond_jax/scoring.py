@@ -25,7 +25,7 @@ are batched differently). The LM head runs only on the positions that predict re
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -129,11 +129,8 @@ def _response_logprobs(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt
                             temperature)
     return chosen[:, None]
   model = transformer.Transformer(cfg)
-  prompt_hidden, hidden = _shared_prompt_hidden(model, params, prompts, prompt_attend, responses,
-                                                response_attend)
   # response token t is predicted at the position before it: the prompt's last one for t = 0
-  last = jnp.broadcast_to(prompt_hidden[:, None, -1:], (batch, num_samples, 1, hidden.shape[-1]))
-  predicting = jnp.concatenate([last, hidden[:, :, :-1]], axis=2)
+  predicting = _predicting_hidden(model, params, prompts, prompt_attend, responses, response_attend)
   rows = batch * num_samples
   chosen = _head_logprobs(model, params, predicting.reshape(rows, length, -1),
                           responses.reshape(rows, length), chunk, temperature)
@@ -190,6 +187,81 @@ def sequence_logprob_fn(cfg: ModelConfig, pad_id: int, chunk: int = 128,
     return total.reshape(tokens.shape[:-1])
 
   return fn
+
+
+def _predicting_hidden(model: transformer.Transformer, params: Any, prompts: jax.Array,
+                       prompt_attend: jax.Array, responses: jax.Array,
+                       response_attend: jax.Array) -> jax.Array:
+  """[B, N, T, D]: the hidden state that predicts each response token (the prompt's last one for t = 0)."""
+  prompt_hidden, hidden = _shared_prompt_hidden(model, params, prompts, prompt_attend, responses,
+                                                response_attend)
+  batch, num_samples = responses.shape[:2]
+  last = jnp.broadcast_to(prompt_hidden[:, None, -1:], (batch, num_samples, 1, hidden.shape[-1]))
+  return jnp.concatenate([last, hidden[:, :, :-1]], axis=2)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7, 8))
+def _response_kl(cfg, params, ref_params, prompts, prompt_mask, responses, response_mask, eos_ids, chunk):
+  model = transformer.Transformer(cfg)
+  hidden = [
+      _predicting_hidden(model, p, prompts, prompt_mask, responses, response_mask)
+      for p in (params, ref_params)
+  ]
+  stops = jnp.zeros((cfg.vocab_size,), bool).at[jnp.asarray(eos_ids, jnp.int32)].set(True)
+
+  def one_sample(h):  # h: ([B, T, D], [B, T, D]) -> per-position (KL, its stopping part) [B, T]
+
+    def positions(hp, hr):
+      lp = jax.nn.log_softmax(model.apply({"params": params}, hp, method=transformer.Transformer.logits), -1)
+      lr = jax.nn.log_softmax(model.apply({"params": ref_params}, hr, method=transformer.Transformer.logits),
+                              -1)
+      total = jnp.sum(jnp.exp(lp) * (lp - lr), axis=-1)
+      if not eos_ids:
+        return total, jnp.zeros_like(total)
+      # the binary decision stop / go on: KL between the two models' P(EOS) at this position
+      mass = lambda l, where: jax.nn.logsumexp(jnp.where(where, l, -jnp.inf), axis=-1)
+      stop_p, stop_r, go_p, go_r = mass(lp, stops), mass(lr, stops), mass(lp, ~stops), mass(lr, ~stops)
+      return total, jnp.exp(stop_p) * (stop_p - stop_r) + jnp.exp(go_p) * (go_p - go_r)
+
+    pieces = [positions(h[0][:, i:i + chunk], h[1][:, i:i + chunk]) for i in range(0, h[0].shape[1], chunk)]
+    return tuple(jnp.concatenate(parts, axis=1) for parts in zip(*pieces))
+
+  # one sample index at a time: the [B, chunk, V] logits of two models are what this holds at once
+  total, stopping = jax.lax.map(one_sample, tuple(x.swapaxes(0, 1) for x in hidden))
+  on = response_mask.swapaxes(0, 1)
+  summed = lambda x: jnp.sum(jnp.where(on, x, 0.0), axis=-1).swapaxes(0, 1)
+  return summed(total), summed(stopping)
+
+
+def response_kl(cfg: ModelConfig, params: Any, ref_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
+                responses: jax.Array, response_mask: jax.Array, eos_ids: Sequence[int] = (),
+                chunk: int = 16) -> tuple[jax.Array, jax.Array]:
+  """KL(pi || pi_ref) along sampled responses, exactly at each position, and the part of it spent on
+  deciding where to stop.
+
+      KL_t     = sum_v pi(v | h_t) (log pi(v | h_t) - log ref(v | h_t))        (the full next-token law)
+      stop_t   = KL(Bernoulli(pi(EOS | h_t)) || Bernoulli(ref(EOS | h_t)))     (stop here, or go on)
+      returns  (sum_t KL_t, sum_t stop_t) over each response's positions (EOS included)
+
+  For responses y ~ pi, E[sum_t KL_t] = KL(pi || pi_ref) of the response law (the chain rule): the same
+  quantity as the sampled log-ratio log pi(y) - log ref(y), with lower variance. sum_t stop_t is the part
+  a change of length costs: the rest is what the word choices cost (KL_t - stop_t >= 0).
+
+  Args:
+    cfg: the policy's shape (pi_ref's too). params, ref_params: pi's and pi_ref's params.
+    prompts, prompt_mask: [B, P] left-padded; responses, response_mask: [B, N, T] (as generate returns).
+    eos_ids: the tokens that end a response; () = no stopping decision (its part is 0).
+    chunk: positions per LM-head call (memory: 2 x [B, chunk, V] float32 logits at once).
+  Returns:
+    (kl [B, N], stopping [B, N]) float32.
+  """
+  if jnp.shape(prompts)[1] < 1:
+    raise ValueError("prompts of width 0 are not allowed: teacher forcing needs a prompt token")
+  if int(chunk) != chunk or chunk < 1:
+    raise ValueError(f"chunk={chunk} is not allowed: need an integer >= 1")
+  return _response_kl(cfg, params, ref_params, jnp.asarray(prompts), jnp.asarray(prompt_mask, bool),
+                      jnp.asarray(responses), jnp.asarray(response_mask, bool),
+                      tuple(sorted(int(i) for i in eos_ids)), int(chunk))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7))

@@ -151,3 +151,16 @@ def test_the_share_at_the_length_cap_of_the_policy_pi_ref_and_best_of_n():
   expected = out["kl_policy_ref"] - math.log(2) - out["policy_log_quantile_mean"]
   assert out["kl_policy_to_bon"] == pytest.approx(expected, abs=1e-12)
   assert 0 < out["kl_policy_to_bon_stderr"] < 1
+  assert out["kl_policy_ref_exact"] == 0 and out["kl_stopping"] == 0  # pi = pi_ref at every position
+  # Another policy: the per-position KL and its stopping part are scoring.response_kl's on the evaluation's
+  # own samples (rollout.sample with its key), and estimate what the sampled log-ratio does.
+  from bond_jax import rollout, scoring
+  other = nn.unbox(transformer.init_boxed(cfg, jax.random.key(5)))
+  out = evaluate.evaluate(frozen, other, prompts, mask, jax.random.key(3), pool, best_of=(1, 2),
+                          policy_samples=4, max_new_tokens=6)
+  samples = rollout.sample(frozen, other, prompts, mask, jax.random.key(3), 4, 6)
+  kl, stopping = scoring.response_kl(cfg, other, params, prompts, mask, samples.tokens, samples.mask, (1, 2))
+  assert out["kl_policy_ref_exact"] == pytest.approx(float(jnp.mean(kl)), rel=1e-5)
+  assert out["kl_stopping"] == pytest.approx(float(jnp.mean(stopping)), rel=1e-5)
+  assert 0 < out["kl_stopping"] < out["kl_policy_ref_exact"]
+  assert abs(out["kl_policy_ref_exact"] - out["kl_policy_ref"]) < 4 * out["kl_policy_ref_stderr"]

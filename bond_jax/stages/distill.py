@@ -149,7 +149,9 @@ def eval_line(result: dict[str, Any]) -> str:
       f"policy reward {result['policy_reward']:.3f} (ref {result['reference_reward']:.3f}, {rewards}) | "
       f"quantile {result['policy_quantile_mean']:.3f} +- {result['policy_quantile_stderr']:.3f} (N_eff "
       f"{result['policy_effective_n']:.2f}) | KL(pi||ref) {result['kl_policy_ref']:.3f} +- "
-      f"{result['kl_policy_ref_stderr']:.3f} (BoN at N_eff {result['kl_bon_at_effective_n']:.3f}) | length "
+      f"{result['kl_policy_ref_stderr']:.3f} (BoN at N_eff {result['kl_bon_at_effective_n']:.3f}; per "
+      f"position {result['kl_policy_ref_exact']:.3f} +- {result['kl_policy_ref_exact_stderr']:.3f}, on where to "
+      f"stop {result['kl_stopping']:.3f}) | length "
       f"{result['policy_response_length']:.1f} (ref {result['reference_response_length']:.1f}, {lengths})")
   cut = ", ".join(
       f"BoN-{n} {bon[n]['truncated_fraction']:.0%}" for n in shown if "truncated_fraction" in bon[n])
