@@ -47,9 +47,9 @@ def _pm(row: dict[str, Any], key: str) -> str:
 
 def table(arms: Sequence[Any], results: dict[str, dict[str, Any] | None]) -> str:
   """The markdown table of the arms' last evaluations (in-distribution, then held-out topics)."""
-  head = (
-      "| arm | figure | step | quantile | KL(pi\\|\\|ref) | reward | length (BoN-N of ref) | KS to BoN-N | "
-      "held-out topics quantile | KL(BoN\\|\\|pi) | KL(pi\\|\\|BoN) |")
+  head = ("| arm | figure | step | quantile | KL(pi\\|\\|ref) | per position (on where to stop) | reward | "
+          "length (BoN-N of ref) | KS to BoN-N | "
+          "held-out topics quantile | KL(BoN\\|\\|pi) | KL(pi\\|\\|BoN) |")
   columns = len(head.strip("| ").split(" | "))  # the escaped pipes of KL(pi\\|\\|ref) are no separators
   lines = [head, "|" + "---|" * columns]
   for arm in arms:
@@ -60,13 +60,20 @@ def table(arms: Sequence[Any], results: dict[str, dict[str, Any] | None]) -> str
     row, final = result["history"][-1], result["final"]
     n = final.get("tracked_n", 1.0)
     bon_length = _bon_length(final, n)
-    lines.append(
-        f"| {arm.name} | {arm.figure} | {row['step']} | {_pm(row, 'policy_quantile_mean')} | "
-        f"{_pm(row, 'kl_policy_ref')} | {_pm(row, 'policy_reward')} | {row.get('policy_response_length', 0):.1f} "
-        f"({bon_length}) | {row.get('quantile_ks', float('nan')):.3f} (N={n:.2f}) | "
-        f"{_pm(row, 'held_out_topics_policy_quantile_mean')} | {_pm(row, 'kl_bon_to_policy')} | "
-        f"{_pm(row, 'kl_policy_to_bon')} |")
+    lines.append(f"| {arm.name} | {arm.figure} | {row['step']} | {_pm(row, 'policy_quantile_mean')} | "
+                 f"{_pm(row, 'kl_policy_ref')} | {_per_position_kl(row)} | {_pm(row, 'policy_reward')} | "
+                 f"{row.get('policy_response_length', 0):.1f} "
+                 f"({bon_length}) | {row.get('quantile_ks', float('nan')):.3f} (N={n:.2f}) | "
+                 f"{_pm(row, 'held_out_topics_policy_quantile_mean')} | {_pm(row, 'kl_bon_to_policy')} | "
+                 f"{_pm(row, 'kl_policy_to_bon')} |")
   return "\n".join(lines)
+
+
+def _per_position_kl(row: dict[str, Any]) -> str:
+  """KL(pi || pi_ref) summed over positions, +- SE, and its part on where to stop (evaluate._kl_parts)."""
+  if "kl_policy_ref_exact" not in row:
+    return "-"
+  return f"{_pm(row, 'kl_policy_ref_exact')} ({row['kl_stopping']:.3f})"
 
 
 def _bon_length(final: dict[str, Any], n: float) -> str:

@@ -57,7 +57,10 @@ def test_two_arms_run_end_to_end_then_resume_as_finished(smoke_stages, tmp_path,
     ]
     assert [h["step"] for h in history] == [0, 1, 2]
   bond_row = json.load(open(os.path.join(study_dir, "results.json")))["bond_n4_beta0.5"]["history"][-1]
-  assert {"kl_bon_to_policy", "kl_policy_to_bon", "quantile_ks"} <= set(bond_row)
+  assert {"kl_bon_to_policy", "kl_policy_to_bon", "quantile_ks", "kl_policy_ref_exact",
+          "kl_stopping"} <= set(bond_row)
+  per_position = f"{bond_row['kl_policy_ref_exact']:.3f} +- {bond_row['kl_policy_ref_exact_stderr']:.3f}"
+  assert f"| {per_position} ({bond_row['kl_stopping']:.3f}) |" in table
   assert bond_row["tracked_n"] == 4.0
   assert {"front.png", "bond.png"} <= set(os.listdir(study_dir))
   capsys.readouterr()
