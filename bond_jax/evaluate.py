@@ -202,14 +202,11 @@ def _at_the_cap(frozen: FrozenModels, policy_tokens, policy_mask, reference: ref
   return out
 
 
-def _kl_parts(frozen: FrozenModels, policy_params: Any, prompts, prompt_mask, policy) -> dict[str, float]:
+def _kl_parts(parts: scoring.ResponseKL) -> dict[str, float]:
   """KL(pi || pi_ref) from the full next-token laws along the policy's samples (scoring.response_kl: the
   lower-variance estimate of what kl_policy_ref samples) and the part of it spent on where to stop: how
   much of the KL buys length."""
-  kl, stopping = (
-      _host(x).ravel()
-      for x in scoring.response_kl(frozen.policy_cfg, policy_params, frozen.reference_params, prompts,
-                                   prompt_mask, policy.tokens, policy.mask, frozen.eos_ids))
+  kl, stopping = _host(parts.kl).ravel(), _host(parts.stopping).ravel()
   return {
       "kl_policy_ref_exact": float(np.mean(kl)),
       "kl_policy_ref_exact_stderr": float(np.std(kl) / np.sqrt(kl.size)),
@@ -229,19 +226,20 @@ def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, promp
                      f"the pool has {reference.rewards.shape[1]}")
   policy = rollout.sample(frozen, policy_params, prompts, prompt_mask, rng, policy_samples, max_new_tokens)
   policy_rewards = rewards_lib.score(frozen, prompts, prompt_mask, policy.tokens, policy.mask)
-  _, ref_logprobs = scoring.sequence_logprobs(frozen.policy_cfg, frozen.reference_params, prompts,
-                                              prompt_mask, policy.tokens, policy.mask)
+  # one pi_ref forward serves the sampled log-ratio (log pi_ref(y)) and the per-position KL
+  parts = scoring.response_kl(frozen.policy_cfg, policy_params, frozen.reference_params, prompts, prompt_mask,
+                              policy.tokens, policy.mask, frozen.eos_ids)
   policy_logprobs = jnp.sum(policy.model_logprobs, axis=-1)
-  out = summarize(_host(policy_rewards), reference.rewards, _host(policy_logprobs), _host(ref_logprobs),
+  out = summarize(_host(policy_rewards), reference.rewards, _host(policy_logprobs), _host(parts.ref_logprobs),
                   best_of=best_of, reference_lengths=reference.lengths, tracked_n=tracked_n)
-  out.update(_kl_parts(frozen, policy_params, prompts, prompt_mask, policy))
+  out.update(_kl_parts(parts))
   out["policy_response_length"] = float(jnp.mean(policy.lengths))
   out["reference_response_length"] = float(np.mean(reference.lengths))
   out.update(
       _at_the_cap(frozen, policy.tokens, policy.mask, reference, np.asarray(out["policy_quantiles"]), best_of,
                   out["best_of_n"]))
   if with_best_of_n_kl:
-    log_ratio = _host(policy_logprobs) - _host(ref_logprobs)
+    log_ratio = _host(policy_logprobs) - _host(parts.ref_logprobs)
     out.update(
         best_of_n_kl(frozen, policy_params, prompts, prompt_mask, reference, log_ratio,
                      np.asarray(out["policy_quantiles"]), out["tracked_n"]))

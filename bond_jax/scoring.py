@@ -200,6 +200,13 @@ def _predicting_hidden(model: transformer.Transformer, params: Any, prompts: jax
   return jnp.concatenate([last, hidden[:, :, :-1]], axis=2)
 
 
+class ResponseKL(NamedTuple):
+  """`response_kl`'s [B, N] float32 sums over each response's positions."""
+  kl: jax.Array  # sum_t KL(pi(. | h_t) || ref(. | h_t))
+  stopping: jax.Array  # its part on stop / go on
+  ref_logprobs: jax.Array  # log ref(y): what sequence_logprobs gives, from the same forward
+
+
 @functools.partial(jax.jit, static_argnums=(0, 7, 8))
 def _response_kl(cfg, params, ref_params, prompts, prompt_mask, responses, response_mask, eos_ids, chunk):
   model = transformer.Transformer(cfg)
@@ -209,39 +216,39 @@ def _response_kl(cfg, params, ref_params, prompts, prompt_mask, responses, respo
   ]
   stops = jnp.zeros((cfg.vocab_size,), bool).at[jnp.asarray(eos_ids, jnp.int32)].set(True)
 
-  def one_sample(h):  # h: ([B, T, D], [B, T, D]) -> per-position (KL, its stopping part) [B, T]
+  def one_sample(xs):  # ([B, T, D], [B, T, D], tokens [B, T]) -> per-position (KL, stopping, log ref) [B, T]
 
-    def positions(hp, hr):
+    def positions(hp, hr, tokens):
       lp = jax.nn.log_softmax(model.apply({"params": params}, hp, method=transformer.Transformer.logits), -1)
       lr = jax.nn.log_softmax(model.apply({"params": ref_params}, hr, method=transformer.Transformer.logits),
                               -1)
       total = jnp.sum(jnp.exp(lp) * (lp - lr), axis=-1)
+      chosen = jnp.take_along_axis(lr, tokens[..., None], axis=-1)[..., 0]
       if not eos_ids:
-        return total, jnp.zeros_like(total)
+        return total, jnp.zeros_like(total), chosen
       # the binary decision stop / go on: KL between the two models' P(EOS) at this position
       mass = lambda l, where: jax.nn.logsumexp(jnp.where(where, l, -jnp.inf), axis=-1)
       stop_p, stop_r, go_p, go_r = mass(lp, stops), mass(lr, stops), mass(lp, ~stops), mass(lr, ~stops)
-      return total, jnp.exp(stop_p) * (stop_p - stop_r) + jnp.exp(go_p) * (go_p - go_r)
+      return total, jnp.exp(stop_p) * (stop_p - stop_r) + jnp.exp(go_p) * (go_p - go_r), chosen
 
-    pieces = [positions(h[0][:, i:i + chunk], h[1][:, i:i + chunk]) for i in range(0, h[0].shape[1], chunk)]
+    pieces = [positions(*(x[:, i:i + chunk] for x in xs)) for i in range(0, xs[0].shape[1], chunk)]
     return tuple(jnp.concatenate(parts, axis=1) for parts in zip(*pieces))
 
   # one sample index at a time: the [B, chunk, V] logits of two models are what this holds at once
-  total, stopping = jax.lax.map(one_sample, tuple(x.swapaxes(0, 1) for x in hidden))
+  per_position = jax.lax.map(one_sample, tuple(x.swapaxes(0, 1) for x in (*hidden, responses)))
   on = response_mask.swapaxes(0, 1)
-  summed = lambda x: jnp.sum(jnp.where(on, x, 0.0), axis=-1).swapaxes(0, 1)
-  return summed(total), summed(stopping)
+  return ResponseKL(*(jnp.sum(jnp.where(on, x, 0.0), axis=-1).swapaxes(0, 1) for x in per_position))
 
 
 def response_kl(cfg: ModelConfig, params: Any, ref_params: Any, prompts: jax.Array, prompt_mask: jax.Array,
                 responses: jax.Array, response_mask: jax.Array, eos_ids: Sequence[int] = (),
-                chunk: int = 16) -> tuple[jax.Array, jax.Array]:
+                chunk: int = 16) -> ResponseKL:
   """KL(pi || pi_ref) along sampled responses, exactly at each position, and the part of it spent on
   deciding where to stop.
 
       KL_t     = sum_v pi(v | h_t) (log pi(v | h_t) - log ref(v | h_t))        (the full next-token law)
       stop_t   = KL(Bernoulli(pi(EOS | h_t)) || Bernoulli(ref(EOS | h_t)))     (stop here, or go on)
-      returns  (sum_t KL_t, sum_t stop_t) over each response's positions (EOS included)
+      returns  (sum_t KL_t, sum_t stop_t, log ref(y)) over each response's positions (EOS included)
 
   For responses y ~ pi, E[sum_t KL_t] = KL(pi || pi_ref) of the response law (the chain rule): the same
   quantity as the sampled log-ratio log pi(y) - log ref(y), with lower variance. sum_t stop_t is the part
@@ -253,7 +260,8 @@ def response_kl(cfg: ModelConfig, params: Any, ref_params: Any, prompts: jax.Arr
     eos_ids: the tokens that end a response; () = no stopping decision (its part is 0).
     chunk: positions per LM-head call (memory: 2 x [B, chunk, V] float32 logits at once).
   Returns:
-    (kl [B, N], stopping [B, N]) float32.
+    ResponseKL: kl, stopping, and ref_logprobs (log pi_ref(y), the sequence_logprobs sum, read from the
+    same pi_ref forward) [B, N] float32.
   """
   if jnp.shape(prompts)[1] < 1:
     raise ValueError("prompts of width 0 are not allowed: teacher forcing needs a prompt token")

@@ -159,7 +159,8 @@ def test_the_share_at_the_length_cap_of_the_policy_pi_ref_and_best_of_n():
   out = evaluate.evaluate(frozen, other, prompts, mask, jax.random.key(3), pool, best_of=(1, 2),
                           policy_samples=4, max_new_tokens=6)
   samples = rollout.sample(frozen, other, prompts, mask, jax.random.key(3), 4, 6)
-  kl, stopping = scoring.response_kl(cfg, other, params, prompts, mask, samples.tokens, samples.mask, (1, 2))
+  kl, stopping, _ = scoring.response_kl(cfg, other, params, prompts, mask, samples.tokens, samples.mask,
+                                        (1, 2))
   assert out["kl_policy_ref_exact"] == pytest.approx(float(jnp.mean(kl)), rel=1e-5)
   assert out["kl_stopping"] == pytest.approx(float(jnp.mean(stopping)), rel=1e-5)
   assert 0 < out["kl_stopping"] < out["kl_policy_ref_exact"]

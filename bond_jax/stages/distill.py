@@ -169,7 +169,8 @@ def eval_line(result: dict[str, Any]) -> str:
       line += (
           f"\n    {name.replace('_', ' ')}: quantile {other['policy_quantile_mean']:.3f} +- "
           f"{other['policy_quantile_stderr']:.3f} ({quantiles}), KL(pi||ref) "
-          f"{other['kl_policy_ref']:.3f} (per position {other['kl_policy_ref_exact']:.3f}), KS {other['quantile_ks']:.3f}{_ks_to(other, shown)}, reward "
+          f"{other['kl_policy_ref']:.3f} (per position {other['kl_policy_ref_exact']:.3f}), KS "
+          f"{other['quantile_ks']:.3f}{_ks_to(other, shown)}, reward "
           f"{other['policy_reward']:.3f}, "
           f"length {other['policy_response_length']:.1f}, at the cap {other['policy_truncated_fraction']:.0%}"
       )
