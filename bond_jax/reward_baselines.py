@@ -8,7 +8,9 @@ Both return per-pair wins [N] in {0, 1/2, 1}, so their accuracy gets the same Wi
 model's. A reward model that does not beat them has learned length or word choice, not preference.
 
 The bag-of-words model is also a reward in its own right (`reward_training.model='bag_of_words'`): its
-score of a response is w . x(response), the Bradley-Terry utility it was fitted with. `save` / `load` keep
+score of a response is w . x(text), the Bradley-Terry utility it was fitted with, where the text is
+`formats.conversation_text(prompt, response)` both in the fit and in scoring: the conversation's turns
+after the topic line, so that a distillation prompt's opening turns count as they did in the pairs. `save` / `load` keep
 it as JSON (words and float64 weights, exact: JSON writes floats by repr), and `digest` names its contents.
 """
 
@@ -19,16 +21,21 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import scipy.optimize
 
 from bond_jax import workdir
+from bond_jax.data import formats
 from bond_jax.data.tokenizer import Tokenizer
 
 _WORD = re.compile(r"[a-z0-9']+")
 VOCABULARY = 2000  # V: words beyond the 2,000 most frequent occur in < 0.1% of responses
 L2 = 1e-2  # penalty on mean loss; a fixed value, never tuned on held-out pairs
+# What a model's text is made of, in its digest: pools of rewards scored by an earlier rule (the response
+# alone, before 2026-12-02) are then not read back as this rule's.
+TEXT_RULE = "formats.conversation_text"
 
 
 def wins(margins: np.ndarray) -> np.ndarray:
@@ -47,13 +54,21 @@ def _words(text: str) -> set[str]:
   return set(_WORD.findall(text.lower()))
 
 
+def _text(prompt: Any, response: str) -> str:
+  """What the model reads of a (prompt, response): see the module docstring. A prompt that is not text (a
+  chat messages list) adds nothing."""
+  return formats.conversation_text(prompt if isinstance(prompt, str) else "", response)
+
+
 class BagOfWords:
-  """The bag-of-words Bradley-Terry baseline, fitted on training pairs ({'chosen', 'rejected'} texts)."""
+  """The bag-of-words Bradley-Terry baseline, fitted on training pairs ({'prompt', 'chosen', 'rejected'}
+  texts; a pair without a prompt is read as its responses alone)."""
 
   def __init__(self, train: Sequence[dict], vocabulary: int = VOCABULARY, l2: float = L2):
     if not train:
       raise ValueError("the bag-of-words baseline needs at least one training pair")
-    counts = collections.Counter(w for r in train for k in ("chosen", "rejected") for w in _words(r[k]))
+    counts = collections.Counter(
+        w for r in train for k in ("chosen", "rejected") for w in _words(_text(r.get("prompt", ""), r[k])))
     self.index = {w: i for i, (w, _) in enumerate(counts.most_common(vocabulary))}
     diff = self._features(train)
 
@@ -90,13 +105,16 @@ class BagOfWords:
                              json.dumps(dict(words=words, weights=self.weights.tolist(), **extra)).encode())
 
   def digest(self) -> str:
-    """sha256 of the words and weights (what a pool of rewards scored by this model depends on)."""
+    """sha256 of the text rule, the words and the weights (what a pool of rewards scored by this model
+    depends on)."""
     words = sorted(self.index, key=self.index.get)
-    return hashlib.sha256(json.dumps([words, self.weights.tolist()]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([TEXT_RULE, words, self.weights.tolist()]).encode()).hexdigest()
 
-  def scores(self, texts: Sequence[str]) -> np.ndarray:
-    """[N] float64 utilities w . x(text) of response texts."""
-    return self._presence(texts) @ self.weights
+  def scores(self, prompts: Sequence[Any], responses: Sequence[str]) -> np.ndarray:
+    """[N] float64 utilities w . x(text) of the N (prompt, response) pairs' texts (`_text`)."""
+    if len(prompts) != len(responses):
+      raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses; need one each")
+    return self._presence([_text(p, r) for p, r in zip(prompts, responses)]) @ self.weights
 
   def _presence(self, texts: Sequence[str]) -> np.ndarray:
     """[N, V] word-presence features x(text) in {0, 1}."""
@@ -109,7 +127,8 @@ class BagOfWords:
 
   def _features(self, records: Sequence[dict]) -> np.ndarray:
     """[N, V] x_chosen - x_rejected."""
-    return self._presence([r["chosen"] for r in records]) - self._presence([r["rejected"] for r in records])
+    side = lambda key: self._presence([_text(r.get("prompt", ""), r[key]) for r in records])
+    return side("chosen") - side("rejected")
 
   def wins(self, records: Sequence[dict]) -> np.ndarray:
     """[N] wins of the fitted model on `records`."""

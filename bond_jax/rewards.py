@@ -2,7 +2,7 @@
 
 1. a reward model that shares the policy's tokenizer: scoring.rewards on device, on the policy's ids (or,
    where the workdir's reward stage fitted a bag-of-words model, reward_training.model='bag_of_words',
-   that model on the decoded responses, on the host as route 3);
+   that model on the decoded prompts and responses, on the host as route 3);
 2. a reward model with its OWN tokenizer and chat template (another family, another vocabulary): the
    policy's responses are decoded to text, the conversation is rendered with the reward model's template
    (prompt turns + the response as the assistant turn; without a template, prompt text + response) and
@@ -225,8 +225,8 @@ def route(config, policy_tokenizer, workdir: str, mesh, records: Any, eos_ids: S
     model = reward_baselines.BagOfWords.load(bag_of_words)
     return Route(
         None, None,
-        TextRewards(lambda prompts, responses: model.scores(responses), policy_tokenizer, lookup, eos_ids,
-                    mesh, f"the bag-of-words reward {bag_of_words}", digest=model.digest()))
+        TextRewards(model.scores, policy_tokenizer, lookup, eos_ids, mesh,
+                    f"the bag-of-words reward {bag_of_words}", digest=model.digest()))
   from bond_jax import artifacts  # deferred: artifacts reads checkpoints and Hugging Face directories
   params, cfg = artifacts.load(config.reward_model or workdir, "reward", mesh)
   own = own_tokenizer(config, policy_tokenizer)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bond_jax import reward_baselines
+from bond_jax.data import formats
 
 
 class Words:  # a stand-in tokenizer: one token per word
@@ -50,7 +51,7 @@ def test_bag_of_words_scores_save_and_load_exactly(tmp_path):
   rng = np.random.default_rng(1)
   model = reward_baselines.BagOfWords(_pairs(rng, 200, signal=True))
   texts = ["w1 w2 great", "w1 w2 awful", "GREAT, great!", ""]
-  scores = model.scores(texts)
+  scores = model.scores([""] * len(texts), texts)
   great, awful = model.weights[model.index["great"]], model.weights[model.index["awful"]]
   # presence, not counts: "great" twice scores once; an empty response scores 0
   assert scores[2] == great and scores[3] == 0.0 and scores[0] - scores[1] == great - awful
@@ -59,7 +60,7 @@ def test_bag_of_words_scores_save_and_load_exactly(tmp_path):
   back = reward_baselines.BagOfWords.load(path)
   np.testing.assert_array_equal(back.weights, model.weights)  # float64, bit for bit through JSON
   assert back.index == model.index and back.digest() == model.digest()
-  np.testing.assert_array_equal(back.scores(texts), scores)
+  np.testing.assert_array_equal(back.scores([""] * len(texts), texts), scores)
   assert os.listdir(tmp_path) == ["bow.json"]  # no temporary file left
   back.weights = back.weights + 1e-12
   assert back.digest() != model.digest()
@@ -69,3 +70,33 @@ def test_bag_of_words_scores_save_and_load_exactly(tmp_path):
     reward_baselines.BagOfWords.load(path)
   with pytest.raises(ValueError, match=r"no_such.json is not a bag-of-words reward model"):
     reward_baselines.BagOfWords.load(str(tmp_path / "no_such.json"))
+
+
+def test_a_distillation_prompt_and_its_response_are_read_as_the_pairs_text_of_those_turns():
+  """The pairs' responses are a conversation's first turns after the topic line (" t0\\nB: t1\\nA: t2");
+  a distillation prompt holds the topic and t0, its response t1 and t2. Read alone, that response would
+  lose t0's words and the "B:" tag every pair's text holds, and gain a "b" only from a FOURTH turn."""
+  turns = ["hi there", "hey, what a day", "tell me more"]
+  pair_prompt, pair_text = formats.dialogue_prompt("Pigs?", (), 0), formats.dialogue_response(turns, 0)
+  prompt, response = formats.dialogue_prompt("Pigs?", turns[:1], 0), formats.dialogue_response(turns[1:], 1)
+  assert formats.conversation_text(pair_prompt, pair_text) == pair_text
+  assert formats.conversation_text(prompt, response) == pair_text
+  assert formats.conversation_text("", " just words") == " just words"  # no topic, no tag: as it is
+  # A model that rewards the "b" tag (a second turn in the pairs) and the word "there" (of t0 only).
+  pairs = [dict(prompt=pair_prompt, chosen=pair_text, rejected=" hi there")] * 20 + [
+      dict(prompt=pair_prompt, chosen=formats.dialogue_response(["there", "x"], 0), rejected=" yes")
+  ] * 20
+  model = reward_baselines.BagOfWords(pairs)
+  assert model.weights[model.index["b"]] > 0 and model.weights[model.index["there"]] > 0
+  scores = model.scores([prompt, pair_prompt, ""], [response, pair_text, response])
+  assert scores[0] == scores[1]  # the same conversation, scored the same way
+  # the response alone misses t0's words and the "B:" tag
+  missed = sum(model.weights[model.index[w]] for w in ("b", "hi", "there"))
+  np.testing.assert_allclose(scores[1] - scores[2], missed)
+  # a chat messages prompt (not text) adds nothing
+  np.testing.assert_allclose(model.scores([[{
+      "role": "user",
+      "content": "hi there"
+  }]], [response]), scores[2:])
+  with pytest.raises(ValueError, match="2 prompts for 1 responses"):
+    model.scores(["a", "b"], ["c"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 SPEAKERS = ("A", "B")
+TOPIC_TAG = "Topic: "  # a dialogue prompt's first line: the tag, then the starter topic
 SUMMARIZATION_INSTRUCTION = "Summarize the article in one sentence."
 
 
@@ -39,7 +40,7 @@ def dialogue_prompt(topic: str, context_turns: Sequence[str], first_turn_index: 
 
   `topic` may be '' (no topic line).
   """
-  lines = [f"Topic: {topic}"] if topic else []
+  lines = [f"{TOPIC_TAG}{topic}"] if topic else []
   lines += [f"{speaker(first_turn_index + k)}: {turn}" for k, turn in enumerate(context_turns)]
   lines.append(f"{speaker(first_turn_index + len(context_turns))}:")
   return "\n".join(lines)
@@ -51,6 +52,24 @@ def dialogue_response(turns: Sequence[str], first_turn_index: int) -> str:
     raise ValueError("turns is empty; a response needs at least one turn")
   later = [f"\n{speaker(first_turn_index + k)}: {turn}" for k, turn in enumerate(turns) if k > 0]
   return " " + turns[0] + "".join(later)
+
+
+def conversation_text(prompt: str, response: str) -> str:
+  """The turns of prompt + response after the topic line and the first speaker's tag: the text a chitchat
+  preference pair's response holds (its prompt is `dialogue_prompt(topic, (), 0)`, the topic line and that
+  tag), and so what a text reward fitted on those responses must read.
+
+  A distillation prompt with k opening turns and its sampled response give the same text as the pair's
+  response of those turns: "Topic: X\\nA: t0\\nB:" + " t1\\nA: t2" -> " t0\\nB: t1\\nA: t2". Read alone, the
+  response would lose the opening turn and the "B:" tag that the pair's text always holds, and a tag
+  would then mean a later turn than it meant in the pairs.
+  """
+  text = prompt + response
+  if text.startswith(TOPIC_TAG):
+    newline = text.find("\n")
+    text = "" if newline < 0 else text[newline + 1:]
+  first = f"{speaker(0)}:"
+  return text[len(first):] if text.startswith(first) else text
 
 
 def summarization_prompt(document: str, max_document_chars: int) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bond_jax import artifacts, checkpoint, pipeline, reward_baselines, sharding, workdir as wd
+from bond_jax.data import formats
 from bond_jax.stages import reward_model as rt
 from configs import dialogue
 
@@ -107,11 +108,20 @@ def test_a_bag_of_words_reward_stage_fits_once_reports_and_scores_the_policys_re
   response_mask = np.zeros((2, 2, width), bool)
   for i, seq in enumerate(ids):
     responses[i // 2, i % 2, :len(seq)], response_mask[i // 2, i % 2, :len(seq)] = seq, True
-  prompts = np.full((2, 4), 5, np.int32)
-  scores = np.asarray(jax.device_get(route.text(prompts, np.ones((2, 4), bool), responses, response_mask)))
+  # Distillation prompts (topic, opening turn): the model reads each conversation as the pairs held it.
+  prompt_texts = [formats.dialogue_prompt("Do you like movies?", [t], 0) for t in ("hi there", "so bored")]
+  prompt_ids = [ctx.tokenizer.encode_plain_prompt(t) for t in prompt_texts]
+  prompt_width = max(map(len, prompt_ids))
+  prompts, prompt_mask = np.zeros((2, prompt_width), np.int32), np.zeros((2, prompt_width), bool)
+  for b, seq in enumerate(prompt_ids):  # left-padded
+    prompts[b, prompt_width - len(seq):], prompt_mask[b, prompt_width - len(seq):] = seq, True
+  scores = np.asarray(jax.device_get(route.text(prompts, prompt_mask, responses, response_mask))).reshape(-1)
   decoded = [ctx.tokenizer.decode(seq) for seq in ids]
-  np.testing.assert_array_equal(scores.reshape(-1), model.scores(decoded).astype(np.float32))
-  assert len(set(scores.reshape(-1).tolist())) > 1
+  decoded_prompts = [ctx.tokenizer.decode(seq) for seq in prompt_ids for _ in range(2)]
+  np.testing.assert_array_equal(scores, model.scores(decoded_prompts, decoded).astype(np.float32))
+  assert len(set(scores.tolist())) > 1
+  # ... which is not the response alone: the opening turn and the "B:" tag count
+  assert not np.array_equal(scores, model.scores([""] * 4, decoded).astype(np.float32))
   # Export refuses it in one line: a bag of words has no Hugging Face form.
   proc = subprocess.run([
       sys.executable, "-m", "bond_jax.export", f"--workdir={workdir}", "--which=reward",
