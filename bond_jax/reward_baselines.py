@@ -10,8 +10,9 @@ model's. A reward model that does not beat them has learned length or word choic
 The bag-of-words model is also a reward in its own right (`reward_training.model='bag_of_words'`): its
 score of a response is w . x(text), the Bradley-Terry utility it was fitted with, where the text is
 `formats.conversation_text(prompt, response)` both in the fit and in scoring: the conversation's turns
-after the topic line, so that a distillation prompt's opening turns count as they did in the pairs. `save` / `load` keep
-it as JSON (words and float64 weights, exact: JSON writes floats by repr), and `digest` names its contents.
+after the topic line, so that a distillation prompt's opening turns count as they did in the pairs.
+`save` / `load` keep it as JSON (words and float64 weights, exact: JSON writes floats by repr), and
+`digest` names its contents.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def _text(prompt: Any, response: str) -> str:
   return formats.conversation_text(prompt if isinstance(prompt, str) else "", response)
 
 
+def _pair_texts(records: Sequence[dict], key: str) -> list[str]:
+  """The texts of the records' `key` side ('chosen' or 'rejected'), read with their prompts."""
+  return [_text(r.get("prompt", ""), r[key]) for r in records]
+
+
 class BagOfWords:
   """The bag-of-words Bradley-Terry baseline, fitted on training pairs ({'prompt', 'chosen', 'rejected'}
   texts; a pair without a prompt is read as its responses alone)."""
@@ -67,9 +73,12 @@ class BagOfWords:
   def __init__(self, train: Sequence[dict], vocabulary: int = VOCABULARY, l2: float = L2):
     if not train:
       raise ValueError("the bag-of-words baseline needs at least one training pair")
-    counts = collections.Counter(
-        w for r in train for k in ("chosen", "rejected") for w in _words(_text(r.get("prompt", ""), r[k])))
-    self.index = {w: i for i, (w, _) in enumerate(counts.most_common(vocabulary))}
+    sides = zip(_pair_texts(train, "chosen"), _pair_texts(train, "rejected"))  # in the pairs' order
+    counts = collections.Counter(w for pair in sides for text in pair for w in _words(text))
+    # the most frequent words, ties by the word itself: most_common alone breaks ties in the order words
+    # were first seen, which follows set iteration and so the process's string hash seed
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:vocabulary]
+    self.index = {w: i for i, (w, _) in enumerate(ranked)}
     diff = self._features(train)
 
     def loss_and_grad(w):
@@ -127,8 +136,7 @@ class BagOfWords:
 
   def _features(self, records: Sequence[dict]) -> np.ndarray:
     """[N, V] x_chosen - x_rejected."""
-    side = lambda key: self._presence([_text(r.get("prompt", ""), r[key]) for r in records])
-    return side("chosen") - side("rejected")
+    return self._presence(_pair_texts(records, "chosen")) - self._presence(_pair_texts(records, "rejected"))
 
   def wins(self, records: Sequence[dict]) -> np.ndarray:
     """[N] wins of the fitted model on `records`."""

@@ -1,6 +1,8 @@
 """The reward model's baselines: wins, the length rule, the bag-of-words Bradley-Terry fit."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -45,6 +47,22 @@ def test_bag_of_words_learns_words_and_not_noise():
   # Labels carrying no word signal: held-out accuracy stays near chance (100 pairs: SE 0.05).
   noise = reward_baselines.BagOfWords(_pairs(rng, 200, signal=False))
   assert abs(noise.wins(_pairs(rng, 400, signal=False)).mean() - 0.5) < 0.1
+
+
+def test_bag_of_words_fits_the_same_model_under_any_string_hash_seed(tmp_path):
+  """Word order (and so the weights' layout and the digest) must not follow set iteration order."""
+  script = (
+      "import numpy as np; from bond_jax import reward_baselines as rb; from tests.test_reward_baselines "
+      "import _pairs; m = rb.BagOfWords(_pairs(np.random.default_rng(3), 200, signal=True)); "
+      "print(m.digest())")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  digests = {
+      subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root,
+                     env=dict(os.environ, PYTHONHASHSEED=seed)).stdout.strip() for seed in ("1", "2", "3")
+  }
+  assert len(digests) == 1, digests
+  model = reward_baselines.BagOfWords([dict(chosen="zeta alpha beta", rejected="beta")])
+  assert list(model.index) == ["beta", "alpha", "zeta"]  # by count, then by the word
 
 
 def test_bag_of_words_scores_save_and_load_exactly(tmp_path):
