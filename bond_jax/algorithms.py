@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import optax
 
-from bond_jax import objectives, rollout, update
+from bond_jax import best_of_n, objectives, rollout, update
 from bond_jax.frozen import FrozenModels
 
 # (bond config, frozen models, state, prompts [B, P], prompt mask [B, P], rng, max_new_tokens)
@@ -31,7 +31,8 @@ StepBuilder = Callable[
     [ml_collections.ConfigDict, update.SequenceLogprobFn, optax.GradientTransformation, dict[str, Any], bool],
     Callable]
 
-PROGRESS_KEYS = ("reward_mean", "kl_policy_ref", "kl_policy_anchor", "penalty_rate", "loss")
+PROGRESS_KEYS = ("reward_mean", "kl_policy_ref", "kl_policy_anchor", "penalty_rate", "kl_base_importance",
+                 "loss")
 POLICY_SAMPLES = 2  # per prompt for BOND and RLOO: the fewest a leave-one-out baseline needs
 
 
@@ -63,7 +64,12 @@ def _bond_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens, refer
   base = (frozen.model_params(state.anchor_params)
           if state.anchor_params is not None else frozen.reference_params)
   return rollout.bond(frozen, frozen.model_params(state.params), base, prompts, mask, rng, max_new_tokens,
-                      n=bond.n, k=bond.k, num_policy_samples=POLICY_SAMPLES, reference=reference)
+                      n=bond.n, k=bond.k, num_policy_samples=POLICY_SAMPLES, reference=reference,
+                      forward_estimator=_forward_estimator(bond))
+
+
+def _forward_estimator(bond: ml_collections.ConfigDict) -> str:
+  return bond.get("forward_estimator", "best_of_n")  # absent from configs written before it existed
 
 
 def _reinforce_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
@@ -84,12 +90,14 @@ def _jbond_hard_step(b, fn, opt, options, measure_ref=True):
 
 def _bond_step(b, fn, opt, options, measure_ref=True):
   del measure_ref  # BOND's loss reads its base (pi_ref) anyway
-  return update.make_bond_step(fn, opt, n=b.n, beta=b.beta, **options)
+  return update.make_bond_step(fn, opt, n=b.n, beta=b.beta, forward_estimator=_forward_estimator(b),
+                               **options)
 
 
 def _iterative_bond_step(b, fn, opt, options, measure_ref=True):
   del measure_ref
-  return update.make_bond_step(fn, opt, n=b.n, beta=b.beta, anchor_period=b.anchor_period, **options)
+  return update.make_bond_step(fn, opt, n=b.n, beta=b.beta, anchor_period=b.anchor_period,
+                               forward_estimator=_forward_estimator(b), **options)
 
 
 def _reinforce_step(b, fn, opt, options, measure_ref=True):
@@ -123,8 +131,8 @@ ALGORITHMS: dict[str, Algorithm] = {
             rollout=_bond_rollout,
             make_step=_iterative_bond_step,
             # n^(M + 1) after M hard anchor updates
-            target_best_of=lambda b, step: float(
-                objectives.iterative_best_of(b.n, step // b.anchor_period + 1))),
+            target_best_of=lambda b, step: float(best_of_n.iterative_best_of(b.n, step // b.anchor_period + 1)
+                                                )),
         Algorithm("reinforce", uses_anchor=False, rollout=_reinforce_rollout, make_step=_reinforce_step,
                   target_best_of=lambda b, step: None),
     )
@@ -142,7 +150,8 @@ def validate(bond: ml_collections.ConfigDict) -> None:
   algorithm = get(bond.algorithm)
   try:  # objectives names the hyperparameter; the config key is bond.<name>
     objectives.validate_hparams(beta=bond.beta, eta=bond.eta, gamma=bond.gamma, k=bond.k,
-                                beta_rl=bond.beta_rl, anchor_period=bond.anchor_period)
+                                beta_rl=bond.beta_rl, anchor_period=bond.anchor_period,
+                                forward_estimator=_forward_estimator(bond))
     if algorithm.rollout is _bond_rollout:
       objectives.validate_hparams(n=bond.n)
   except ValueError as error:

@@ -1,4 +1,4 @@
-"""BOND objectives as pure functions: Best-of-N densities, quantiles, BOND / J-BOND / RLOO losses.
+"""BOND objectives as pure functions: the BOND / J-BOND / RLOO losses and the anchor updates.
 
 Paper: "BOND: Aligning LLMs with Best-of-N Distillation", Sessa et al. 2024 (arXiv 2407.14622); equation
 numbers are the paper's, the derivations and sign traps are in docs/math.md.
@@ -21,11 +21,12 @@ sample per prompt) it is the mean over the other prompts of the batch, as in the
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+
+from bond_jax import best_of_n
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -33,27 +34,21 @@ Metrics = dict[str, Array]
 # J-BOND's penalty for a policy sample worse than both anchor samples: E[r_J] = log p_<= at the median.
 JBOND_PENALTY = math.log(16.0)
 BASELINES = ("none", "loo")
+# BOND's forward-KL estimators (`bond_loss`): the best of the first n base samples (eq. 13), or all k of them
+# weighted by their chance to be a Best-of-n, less the policy's importance weight (`weighted_forward_kl_loss`)
+FORWARD_ESTIMATORS = ("best_of_n", "all_k")
 
 # --------------------------------------------------------------------------------------------------------
 # Validation of static hyper-parameters (Python level, never inside jit).
 
 
-def _is_static_number(value: Any) -> bool:
-  return isinstance(value, numbers.Number) and not isinstance(value, jax.core.Tracer)
-
-
 def _check_unit_interval(name: str, value: Any) -> None:
-  if _is_static_number(value) and not 0.0 <= float(value) <= 1.0:
+  if best_of_n.is_static_number(value) and not 0.0 <= float(value) <= 1.0:
     raise ValueError(f"{name}={value} is out of range: {name} must be in [0, 1]")
 
 
-def _check_best_of(name: str, value: Any) -> None:
-  if _is_static_number(value) and (int(value) != value or value < 2):
-    raise ValueError(f"{name}={value} is not allowed: Best-of-{name} needs an integer {name} >= 2")
-
-
 def _check_non_negative(name: str, value: Any) -> None:
-  if _is_static_number(value) and value < 0:
+  if best_of_n.is_static_number(value) and value < 0:
     raise ValueError(f"{name}={value} is negative: {name} must be >= 0")
 
 
@@ -63,15 +58,17 @@ def _check_baseline(baseline: str) -> None:
 
 
 def validate_hparams(*, n: Any = None, beta: Any = None, eta: Any = None, gamma: Any = None, k: Any = None,
-                     beta_rl: Any = None, baseline: str | None = None, anchor_period: Any = None) -> None:
+                     beta_rl: Any = None, baseline: str | None = None, anchor_period: Any = None,
+                     forward_estimator: str | None = None) -> None:
   """Raises ValueError (one line, naming the value and what is allowed) for an invalid hyper-parameter.
 
   n: Best-of-n (integer >= 2); beta: Jeffreys mix in [0, 1]; eta: EMA rate in [0, 1]; gamma: anchor-KL
   weight >= 0; k: quantile sample count (integer >= 1); beta_rl: RLHF KL weight >= 0; anchor_period:
-  hard anchor period of iterative BOND (integer >= 1). None = not given.
+  hard anchor period of iterative BOND (integer >= 1); forward_estimator: one of FORWARD_ESTIMATORS.
+  None = not given.
   """
   if n is not None:
-    _check_best_of("n", n)
+    best_of_n.check_best_of("n", n)
   if beta is not None:
     _check_unit_interval("beta", beta)
   if eta is not None:
@@ -86,116 +83,9 @@ def validate_hparams(*, n: Any = None, beta: Any = None, eta: Any = None, gamma:
     _check_baseline(baseline)
   if anchor_period is not None and (int(anchor_period) != anchor_period or anchor_period < 1):
     raise ValueError(f"anchor_period={anchor_period} is not allowed: it must be an integer >= 1")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Exact Best-of-N density on an enumerated response space (Theorem 1, eq. 4).
-
-
-def exact_quantiles(ref_logprobs: Array, rewards: Array) -> tuple[Array, Array]:
-  """Exact reference quantiles p_<(y) and p_<=(y) over an enumerated response set.
-
-  Args:
-    ref_logprobs: [..., S] log pi_ref(y) of EVERY response of the space (they must sum to 1 in prob).
-    rewards: [..., S] r(y).
-  Returns:
-    (p_less, p_less_equal), each [..., S]: P_{y'~pi_ref}[r(y') < r(y)] and P[r(y') <= r(y)].
-  """
-  ref_probs = jnp.exp(ref_logprobs)
-  # [..., S(y), S(y')]: an O(S^2) comparison is fine for the spaces that can be enumerated at all.
-  less = rewards[..., None, :] < rewards[..., :, None]
-  less_equal = rewards[..., None, :] <= rewards[..., :, None]
-  p_less = jnp.sum(jnp.where(less, ref_probs[..., None, :], 0.0), axis=-1)
-  p_less_equal = jnp.sum(jnp.where(less_equal, ref_probs[..., None, :], 0.0), axis=-1)
-  return p_less, jnp.minimum(p_less_equal, 1.0)
-
-
-def best_of_n_log_density(ref_logprobs: Array, rewards: Array, n: int) -> Array:
-  """Exact log pi_BoN(y) of Theorem 1 (eq. 4), WITH the tie (collision) correction factor.
-
-      pi_BoN(y) = pi_ref(y) * p_<=(y)^(n-1) * sum_{i=1..n} (p_<(y) / p_<=(y))^(i-1)
-
-  It is the law of the following sampler: draw n i.i.d. responses from pi_ref, return the one with the
-  highest reward, ties broken by ANY rule that looks only at the sample indices (lowest index, uniform at
-  random, ...). Proof: the chosen index is i with y_i = y iff the i-1 earlier samples score < r(y) and the
-  n-i later ones <= r(y) (lowest-index rule), probability pi_ref(y) p_<^(i-1) p_<=^(n-i); summing over i
-  gives eq. 4. Any index-only rule gives the same law because the samples are exchangeable. A rule that
-  looks at the responses themselves (e.g. shortest among tied) is NOT covered by eq. 4.
-
-  Repeated draws of the same y count as ties, so on a discrete space the correction matters even when
-  all rewards are distinct.
-
-  Args:
-    ref_logprobs: [..., S] log pi_ref over the enumerated space.
-    rewards: [..., S].
-    n: Best-of-n, static integer >= 2.
-  Returns:
-    [..., S] log pi_BoN(y).
-  """
-  _check_best_of("n", n)
-  p_less, p_less_equal = exact_quantiles(ref_logprobs, rewards)
-  ratio = p_less / jnp.maximum(p_less_equal, jnp.finfo(p_less_equal.dtype).tiny)
-  powers = ratio[..., None]**jnp.arange(n, dtype=ratio.dtype)
-  correction = jnp.sum(powers, axis=-1)  # in [1, n]
-  return ref_logprobs + (n - 1) * jnp.log(p_less_equal) + jnp.log(correction)
-
-
-def best_of_n_log_density_no_ties(ref_logprobs: Array, rewards: Array, n: int) -> Array:
-  """The no-ties form log(n * pi_ref(y) * p_<=(y)^(n-1)) of eq. 4 (the correction factor set to n).
-
-  Exact only for continuous reward distributions; on a discrete space it over-weights responses with a
-  large reference mass and does not sum to 1. Shapes as in `best_of_n_log_density`.
-  """
-  _check_best_of("n", n)
-  _, p_less_equal = exact_quantiles(ref_logprobs, rewards)
-  return math.log(n) + ref_logprobs + (n - 1) * jnp.log(p_less_equal)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Monte-Carlo quantile (eq. 10) and best-of selection.
-
-
-def empirical_quantile(rewards: Array, ref_rewards: Array) -> Array:
-  """Monte-Carlo reference quantile p_hat(y) of eq. 10, floored by counting y itself.
-
-      p_hat(y) = (1 + #{i : r(y_i) <= r(y)}) / (k + 1),   y_1..y_k ~ pi_ref(.|x)
-
-  The floor: y joins the pool of k reference rewards, so p_hat is y's rank in k + 1 rewards. It is always
-  in [1/(k+1), 1] (log p_hat is finite) and converges to p_<=(y) as k grows; its bias,
-  (1 - p_<=)/(k+1), vanishes as k grows and is largest for low-reward y.
-
-  Args:
-    rewards: [B, M] rewards of the responses to rank (M per prompt; [B] is treated as M = 1).
-    ref_rewards: [B, k] rewards of k >= 1 reference samples of the SAME prompt.
-  Returns:
-    [B, M] (or [B]) p_hat in [1/(k+1), 1].
-  """
-  k = ref_rewards.shape[-1]
-  if k < 1:
-    raise ValueError(f"k={k} is not allowed: the quantile needs an integer k >= 1 reference samples")
-  flat = rewards.ndim == 1
-  rewards_2d = rewards[:, None] if flat else rewards
-  count = jnp.sum(ref_rewards[:, None, :] <= rewards_2d[:, :, None], axis=-1)
-  quantile = (1.0 + count.astype(jnp.float32)) / (k + 1.0)
-  return quantile[:, 0] if flat else quantile
-
-
-def select_best(rewards: Array) -> tuple[Array, Array]:
-  """Index of the highest reward along the last axis; ties go to the LOWEST index, and are counted.
-
-  Lowest-index tie-breaking depends only on positions, so the selected response follows eq. 4 exactly
-  (see `best_of_n_log_density`).
-
-  Args:
-    rewards: [..., N].
-  Returns:
-    (best_index [...] int32, num_at_max [...] int32): num_at_max = how many of the N share the best
-    reward (1 = no tie).
-  """
-  best_index = jnp.argmax(rewards, axis=-1).astype(jnp.int32)  # argmax returns the first maximum
-  best_reward = jnp.max(rewards, axis=-1, keepdims=True)
-  num_at_max = jnp.sum(rewards == best_reward, axis=-1).astype(jnp.int32)
-  return best_index, num_at_max
+  if forward_estimator is not None and forward_estimator not in FORWARD_ESTIMATORS:
+    raise ValueError(f"forward_estimator={forward_estimator!r} is unknown: allowed are "
+                     f"{', '.join(FORWARD_ESTIMATORS)}")
 
 
 def leave_one_out_baseline(returns: Array) -> Array:
@@ -248,6 +138,46 @@ def forward_kl_loss(best_logprobs: Array) -> Array:
   return -jnp.mean(best_logprobs)
 
 
+def weighted_forward_kl_loss(target_logprobs: Array, target_base_logprobs: Array,
+                             weights: Array) -> tuple[Array, Metrics]:
+  """Forward-KL term (eq. 13) on all k samples of pi_base, with the policy's importance weight subtracted.
+
+      loss = -mean_b sum_i (w_i - sg(c_i)) log pi(y_i),   c_i = min(rho_i, k) / k,
+      rho_i = pi(y_i) / pi_base(y_i),   y_1..y_k ~ pi_base(.|x),   w = best_of_n_weights
+
+  E[sum_i w_i grad log pi(y_i)] = E_{Best-of-n}[grad log pi] (the U-statistic), and
+  E[sum_i rho_i / k grad log pi(y_i)] = E_pi[grad log pi] = 0: the gradient estimates grad KL(pi_BoN || pi)
+  as `forward_kl_loss`'s does. Why subtract a term of mean zero: a sequence's score grad log pi(y) is large
+  and mostly noise; at the fixed point pi = pi_BoN, rho = n p^(n-1) makes rho_i / k track w_i, so the two
+  cancel and the noise vanishes there, where `forward_kl_loss`'s stays that of one sample's score and keeps
+  the policy random-walking (spending KL that buys no reward). The cap min(rho, k) (bias only where pi puts
+  more than k times pi_base's mass on a sample; Best-of-n's rho never exceeds n <= k) bounds a coefficient
+  by 1, as w's. The loss's value is not a KL (its expectation moves with pi): read the metrics.
+
+  Args:
+    target_logprobs: [B, k] log pi of the k base samples (differentiable).
+    target_base_logprobs: [B, k] log pi_base of the same samples (a constant).
+    weights: [B, k] from `best_of_n_weights`.
+  Returns:
+    (loss, metrics): kl_base_importance (mean over prompts of (1/k) sum_i rho_i log rho_i, an importance
+    estimate of KL(pi || pi_base) from the base's samples), importance_weight_max, weights_ess (mean
+    1 / sum_i w_i^2).
+  """
+  k = target_logprobs.shape[-1]
+  log_ratio = jax.lax.stop_gradient(target_logprobs - target_base_logprobs)
+  # exp of a capped log-ratio: the cap above, and no overflow for a sample pi_base finds very unlikely
+  ratio = jnp.exp(jnp.minimum(log_ratio, math.log(k)))
+  coefficients = jax.lax.stop_gradient(weights) - ratio / k
+  bounded = jnp.minimum(log_ratio, 60.0)  # the metrics' exp stays finite in float32
+  loss = -jnp.mean(jnp.sum(coefficients * target_logprobs, axis=-1))
+  metrics = {
+      "kl_base_importance": jnp.mean(jnp.sum(jnp.exp(bounded) * bounded, axis=-1) / k),
+      "importance_weight_max": jnp.exp(jnp.max(bounded)),
+      "weights_ess": jnp.mean(1.0 / jnp.sum(jnp.square(weights), axis=-1)),
+  }
+  return loss, _stop(metrics)
+
+
 def backward_kl_loss(policy_logprobs: Array, base_logprobs: Array, log_quantiles: Array, n: int,
                      baseline: str = "loo") -> tuple[Array, Metrics]:
   """Backward-KL policy-gradient surrogate (eq. 15) on samples y ~ pi.
@@ -266,7 +196,7 @@ def backward_kl_loss(policy_logprobs: Array, base_logprobs: Array, log_quantiles
   Returns:
     (loss, metrics) with return_mean, kl_estimate (mean log pi - log pi_base), mean_log_quantile.
   """
-  _check_best_of("n", n)
+  best_of_n.check_best_of("n", n)
   log_ratio = jax.lax.stop_gradient(policy_logprobs - base_logprobs)
   returns = (n - 1) * log_quantiles - log_ratio
   loss = _policy_gradient_surrogate(policy_logprobs, _advantage(returns, baseline))
@@ -279,8 +209,9 @@ def backward_kl_loss(policy_logprobs: Array, base_logprobs: Array, log_quantiles
 
 
 def bond_loss(policy_logprobs: Array, base_logprobs: Array, policy_rewards: Array, base_rewards: Array,
-              best_logprobs: Array, *, n: int, beta: float, baseline: str = "loo",
-              ref_logprobs: Array | None = None) -> tuple[Array, Metrics]:
+              target_logprobs: Array, *, n: int, beta: float, baseline: str = "loo",
+              ref_logprobs: Array | None = None, forward_estimator: str = "best_of_n",
+              target_base_logprobs: Array | None = None) -> tuple[Array, Metrics]:
   """Jeffreys BOND loss (eq. 11): (1 - beta) * forward + beta * backward.
 
   Args:
@@ -288,19 +219,31 @@ def bond_loss(policy_logprobs: Array, base_logprobs: Array, policy_rewards: Arra
     base_logprobs: [B, M] log pi_base of the same samples (pi_ref; the anchor in iterative BOND).
     policy_rewards: [B, M] r(y).
     base_rewards: [B, k] rewards of k samples of pi_base, for the quantiles (eq. 10).
-    best_logprobs: [B] log pi of the best of n samples of pi_base (differentiable).
+    target_logprobs: the forward term's samples of pi_base under the policy (differentiable): [B] log pi
+      of the best of the first n (forward_estimator "best_of_n", eq. 13), or [B, k] of all k, in
+      base_rewards' order ("all_k": `weighted_forward_kl_loss`).
     n, beta: static; n >= 2, beta in [0, 1] (0 = forward KL only, 1 = backward KL only).
     baseline: "loo" or "none" (backward term).
     ref_logprobs: optional [B, M] log pi_ref of the policy samples, for the kl_policy_ref metric when the
       base is an anchor (defaults to base_logprobs).
+    forward_estimator: one of FORWARD_ESTIMATORS (static).
+    target_base_logprobs: [B, k] log pi_base of the k base samples; "all_k" only.
   Returns:
     (loss, metrics): loss_forward, loss_backward, kl_policy_base, kl_policy_ref, mean_log_quantile,
-    mean_quantile, return_mean, reward_mean, reward_std, entropy_estimate.
+    mean_quantile, return_mean, reward_mean, reward_std, entropy_estimate (and "all_k"'s metrics).
   """
-  validate_hparams(n=n, beta=beta, baseline=baseline)
-  quantiles = empirical_quantile(policy_rewards, base_rewards)
+  validate_hparams(n=n, beta=beta, baseline=baseline, forward_estimator=forward_estimator)
+  quantiles = best_of_n.empirical_quantile(policy_rewards, base_rewards)
   log_quantiles = jnp.log(quantiles)
-  loss_forward = forward_kl_loss(best_logprobs)
+  forward_metrics = {}
+  if forward_estimator == "all_k":
+    if target_base_logprobs is None or target_logprobs.shape != base_rewards.shape:
+      raise ValueError(f"forward_estimator='all_k' needs target_logprobs of every base sample "
+                       f"{tuple(base_rewards.shape)} and their target_base_logprobs")
+    loss_forward, forward_metrics = weighted_forward_kl_loss(target_logprobs, target_base_logprobs,
+                                                             best_of_n.best_of_n_weights(base_rewards, n))
+  else:
+    loss_forward = forward_kl_loss(target_logprobs)
   loss_backward, backward_metrics = backward_kl_loss(policy_logprobs, base_logprobs, log_quantiles, n,
                                                      baseline)
   loss = (1.0 - beta) * loss_forward + beta * loss_backward
@@ -317,6 +260,7 @@ def bond_loss(policy_logprobs: Array, base_logprobs: Array, policy_rewards: Arra
       "reward_mean": reward_mean,
       "reward_std": reward_std,
       "entropy_estimate": -jnp.mean(policy_logprobs),
+      **forward_metrics,
   }
   return loss, _stop(metrics)
 
@@ -449,9 +393,3 @@ def hard_anchor_update(anchor_params: Any, params: Any, step: Array, period: int
   validate_hparams(anchor_period=period)
   refresh = (step > 0) & (step % period == 0)
   return jax.tree.map(lambda anchor, theta: jnp.where(refresh, theta, anchor), anchor_params, params)
-
-
-def iterative_best_of(n: int, num_anchor_updates: int) -> int:
-  """Best-of-n distilled M times in a row is Best-of-(n^M) of pi_ref (the max of maxes is a max)."""
-  _check_best_of("n", n)
-  return int(n)**int(num_anchor_updates)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bond_jax import objectives, rewards as rewards_lib, sampling, scoring, sharding, update
+from bond_jax import best_of_n, objectives, rewards as rewards_lib, sampling, scoring, sharding, update
 from bond_jax.frozen import FrozenModels
 
 if TYPE_CHECKING:  # reference_pools draws with this module's `sample`
@@ -87,10 +87,11 @@ def bond_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def bond(frozen: FrozenModels, policy_params: Any, base_params: Any, prompts: jax.Array,
          prompt_mask: jax.Array, rng: jax.Array, max_new_tokens: int, *, n: int, k: int,
-         num_policy_samples: int,
-         reference: "reference_pools.ReferencePool | None" = None) -> tuple[update.BondBatch, Stats]:
+         num_policy_samples: int, reference: "reference_pools.ReferencePool | None" = None,
+         forward_estimator: str = "best_of_n") -> tuple[update.BondBatch, Stats]:
   """BOND / iterative BOND: M policy samples; k samples of the base (pi_ref, or the anchor) give the
-  quantiles, and the best of the first n of them is the forward-KL target.
+  quantiles, and the forward-KL term's targets: the best of the first n of them, or all k
+  (forward_estimator "all_k": the loss weighs them, objectives.weighted_forward_kl_loss).
 
   reference: pi_ref's k samples of these prompts drawn with bond_keys(rng)[1] (a kept pool: the study's
   BOND arms share them), used instead of sampling the base; only where the base is pi_ref."""
@@ -111,14 +112,18 @@ def bond(frozen: FrozenModels, policy_params: Any, base_params: Any, prompts: ja
     base_tokens, base_mask = reference.tokens, reference.mask
     rewards = np.asarray(reference.rewards, np.float32)
     base_rewards = jax.device_put(rewards, sharding.fitted(frozen.mesh, rewards.shape, ("act_batch", None)))
-  best, _ = objectives.select_best(base_rewards[:, :n])  # ties: the lowest index
-  pick = lambda x: jnp.take_along_axis(x, best[:, None, None], axis=1)
-  best_rows = scoring.join(prompts, prompt_mask, pick(base_tokens), pick(base_mask))
+  if forward_estimator == "all_k":
+    target_tokens, target_mask = base_tokens, base_mask
+  else:
+    best, _ = best_of_n.select_best(base_rewards[:, :n])  # ties: the lowest index
+    pick = lambda x: jnp.take_along_axis(x, best[:, None, None], axis=1)
+    target_tokens, target_mask = pick(base_tokens), pick(base_mask)
+  targets = scoring.join(prompts, prompt_mask, target_tokens, target_mask)
   rows = scoring.join(prompts, prompt_mask, policy.tokens, policy.mask)
   batch = update.BondBatch(policy_tokens=rows.tokens, policy_mask=rows.response_mask,
                            policy_rewards=_rewards(frozen, prompts, prompt_mask,
                                                    policy), base_rewards=base_rewards,
-                           best_tokens=best_rows.tokens[:, 0], best_mask=best_rows.response_mask[:, 0])
+                           target_tokens=targets.tokens, target_mask=targets.response_mask)
   return batch, Stats(policy.lengths)
 
 

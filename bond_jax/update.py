@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bond_jax import objectives, sharding
+from bond_jax import best_of_n, objectives, sharding
 
 Array = jax.Array
 SequenceLogprobFn = Callable[[Any, Array, Array], Array]
@@ -57,14 +57,15 @@ class TrainState:
 @flax.struct.dataclass
 class BondBatch:
   """policy_tokens, policy_mask [B, M, T]: M policy samples; policy_rewards [B, M]; base_rewards [B, k]: k
-  samples of pi_ref (or of the anchor) for the quantiles; best_tokens, best_mask [B, T]: the best of n of
-  those base samples (the forward-KL target)."""
+  samples of pi_ref (or of the anchor) for the quantiles; target_tokens, target_mask [B, R, T]: the
+  forward-KL term's base samples, R = 1 (the best of the first n) or k (all of them, in base_rewards'
+  order: objectives.FORWARD_ESTIMATORS)."""
   policy_tokens: Array
   policy_mask: Array
   policy_rewards: Array
   base_rewards: Array
-  best_tokens: Array
-  best_mask: Array
+  target_tokens: Array
+  target_mask: Array
 
 
 @flax.struct.dataclass
@@ -183,33 +184,44 @@ def _constant_logprobs(fn: SequenceLogprobFn, params: Any, tokens: Array, mask: 
   return jax.lax.stop_gradient(_grouped_logprobs(fn, params, tokens, mask))
 
 
-def _with_best(fn: SequenceLogprobFn, params: Any, tokens: Array, mask: Array, best_tokens: Array,
-               best_mask: Array) -> tuple[Array, Array]:
-  """(log pi of tokens [B, M, T] -> [B, M], of best_tokens [B, T] -> [B]) in ONE call: the best sample
-  answers the same prompt, so the policy's forward of that prompt serves both."""
-  rows = lambda x, best: jnp.concatenate([x, best[:, None]], axis=1)
-  both = _grouped_logprobs(fn, params, rows(tokens, best_tokens), rows(mask, best_mask))
-  return both[:, :-1], both[:, -1]
+def _with_targets(fn: SequenceLogprobFn, params: Any, tokens: Array, mask: Array, target_tokens: Array,
+                  target_mask: Array) -> tuple[Array, Array]:
+  """(log pi of tokens [B, M, T] -> [B, M], of target_tokens [B, R, T] -> [B, R]) in ONE call: the targets
+  answer the same prompts, so the policy's forward of each prompt serves both."""
+  rows = lambda x, targets: jnp.concatenate([x, targets], axis=1)
+  both = _grouped_logprobs(fn, params, rows(tokens, target_tokens), rows(mask, target_mask))
+  return both[:, :tokens.shape[1]], both[:, tokens.shape[1]:]
 
 
 def bond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, n: int, beta: float, baseline: str = "loo",
-                 use_anchor: bool = False) -> LossFn:
-  """Jeffreys BOND on a batch; the Best-of-n base is pi_ref, or the anchor when use_anchor (iterative)."""
-  objectives.validate_hparams(n=n, beta=beta, baseline=baseline)
+                 use_anchor: bool = False, forward_estimator: str = "best_of_n") -> LossFn:
+  """Jeffreys BOND on a batch; the Best-of-n base is pi_ref, or the anchor when use_anchor (iterative).
+  forward_estimator "all_k" needs the batch's target rows to be all k base samples (rollout.bond)."""
+  objectives.validate_hparams(n=n, beta=beta, baseline=baseline, forward_estimator=forward_estimator)
+  all_k = forward_estimator == "all_k"
 
   def loss_fn(params, anchor_params, ref_params, batch):
     base_params = anchor_params if use_anchor else ref_params
     if base_params is None:
       raise ValueError("BOND needs ref_params (or an anchor in the state for iterative BOND)")
     tokens, mask = batch.policy_tokens, batch.policy_mask
-    policy_logprobs, best_logprobs = _with_best(sequence_logprob_fn, params, tokens, mask, batch.best_tokens,
-                                                batch.best_mask)
-    base_logprobs = _constant_logprobs(sequence_logprob_fn, base_params, tokens, mask)
+    policy_logprobs, target_logprobs = _with_targets(sequence_logprob_fn, params, tokens, mask,
+                                                     batch.target_tokens, batch.target_mask)
+    target_base_logprobs = None
+    if all_k:  # the base's forward of each prompt serves its policy samples and its own k samples
+      base_logprobs, target_base_logprobs = jax.lax.stop_gradient(
+          _with_targets(sequence_logprob_fn, base_params, tokens, mask, batch.target_tokens,
+                        batch.target_mask))
+    else:
+      base_logprobs = _constant_logprobs(sequence_logprob_fn, base_params, tokens, mask)
+      target_logprobs = target_logprobs[:, 0]
     ref_logprobs = None
     if use_anchor and ref_params is not None:
       ref_logprobs = _constant_logprobs(sequence_logprob_fn, ref_params, tokens, mask)
     return objectives.bond_loss(policy_logprobs, base_logprobs, batch.policy_rewards, batch.base_rewards,
-                                best_logprobs, n=n, beta=beta, baseline=baseline, ref_logprobs=ref_logprobs)
+                                target_logprobs, n=n, beta=beta, baseline=baseline, ref_logprobs=ref_logprobs,
+                                forward_estimator=forward_estimator,
+                                target_base_logprobs=target_base_logprobs)
 
   return loss_fn
 
@@ -226,12 +238,12 @@ def jbond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta: float, gamma:
     if anchor_params is None:
       raise ValueError("J-BOND needs anchor_params in the TrainState (init_train_state(anchor_params=...))")
     tokens, mask = batch.policy_tokens, batch.policy_mask
-    best_index, _ = objectives.select_best(batch.anchor_rewards)
+    best_index, _ = best_of_n.select_best(batch.anchor_rewards)
     pick = lambda x: jnp.take_along_axis(x, best_index[:, None, None], axis=1)
-    policy_logprobs, best_logprobs = _with_best(sequence_logprob_fn, params, tokens[:, None], mask[:, None],
-                                                pick(batch.anchor_tokens)[:, 0],
-                                                pick(batch.anchor_mask)[:, 0])
-    policy_logprobs = policy_logprobs[:, 0]
+    policy_logprobs, best_logprobs = _with_targets(sequence_logprob_fn, params, tokens[:, None], mask[:,
+                                                                                                      None],
+                                                   pick(batch.anchor_tokens), pick(batch.anchor_mask))
+    policy_logprobs, best_logprobs = policy_logprobs[:, 0], best_logprobs[:, 0]
     anchor_logprobs = _constant_logprobs(sequence_logprob_fn, anchor_params, tokens, mask)
     ref_logprobs = (None if ref_params is None or not measure_ref else _constant_logprobs(
         sequence_logprob_fn, ref_params, tokens, mask))
@@ -390,14 +402,16 @@ def _jit_step(step: Callable, mesh: jax.sharding.Mesh | None, shardings: tuple[A
 
 
 def make_bond_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.GradientTransformation, *, n: int,
-                   beta: float, baseline: str = "loo", anchor_period: int | None = None, **step_options):
+                   beta: float, baseline: str = "loo", anchor_period: int | None = None,
+                   forward_estimator: str = "best_of_n", **step_options):
   """BOND (anchor_period=None: Best-of-n of pi_ref) or iterative BOND (Algorithm 1: Best-of-n of the
   anchor, which becomes the policy after every `anchor_period` updates). step_options: see
   `build_update_step`."""
   objectives.validate_hparams(anchor_period=anchor_period)
   use_anchor = anchor_period is not None
   anchor_update = functools.partial(_hard_update, period=anchor_period) if use_anchor else None
-  loss_fn = bond_loss_fn(sequence_logprob_fn, n=n, beta=beta, baseline=baseline, use_anchor=use_anchor)
+  loss_fn = bond_loss_fn(sequence_logprob_fn, n=n, beta=beta, baseline=baseline, use_anchor=use_anchor,
+                         forward_estimator=forward_estimator)
   return build_update_step(loss_fn, optimizer, anchor_update=anchor_update, **step_options)
 
 

@@ -85,6 +85,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
           # nat; at 48 it lay on the gamma-0 curve, so 0 is the default.
           gamma=0.0,
           k=16,  # reference samples per prompt for Monte-Carlo quantiles (BOND)
+          # BOND's forward-KL term: 'best_of_n' (NLL of the best of the first n of the k samples, eq. 13) or
+          # 'all_k' (all k, each weighted by its chance to be a Best-of-n, less its importance weight under
+          # the policy: the same expected gradient, whose noise vanishes as the policy reaches Best-of-n)
+          forward_estimator="best_of_n",
           # BOND: where each step's k samples of pi_ref are kept, keyed by what they depend on (as
           # eval.pool_dir): '' = drawn every step, never kept; the study's BOND arms share one
           pool_dir="",

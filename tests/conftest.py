@@ -8,6 +8,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after the environment above)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -50,3 +52,12 @@ def smoke_stages(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("smoke_stages"))
   pipeline.run(dialogue.get_config("smoke"), workdir, until="reward")
   return workdir
+
+
+@pytest.fixture(scope="session")
+def distinct_space():
+  """An enumerated response space for the math tests: 81 atoms (3 tokens ** length 4) with log pi_ref [81]
+  and distinct rewards [81], so repeated draws of one atom are the only ties."""
+  rng = np.random.default_rng(0)
+  ref_logprobs = jax.nn.log_softmax(jnp.asarray(rng.normal(size=81) * 0.7, jnp.float32))
+  return ref_logprobs, jnp.asarray(rng.normal(size=81), jnp.float32)

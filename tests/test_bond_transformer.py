@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bond_jax import objectives as obj
+from bond_jax import best_of_n
 from bond_jax import update as upd
 from bond_jax.models import transformer
 from bond_jax.models.config import ModelConfig
@@ -79,7 +79,7 @@ def exact_kl(logp, logq):
 
 
 REF_LOGPROBS = jax.jit(all_logprobs)(REF_PARAMS)
-BON_LOGPROBS = obj.best_of_n_log_density(REF_LOGPROBS, REWARDS, N)
+BON_LOGPROBS = best_of_n.best_of_n_log_density(REF_LOGPROBS, REWARDS, N)
 
 
 def bond_batch(key, policy_logprobs):
@@ -89,11 +89,11 @@ def bond_batch(key, policy_logprobs):
   policy = sample_indices(policy_key, policy_logprobs, (PROMPTS, SAMPLES_PER_PROMPT))
   pool = jnp.broadcast_to(sample_indices(pool_key, REF_LOGPROBS, (1, K_REF)), (PROMPTS, K_REF))
   candidates = sample_indices(best_key, REF_LOGPROBS, (PROMPTS, N))
-  best_index, _ = obj.select_best(REWARDS[candidates])
+  best_index, _ = best_of_n.select_best(REWARDS[candidates])
   best = jnp.take_along_axis(candidates, best_index[:, None], axis=1)[:, 0]
   return upd.BondBatch(policy_tokens=ALL_SEQUENCES[policy], policy_mask=RESPONSE_MASK[policy],
                        policy_rewards=REWARDS[policy], base_rewards=REWARDS[pool],
-                       best_tokens=ALL_SEQUENCES[best], best_mask=RESPONSE_MASK[best])
+                       target_tokens=ALL_SEQUENCES[best][:, None], target_mask=RESPONSE_MASK[best][:, None])
 
 
 def train(seed):

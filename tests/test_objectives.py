@@ -1,6 +1,6 @@
-"""Tests of bond_jax.objectives: exact Best-of-N law, quantiles, loss values, gradient signs, validation.
+"""Tests of bond_jax.objectives: loss values, gradient signs and noise, anchor updates, validation.
 
-The response space here is an enumerated categorical (S atoms); the objectives only ever see sequence
+The response space here is an enumerated categorical (S atoms, conftest.py's `distinct_space`); the objectives only ever see sequence
 log-probs, so an autoregressive structure adds nothing to these checks (it is used in test_update.py).
 """
 
@@ -11,23 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bond_jax import objectives as obj
-
-NUM_ATOMS = 81  # 3 tokens ** length 4, as in the tabular tests
-
-
-def _random_reference(seed, size=NUM_ATOMS, scale=0.7):
-  rng = np.random.default_rng(seed)
-  logits = rng.normal(size=size) * scale
-  return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)), rng
-
-
-@pytest.fixture(scope="module")
-def distinct_space():
-  """81 atoms, distinct rewards: repeated draws of one atom are the only ties."""
-  ref_logprobs, rng = _random_reference(0)
-  rewards = jnp.asarray(rng.normal(size=NUM_ATOMS), jnp.float32)
-  return ref_logprobs, rewards
+from bond_jax import best_of_n, objectives as obj
 
 
 def _kl(logp, logq):
@@ -37,102 +21,8 @@ def _kl(logp, logq):
 # ------------------------------------------------------------------------------------------------------
 # Exact Best-of-N law.
 
-
-@pytest.mark.parametrize("n", [2, 4, 8])
-def test_best_of_n_density_matches_closed_form_and_normalises(distinct_space, n):
-  ref_logprobs, rewards = distinct_space
-  log_bon = obj.best_of_n_log_density(ref_logprobs, rewards, n)
-  p_less, p_less_equal = obj.exact_quantiles(ref_logprobs, rewards)
-  # With distinct rewards the tie set of y is {y}: P(max of n lands on y) = p_<=^n - p_<^n.
-  closed_form = np.asarray(p_less_equal, np.float64)**n - np.asarray(p_less, np.float64)**n
-  np.testing.assert_allclose(np.exp(np.asarray(log_bon)), closed_form, rtol=2e-4, atol=1e-7)
-  assert abs(float(jnp.sum(jnp.exp(log_bon))) - 1.0) < 1e-5
-  # The no-ties form over-counts repeated draws of an atom: it exceeds eq. 4 and does not sum to 1.
-  no_ties = obj.best_of_n_log_density_no_ties(ref_logprobs, rewards, n)
-  assert bool(jnp.all(no_ties >= log_bon - 1e-6))
-  assert float(jnp.sum(jnp.exp(no_ties))) > 1.0 + 1e-3
-
-
-@pytest.mark.parametrize("n", [2, 4, 8])
-def test_reference_lines_of_section_8(distinct_space, n):
-  ref_logprobs, rewards = distinct_space
-  log_bon = obj.best_of_n_log_density(ref_logprobs, rewards, n)
-  bon = jnp.exp(log_bon)
-  bound = math.log(n) - (n - 1) / n
-  kl_bon_ref = _kl(log_bon, ref_logprobs)
-  assert kl_bon_ref <= bound + 1e-5
-  assert kl_bon_ref >= bound - 0.01  # atoms are small here (max 0.046), so the bound is nearly tight
-  p_less, p_less_equal = obj.exact_quantiles(ref_logprobs, rewards)
-  # The randomised quantile V in [p_<(Y), p_<=(Y)] of a BoN sample is exactly Beta(n, 1): mean n/(n+1),
-  # mean log -1/n. So the two quantiles bracket those numbers and p_<= is off by at most the largest atom.
-  mean_upper, mean_lower = float(jnp.sum(bon * p_less_equal)), float(jnp.sum(bon * p_less))
-  target = n / (n + 1)
-  assert mean_lower - 1e-5 <= target <= mean_upper + 1e-5
-  assert mean_upper - target <= float(jnp.max(jnp.exp(ref_logprobs)))
-  mean_log_upper = float(jnp.sum(bon * jnp.log(p_less_equal)))
-  mean_log_lower = float(jnp.sum(bon * jnp.log(jnp.maximum(p_less, 1e-30))))
-  assert mean_log_lower <= -1.0 / n <= mean_log_upper + 1e-5
-
-
-def _simulate_best_of_n(rng, ref_probs, rewards, n, draws, rule):
-  samples = rng.choice(len(ref_probs), size=(draws, n), p=ref_probs)
-  sample_rewards = rewards[samples]
-  if rule == "lowest_index":
-    best, _ = obj.select_best(jnp.asarray(sample_rewards))
-    best = np.asarray(best)
-  else:  # uniform among the tied best
-    at_max = sample_rewards == sample_rewards.max(axis=1, keepdims=True)
-    best = np.argmax(np.where(at_max, rng.random(at_max.shape), -1.0), axis=1)
-  chosen = samples[np.arange(draws), best]
-  return np.bincount(chosen, minlength=len(ref_probs)) / draws
-
-
-@pytest.mark.parametrize("rule", ["lowest_index", "uniform_among_tied"])
-def test_tie_corrected_density_matches_best_of_n_simulation(rule):
-  """Eq. 4 with ties = the law of argmax with ANY index-only tie rule (see best_of_n_log_density)."""
-  rng = np.random.default_rng(1)
-  ref_probs = rng.dirichlet(np.ones(12) * 2.0)
-  rewards = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4], np.float32)  # heavy ties
-  n, draws = 4, 200_000
-  freq = _simulate_best_of_n(rng, ref_probs, rewards, n, draws, rule)
-  ref_logprobs = jnp.log(jnp.asarray(ref_probs, jnp.float32))
-  exact = np.exp(np.asarray(obj.best_of_n_log_density(ref_logprobs, jnp.asarray(rewards), n), np.float64))
-  sigma = np.sqrt(exact * (1 - exact) / draws) + 1e-6
-  assert np.max(np.abs(freq - exact) / sigma) < 5.0
-  # The no-ties formula is far off here, so this comparison has teeth.
-  no_ties = np.exp(np.asarray(obj.best_of_n_log_density_no_ties(ref_logprobs, jnp.asarray(rewards), n)))
-  assert np.max(np.abs(freq - no_ties) / sigma) > 20.0
-
-
 # ------------------------------------------------------------------------------------------------------
 # Quantiles, selection, baselines.
-
-
-def test_empirical_quantile_counts_itself_as_floor():
-  ref_rewards = jnp.array([[0.1, 0.5, 0.5, 0.9]])  # k = 4
-  rewards = jnp.array([[0.0, 0.5, 0.7, 1.0]])
-  expected = np.array([[1, 4, 4, 5]]) / 5.0  # (1 + #{r_i <= r}) / (k + 1)
-  np.testing.assert_allclose(obj.empirical_quantile(rewards, ref_rewards), expected, rtol=1e-6)
-  np.testing.assert_allclose(obj.empirical_quantile(rewards[:, 0], ref_rewards), expected[:, 0], rtol=1e-6)
-  assert np.all(np.isfinite(np.log(obj.empirical_quantile(rewards, ref_rewards))))
-
-
-def test_empirical_quantile_converges_to_p_less_equal(distinct_space):
-  ref_logprobs, rewards = distinct_space
-  _, p_less_equal = obj.exact_quantiles(ref_logprobs, rewards)
-  k, prompts = 4000, 8
-  draws = jax.random.categorical(jax.random.key(0), ref_logprobs, shape=(prompts, k))
-  estimate = obj.empirical_quantile(jnp.broadcast_to(rewards, (prompts, NUM_ATOMS)), rewards[draws])
-  expected = (1.0 + k * p_less_equal) / (k + 1.0)  # E[p_hat]: the floor's bias is (1 - p_<=)/(k + 1)
-  sigma = np.sqrt(0.25 / k / prompts)
-  assert float(jnp.max(jnp.abs(jnp.mean(estimate, axis=0) - expected))) < 5 * sigma
-
-
-def test_select_best_takes_lowest_index_and_counts_ties():
-  rewards = jnp.array([[1.0, 3.0, 3.0, 2.0], [5.0, 1.0, 2.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
-  best, num_at_max = obj.select_best(rewards)
-  np.testing.assert_array_equal(best, [1, 0, 0])
-  np.testing.assert_array_equal(num_at_max, [2, 1, 4])
 
 
 def test_leave_one_out_baseline():
@@ -155,12 +45,47 @@ def _categorical_logprob(logits, indices):
 def test_forward_gradient_is_the_kl_gradient(distinct_space):
   ref_logprobs, rewards = distinct_space
   n, draws = 4, 40_000
-  log_bon = obj.best_of_n_log_density(ref_logprobs, rewards, n)
+  log_bon = best_of_n.best_of_n_log_density(ref_logprobs, rewards, n)
   samples = jax.random.categorical(jax.random.key(1), log_bon, shape=(draws,))
   logits = ref_logprobs  # pi = pi_ref
   grad = jax.grad(lambda th: obj.forward_kl_loss(_categorical_logprob(th, samples)))(logits)
   exact = jnp.exp(logits) - jnp.exp(log_bon)  # d KL(pi_BoN || softmax(th)) / d th
   assert float(jnp.max(jnp.abs(grad - exact))) < 0.01
+
+
+def _forward_gradients(ref_logprobs, rewards, logits, forward_estimator, n=4, k=16, draws=20_000):
+  """Per-prompt gradients [draws, S] of a forward estimator on k samples of pi_ref (base = pi_ref)."""
+  samples = jax.random.categorical(jax.random.key(5), ref_logprobs, shape=(draws, k))
+
+  def loss(th, sample):
+    logprobs = _categorical_logprob(th, sample)[None]
+    if forward_estimator == "all_k":
+      weights = best_of_n.best_of_n_weights(rewards[sample][None], n)
+      return obj.weighted_forward_kl_loss(logprobs, ref_logprobs[sample][None], weights)[0]
+    best, _ = best_of_n.select_best(rewards[sample][None, :n])
+    return obj.forward_kl_loss(logprobs[0, best])
+
+  return jax.vmap(jax.grad(loss), in_axes=(None, 0))(logits, samples)
+
+
+def test_weighted_forward_gradient_is_the_kl_gradient_with_a_fraction_of_the_noise(distinct_space):
+  """Both estimators average to d KL(pi_BoN || pi) / d logits; all k samples, less the importance weight,
+  cut the per-prompt noise ~10x near pi_ref and ~60x at pi = pi_BoN, where the best-of-n NLL's stays."""
+  ref_logprobs, rewards = distinct_space
+  n = 4
+  log_bon = best_of_n.best_of_n_log_density(ref_logprobs, rewards, n)
+  near_ref = ref_logprobs + 0.3 * jax.random.normal(jax.random.key(2), ref_logprobs.shape)
+  noise = {}
+  for name, logits in (("near pi_ref", near_ref), ("pi_BoN", log_bon)):
+    exact = jax.nn.softmax(logits) - jnp.exp(log_bon)
+    for estimator in obj.FORWARD_ESTIMATORS:
+      grads = _forward_gradients(ref_logprobs, rewards, logits, estimator, n=n)
+      error = float(jnp.max(jnp.abs(jnp.mean(grads, axis=0) - exact)))
+      noise[name, estimator] = float(jnp.sum(jnp.var(grads, axis=0)))
+      print(f"{name:12s} {estimator:9s}: max |mean - exact| {error:.4f}, noise {noise[name, estimator]:.4f}")
+      assert error < 0.004
+  assert noise["near pi_ref", "all_k"] < 0.15 * noise["near pi_ref", "best_of_n"]
+  assert noise["pi_BoN", "all_k"] < 0.03 * noise["pi_BoN", "best_of_n"]
 
 
 def test_backward_gradient_is_the_kl_gradient(distinct_space):
@@ -169,7 +94,7 @@ def test_backward_gradient_is_the_kl_gradient(distinct_space):
   logits = ref_logprobs + 0.3 * jax.random.normal(jax.random.key(2), ref_logprobs.shape)
   log_pi = jax.nn.log_softmax(logits)
   samples = jax.random.categorical(jax.random.key(3), log_pi, shape=(draws, 1))
-  _, p_less_equal = obj.exact_quantiles(ref_logprobs, rewards)
+  _, p_less_equal = best_of_n.exact_quantiles(ref_logprobs, rewards)
 
   def surrogate(th):
     loss, _ = obj.backward_kl_loss(_categorical_logprob(th, samples), ref_logprobs[samples],
@@ -280,16 +205,21 @@ def test_reinforce_loss_values():
 def test_losses_report_their_metrics():
   _, bond = obj.bond_loss(jnp.zeros((4, 1)), jnp.zeros((4, 1)), jnp.zeros((4, 1)), jnp.zeros((4, 2)),
                           jnp.zeros(4), n=2, beta=0.5)
+  _, bond_all_k = obj.bond_loss(jnp.zeros((4, 1)), jnp.zeros((4, 1)), jnp.zeros((4, 1)), jnp.zeros((4, 2)),
+                                jnp.zeros((4, 2)), n=2, beta=0.5, forward_estimator="all_k",
+                                target_base_logprobs=jnp.zeros((4, 2)))
   _, jbond = obj.jbond_loss(*_jbond_example(), beta=0.5, ref_logprobs=jnp.zeros(4))
   _, rloo = obj.reinforce_loss(jnp.zeros((2, 2)), jnp.zeros((2, 2)), jnp.zeros((2, 2)), beta_rl=0.1)
   assert {"loss_forward", "loss_backward", "kl_policy_ref", "mean_log_quantile", "reward_mean",
           "reward_std"} <= set(bond)
+  assert set(bond) | {"kl_base_importance", "importance_weight_max", "weights_ess"} == set(bond_all_k)
+  assert float(bond_all_k["kl_base_importance"]) == 0.0 and float(bond_all_k["weights_ess"]) == 1.0
   assert {
       "loss_forward", "loss_backward", "loss_reg", "kl_policy_ref", "kl_policy_anchor", "penalty_rate",
       "reward_mean", "reward_std", "anchor_tie_rate"
   } <= set(jbond)
   assert {"loss_pg", "kl_policy_ref", "reward_mean", "reward_std"} <= set(rloo)
-  for metrics in (bond, jbond, rloo):
+  for metrics in (bond, bond_all_k, jbond, rloo):
     assert all(value.shape == () and value.dtype == jnp.float32 for value in metrics.values())
 
 
@@ -317,7 +247,7 @@ def test_hard_anchor_update_and_iterated_best_of():
   anchor, params = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
   refreshed = [float(obj.hard_anchor_update(anchor, params, jnp.int32(s), 3)["w"][0]) for s in range(7)]
   assert refreshed == [0, 0, 0, 1, 0, 0, 1]
-  assert obj.iterative_best_of(2, 3) == 8 and obj.iterative_best_of(4, 2) == 16
+  assert best_of_n.iterative_best_of(2, 3) == 8 and best_of_n.iterative_best_of(4, 2) == 16
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -334,8 +264,9 @@ def test_hard_anchor_update_and_iterated_best_of():
     (lambda: obj.validate_hparams(k=0), r"k=0 .*k >= 1"),
     (lambda: obj.validate_hparams(baseline="mean"), r"baseline='mean' .*none, loo"),
     (lambda: obj.validate_hparams(anchor_period=0), r"anchor_period=0 .*>= 1"),
-    (lambda: obj.best_of_n_log_density(jnp.zeros(3), jnp.zeros(3), 1), r"n=1 "),
-    (lambda: obj.empirical_quantile(jnp.zeros((2, 1)), jnp.zeros((2, 0))), r"k=0 "),
+    (lambda: obj.validate_hparams(forward_estimator="all"), r"forward_estimator='all' .*best_of_n, all_k"),
+    (lambda: obj.bond_loss(jnp.zeros((2, 1)), jnp.zeros((2, 1)), jnp.zeros((2, 1)), jnp.zeros(
+        (2, 3)), jnp.zeros(2), n=2, beta=0.5, forward_estimator="all_k"), r"all_k' needs target_logprobs"),
     (lambda: obj.bond_loss(jnp.zeros((2, 1)), jnp.zeros((2, 1)), jnp.zeros((2, 1)), jnp.zeros(
         (2, 3)), jnp.zeros(2), n=8, beta=1.2), r"beta=1\.2 "),
     (lambda: obj.jbond_loss(*_jbond_example(), beta=0.5, gamma=-0.5), r"gamma=-0\.5 "),

@@ -42,10 +42,21 @@ def test_bond_batch_joins_scores_and_picks_the_best_of_n_base_samples():
   again = scoring.rewards(CFG, rm_params, prompts, prompt_mask, tokens[:, :, 6:], mask[:, :, 6:])
   np.testing.assert_allclose(batch.policy_rewards, again, atol=1e-6)
   # The forward-KL target is the base sample of highest reward among the first n (ties: the lowest index).
-  best_tokens, best_mask = np.asarray(batch.best_tokens), np.asarray(batch.best_mask)
+  best_tokens, best_mask = np.asarray(batch.target_tokens[:, 0]), np.asarray(batch.target_mask[:, 0])
   best_reward = reward.score(CFG, rm_params, best_tokens, (best_tokens != PAD) | best_mask)
   np.testing.assert_allclose(best_reward, np.max(batch.base_rewards[:, :n], axis=-1), atol=1e-5)
   assert np.unique(np.asarray(batch.base_rewards)).size == 12  # no tie makes the pick ambiguous
+  # all_k: the targets are every base sample, in base_rewards' order (the same key draws the same ones).
+  all_k, _ = rollout.bond(frozen, params, params, prompts, prompt_mask, jax.random.key(3), 5, n=n, k=4,
+                          num_policy_samples=2, forward_estimator="all_k")
+  np.testing.assert_array_equal(all_k.base_rewards, batch.base_rewards)
+  targets, target_mask = np.asarray(all_k.target_tokens), np.asarray(all_k.target_mask)
+  assert targets.shape == target_mask.shape == (3, 4, 11)
+  target_rewards = reward.score(CFG, rm_params, targets.reshape(12, 11),
+                                ((targets != PAD) | target_mask).reshape(12, 11))
+  np.testing.assert_allclose(target_rewards.reshape(3, 4), all_k.base_rewards, atol=1e-5)
+  picked = np.take_along_axis(targets, np.argmax(np.asarray(batch.base_rewards)[:, :n], -1)[:, None, None], 1)
+  np.testing.assert_array_equal(picked[:, 0], best_tokens)
 
 
 @jax.jit

@@ -15,7 +15,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bond_jax import objectives as obj
+from bond_jax import best_of_n
 from bond_jax import update as upd
 
 VOCAB, LENGTH = 3, 4
@@ -62,18 +62,23 @@ def exact_kl(logp, logq):
 REF_LOGPROBS = all_logprobs(REF_TABLE)
 
 
-def bond_batch(key, params, base_table, n, k, prompts):
-  """M = 1 policy sample per prompt, k base samples (one pool shared by all prompts: they are all the
-  same prompt here), and the best of n fresh base samples per prompt."""
+def bond_batch(key, params, base_table, n, k, prompts, forward_estimator="best_of_n"):
+  """M = 1 policy sample per prompt and k base samples. best_of_n: one pool shared by all prompts (they are
+  all the same prompt here) for the quantiles, and the best of n fresh base samples per prompt as the
+  forward target; all_k: k base samples per prompt, both the quantiles' pool and the targets."""
   policy_key, pool_key, best_key = jax.random.split(key, 3)
   policy = sample_sequences(policy_key, params, (prompts, 1))
-  pool = jnp.broadcast_to(sample_sequences(pool_key, base_table, (1, k)), (prompts, k))
-  candidates = sample_sequences(best_key, base_table, (prompts, n))
-  best_index, _ = obj.select_best(REWARDS[candidates])
-  best = jnp.take_along_axis(candidates, best_index[:, None], axis=1)[:, 0]
+  if forward_estimator == "all_k":
+    pool = sample_sequences(pool_key, base_table, (prompts, k))
+    targets = pool
+  else:
+    pool = jnp.broadcast_to(sample_sequences(pool_key, base_table, (1, k)), (prompts, k))
+    candidates = sample_sequences(best_key, base_table, (prompts, n))
+    best_index, _ = best_of_n.select_best(REWARDS[candidates])
+    targets = jnp.take_along_axis(candidates, best_index[:, None], axis=1)
   return upd.BondBatch(policy_tokens=ALL_SEQUENCES[policy], policy_mask=jnp.ones(
       (prompts, 1, LENGTH)), policy_rewards=REWARDS[policy], base_rewards=REWARDS[pool],
-                       best_tokens=ALL_SEQUENCES[best], best_mask=jnp.ones((prompts, LENGTH)))
+                       target_tokens=ALL_SEQUENCES[targets], target_mask=jnp.ones(targets.shape + (LENGTH,)))
 
 
 def jbond_batch(key, params, anchor_table, prompts):
@@ -91,7 +96,7 @@ def jbond_batch(key, params, anchor_table, prompts):
 BOND_N, BOND_STEPS, BOND_PROMPTS, BOND_LR = 8, 600, 256, 0.1
 
 
-def bond_trainer(k):
+def bond_trainer(k, forward_estimator="best_of_n", prompts=BOND_PROMPTS):
   """jit(vmap(train)) over (beta, key): returns the exact log pi over all sequences after training."""
   optimizer = upd.make_optimizer(
       upd.OptimizerConfig(learning_rate=BOND_LR, warmup_steps=10, schedule="cosine", decay_steps=BOND_STEPS,
@@ -99,10 +104,12 @@ def bond_trainer(k):
 
   def train(beta, key):
     # beta is traced (vmapped), so validation is skipped here; it is checked in test_step_builders_validate.
-    step = upd.make_bond_step(tabular_logprob, optimizer, n=BOND_N, beta=beta, donate=False)
+    step = upd.make_bond_step(tabular_logprob, optimizer, n=BOND_N, beta=beta, donate=False,
+                              forward_estimator=forward_estimator)
 
     def body(state, key):
-      return step(state, REF_TABLE, bond_batch(key, state.params, REF_TABLE, BOND_N, k, BOND_PROMPTS))
+      return step(state, REF_TABLE,
+                  bond_batch(key, state.params, REF_TABLE, BOND_N, k, prompts, forward_estimator))
 
     state, _ = jax.lax.scan(body, upd.init_train_state(REF_TABLE, optimizer),
                             jax.random.split(key, BOND_STEPS))
@@ -127,7 +134,7 @@ def bond_runs():
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_bond_matches_exact_best_of_n(bond_runs, beta):
-  bon = obj.best_of_n_log_density(REF_LOGPROBS, REWARDS, BOND_N)
+  bon = best_of_n.best_of_n_log_density(REF_LOGPROBS, REWARDS, BOND_N)
   forward, backward, kl_ref_gap = _kl_summary(bond_runs["by_beta"][beta], bon)
   print(f"beta={beta}: KL(BoN||pi)={forward:.4f} KL(pi||BoN)={backward:.4f} "
         f"KL(pi||ref)-KL(BoN||ref)={kl_ref_gap:+.4f}")
@@ -137,7 +144,7 @@ def test_bond_matches_exact_best_of_n(bond_runs, beta):
 
 def test_quantile_sample_count_bias(bond_runs):
   """Backward-only BOND (beta = 1): fewer reference samples k -> a worse fit (Monte-Carlo quantile bias)."""
-  bon = obj.best_of_n_log_density(REF_LOGPROBS, REWARDS, BOND_N)
+  bon = best_of_n.best_of_n_log_density(REF_LOGPROBS, REWARDS, BOND_N)
   table = {}
   print("\n   k  KL(BoN||pi)  KL(pi||BoN)  KL(pi||ref)-KL(BoN||ref)   (beta=1, N=8, mean of 3 seeds)")
   for k in (512, 16, 4):
@@ -148,6 +155,27 @@ def test_quantile_sample_count_bias(bond_runs):
   assert table[16][1] > table[512][1] - 0.002  # monotone-ish: the k = 16 bias is small at N = 8
   # The floor biases p_hat up for low-reward samples, so small k under-optimises: KL(pi||ref) falls short.
   assert table[4][2] < table[512][2] - 0.05
+
+
+# ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def all_k_runs():
+  """forward_estimator all_k, k = 16 samples per prompt, a quarter of the prompts: beta 0 and 0.5."""
+  betas = jnp.array([0.0, 0.5])
+  runs = bond_trainer(16, "all_k", BOND_PROMPTS // 4)(betas, jax.random.split(jax.random.key(3), 2))
+  return dict(zip([0.0, 0.5], runs))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_bond_all_k_matches_exact_best_of_n(all_k_runs, beta):
+  """The weighted forward term (16 samples of pi_ref per prompt, 64 prompts a step) fits Best-of-8 as the
+  best-of-n one does from 256 prompts (test_bond_matches_exact_best_of_n); at beta 0.5 the backward
+  term's k = 16 quantiles leave their small bias (test_quantile_sample_count_bias)."""
+  bon = best_of_n.best_of_n_log_density(REF_LOGPROBS, REWARDS, BOND_N)
+  forward, backward, kl_ref_gap = _kl_summary(all_k_runs[beta], bon)
+  print(f"all_k beta={beta}: KL(BoN||pi)={forward:.4f} KL(pi||BoN)={backward:.4f} "
+        f"KL(pi||ref)-KL(BoN||ref)={kl_ref_gap:+.4f}")
+  assert forward < 0.01 and backward < 0.02 and abs(kl_ref_gap) < 0.05
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -187,7 +215,7 @@ def test_iterative_bond_reaches_best_of_2_to_the_m(iterative_runs, periods):
   step, policy_logprobs, anchor_logprobs, metrics = iterative_runs[periods - 1]
   assert step == periods * ITER_PERIOD
   np.testing.assert_array_equal(policy_logprobs, anchor_logprobs)  # the anchor just moved to the policy
-  bon = obj.best_of_n_log_density(REF_LOGPROBS, REWARDS, obj.iterative_best_of(2, periods))
+  bon = best_of_n.best_of_n_log_density(REF_LOGPROBS, REWARDS, best_of_n.iterative_best_of(2, periods))
   forward, backward, kl_ref_gap = _kl_summary(policy_logprobs, bon)
   print(f"m={periods}: KL(Bo{2**periods}||pi)={forward:.4f} KL(pi||Bo{2**periods})={backward:.4f}")
   assert forward < 0.05 and backward < 0.05 and abs(kl_ref_gap) < 0.05
@@ -206,7 +234,7 @@ JBOND_CHUNK, JBOND_CHUNKS, JBOND_PROMPTS, JBOND_ETA = 50, 6, 256, 0.02
 def jbond_curve():
   optimizer = upd.make_optimizer(upd.OptimizerConfig(learning_rate=0.05, warmup_steps=10, max_grad_norm=0.0))
   step = upd.make_jbond_step(tabular_logprob, optimizer, beta=0.5, gamma=0.5, eta=JBOND_ETA, donate=False)
-  _, ref_quantile = obj.exact_quantiles(REF_LOGPROBS, REWARDS)
+  _, ref_quantile = best_of_n.exact_quantiles(REF_LOGPROBS, REWARDS)
 
   @jax.jit
   def chunk(state, key):

@@ -105,7 +105,8 @@ def test_every_algorithm_trains_the_adapters_only_on_a_frozen_base(algorithm):
   else:
     period = 1 if algorithm == "iterative_bond" else None
     step = update.make_bond_step(fn, optimizer, n=2, beta=0.5, anchor_period=period, **options)
-    batch = update.BondBatch(tokens[:, :2], mask[:, :2], rewards[:, :2], rewards, tokens[:, 2], mask[:, 2])
+    batch = update.BondBatch(tokens[:, :2], mask[:, :2], rewards[:, :2], rewards, tokens[:, 2:3], mask[:,
+                                                                                                       2:3])
   uses_anchor = algorithm in ("jbond", "iterative_bond")
   state = update.init_train_state(adapters, optimizer, adapters if uses_anchor else None)
   new, metrics = step(state, base, batch)
