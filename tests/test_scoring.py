@@ -169,7 +169,9 @@ def test_rows_grouped_by_prompt_share_its_forward_and_score_as_joined_rows():
       params)
   got, want = grad(shared, tokens, row_mask), grad(plain, tokens.reshape(6, -1), row_mask.reshape(6, -1))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    # The shared path sums each prompt's gradient over its 3 responses in one pass, the plain one row by
+    # row: f32 rounding differs by ~1e-5 of the leaf's scale (a wrong gradient differs by ~1e-2 of it).
+    np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max())
 
 
 def test_sequence_logprobs_equal_full_logits_for_every_chunk():
