@@ -13,6 +13,10 @@ these:
   effective N this is also a floor: no policy whose sample has BoN-of-N's quantile law can be closer to
   pi_ref (the quantile is a function of y, and KL cannot grow under a function), so KL above it is spent on
   changes the reward model does not see;
+- for any quantile law, the same floor measured: the KL of the policy's rank law (the count K u) to pi_ref's,
+  uniform on {0..K} (`kl_rank_law`, what the reward sees), and the rest of the per-position KL
+  (`kl_unseen` = kl_policy_ref_exact - kl_rank_law: what the policy changed that no reward difference
+  pays for; Best-of-N's is 0);
 - the response length of Best-of-N of the reference (same estimator as its reward), to tell a policy that
   matches BoN from one that found a cheaper route to the same rewards (e.g. longer responses), and the
   fraction of the policy's, pi_ref's and Best-of-N's responses that run into the max_new_tokens budget
@@ -70,6 +74,21 @@ def quantile_ks(quantiles: np.ndarray, num_reference: int, n: float) -> float:
   empirical = np.searchsorted(np.sort(counts), support, side="right") / len(counts)
   law = scipy.stats.betabinom(num_reference, float(n), 1.0).cdf(support)
   return float(np.max(np.abs(empirical - law)))
+
+
+def rank_law_kl(quantiles: np.ndarray, num_reference: int) -> float:
+  """KL of the law of the rank count c = floor(K u) of quantiles [S] (as quantile_ks counts them) to pi_ref's
+  own, uniform on {0, ..., K} (Beta-binomial(K, 1, 1)): the plug-in sum_c p_c log(p_c (K + 1)) less its
+  Miller-Madow bias (m - 1) / 2S (m: the counts seen), so S samples of pi_ref itself average ~0.
+
+  A lower bound on KL(pi || pi_ref): c is a function of the response given the pool, the pool and the
+  prompt are drawn alike under both, and KL cannot grow under a function or a mixture.
+  """
+  counts = np.floor(np.asarray(quantiles, np.float64) * num_reference + 1e-9).astype(np.int64)
+  p = np.bincount(counts, minlength=num_reference + 1) / len(counts)
+  seen = p > 0
+  plug_in = float(np.sum(p[seen] * np.log(p[seen] * (num_reference + 1))))
+  return plug_in - (int(np.sum(seen)) - 1) / (2 * len(counts))
 
 
 def _best_of_n_table(reference_rewards: np.ndarray, best_of: Sequence[int]) -> dict[str, dict[str, float]]:
@@ -134,6 +153,7 @@ def summarize(policy_rewards: np.ndarray, reference_rewards: np.ndarray, policy_
           float(tracked_n or max(effective_n, 1.0)),
   }
   out["quantile_ks"] = quantile_ks(quantile, reference_rewards.shape[1], out["tracked_n"])
+  out["kl_rank_law"] = rank_law_kl(quantile, reference_rewards.shape[1])
   # and to each Best-of-N law of the table: which one the policy's sample follows, whatever it aims at
   out["quantile_ks_best_of"] = {str(n): quantile_ks(quantile, reference_rewards.shape[1], n) for n in best_of}
   if reference_lengths is not None:
@@ -233,6 +253,7 @@ def evaluate(frozen: FrozenModels, policy_params: Any, prompts: jax.Array, promp
   out = summarize(_host(policy_rewards), reference.rewards, _host(policy_logprobs), _host(parts.ref_logprobs),
                   best_of=best_of, reference_lengths=reference.lengths, tracked_n=tracked_n)
   out.update(_kl_parts(parts))
+  out["kl_unseen"] = out["kl_policy_ref_exact"] - out["kl_rank_law"]
   out["policy_response_length"] = float(jnp.mean(policy.lengths))
   out["reference_response_length"] = float(np.mean(reference.lengths))
   out.update(

@@ -110,6 +110,21 @@ def test_quantile_ks_is_small_for_best_of_n_and_large_for_another_n():
   assert evaluate.quantile_ks(top, 4, 1) == pytest.approx(0.8)
 
 
+def test_rank_law_kl_is_zero_for_pi_ref_and_the_rank_laws_kl_for_best_of_n():
+  """Counts of fresh pi_ref samples are uniform on {0..K}: ~0 after the bias correction; Best-of-4's count
+  is Beta-binomial(K, 4, 1): its exact KL to the uniform (0.593 at K = 32, under Best-of-4's 0.636)."""
+  import scipy.stats
+  rng = np.random.default_rng(0)
+  k, s = 32, 4000
+  assert abs(evaluate.rank_law_kl(rng.integers(0, k + 1, s) / k, k)) < 0.005
+  pmf = scipy.stats.betabinom(k, 4, 1).pmf(np.arange(k + 1))
+  exact = float(np.sum(pmf * np.log(pmf * (k + 1))))
+  assert exact == pytest.approx(0.593, abs=1e-3)
+  assert evaluate.rank_law_kl(rng.binomial(k, rng.beta(4, 1, s)) / k, k) == pytest.approx(exact, abs=0.02)
+  # all mass on one count (every sample tied with all K: u = 1/2, count 16): log(K + 1), no bias term
+  assert evaluate.rank_law_kl(np.full(10, 0.5), k) == pytest.approx(math.log(k + 1), rel=1e-12)
+
+
 def test_the_share_at_the_length_cap_of_the_policy_pi_ref_and_best_of_n():
   import flax.linen as nn
   import jax
@@ -165,3 +180,6 @@ def test_the_share_at_the_length_cap_of_the_policy_pi_ref_and_best_of_n():
   assert out["kl_stopping"] == pytest.approx(float(jnp.mean(stopping)), rel=1e-5)
   assert 0 < out["kl_stopping"] < out["kl_policy_ref_exact"]
   assert abs(out["kl_policy_ref_exact"] - out["kl_policy_ref"]) < 4 * out["kl_policy_ref_stderr"]
+  # what the reward sees: the rank law's KL from the evaluation's own quantiles; the rest is unseen
+  assert out["kl_rank_law"] == evaluate.rank_law_kl(np.asarray(out["policy_quantiles"]), 8)
+  assert out["kl_unseen"] == pytest.approx(out["kl_policy_ref_exact"] - out["kl_rank_law"], abs=1e-12)
