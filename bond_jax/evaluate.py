@@ -62,6 +62,11 @@ def bon_kl_bound(n: float) -> float:
   return math.log(n) - (n - 1) / n
 
 
+def _rank_counts(quantiles: np.ndarray, num_reference: int) -> np.ndarray:
+  """[S] integer counts c = floor(K u) of mid-rank quantiles among K samples (a half-count tie rounds down)."""
+  return np.floor(np.asarray(quantiles, np.float64) * num_reference + 1e-9).astype(np.int64)
+
+
 def quantile_ks(quantiles: np.ndarray, num_reference: int, n: float) -> float:
   """KS distance between quantiles [S] (mid-ranks among K = num_reference samples, in {0, 1/2K, ..., 1})
   and the law of a Best-of-n sample's mid-rank, Beta-binomial(K, n, 1) / K (module doc; n >= 1 real).
@@ -69,7 +74,7 @@ def quantile_ks(quantiles: np.ndarray, num_reference: int, n: float) -> float:
   Both are step functions jumping at the integers c = floor(K u) (a half-count tie rounds down), so the
   largest gap is at one of them.
   """
-  counts = np.floor(np.asarray(quantiles, np.float64) * num_reference + 1e-9)
+  counts = _rank_counts(quantiles, num_reference)
   support = np.arange(num_reference + 1)
   empirical = np.searchsorted(np.sort(counts), support, side="right") / len(counts)
   law = scipy.stats.betabinom(num_reference, float(n), 1.0).cdf(support)
@@ -84,7 +89,7 @@ def rank_law_kl(quantiles: np.ndarray, num_reference: int) -> float:
   A lower bound on KL(pi || pi_ref): c is a function of the response given the pool, the pool and the
   prompt are drawn alike under both, and KL cannot grow under a function or a mixture.
   """
-  counts = np.floor(np.asarray(quantiles, np.float64) * num_reference + 1e-9).astype(np.int64)
+  counts = _rank_counts(quantiles, num_reference)
   p = np.bincount(counts, minlength=num_reference + 1) / len(counts)
   seen = p > 0
   plug_in = float(np.sum(p[seen] * np.log(p[seen] * (num_reference + 1))))

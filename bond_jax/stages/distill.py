@@ -138,7 +138,7 @@ def _ks_to(result: dict[str, Any], shown: list[str]) -> str:
   return " (" + ", ".join(f"BoN-{n} {by_n[n]:.3f}" for n in shown) + ")" if by_n else ""
 
 
-def _unseen(result: dict[str, Any]) -> str:
+def _rank_law(result: dict[str, Any]) -> str:
   """', rank law 0.296': the KL of the policy's rank law, the part the reward sees (evaluate.rank_law_kl; from
   the evaluation's samples, so noisy where they are few), where recorded."""
   return f", rank law {result['kl_rank_law']:.3f}" if "kl_rank_law" in result else ""
@@ -157,7 +157,7 @@ def eval_line(result: dict[str, Any]) -> str:
       f"{result['policy_effective_n']:.2f}) | KL(pi||ref) {result['kl_policy_ref']:.3f} +- "
       f"{result['kl_policy_ref_stderr']:.3f} (BoN at N_eff {result['kl_bon_at_effective_n']:.3f}; per "
       f"position {result['kl_policy_ref_exact']:.3f} +- {result['kl_policy_ref_exact_stderr']:.3f}, on where to "
-      f"stop {result['kl_stopping']:.3f}{_unseen(result)}) | length "
+      f"stop {result['kl_stopping']:.3f}{_rank_law(result)}) | length "
       f"{result['policy_response_length']:.1f} (ref {result['reference_response_length']:.1f}, {lengths})")
   cut = ", ".join(
       f"BoN-{n} {bon[n]['truncated_fraction']:.0%}" for n in shown if "truncated_fraction" in bon[n])
