@@ -17,6 +17,9 @@ VM's speed changes by ~1.5x over minutes (BENCHMARKS.md), so timing one after th
 different machines. The ratios are best over best; "paired" lists each round's ratio of adjacent runs
 (EOS rows: scaled by the last calls' token counts), and their median is the figure that a phase switch
 moves least. Without the vLLM venv one line says so and its columns read n/a.
+EOS rows run ours with --compact_rows=K (default 8: each cache chunk after the first decodes only the
+live rows, gathered into a multiple of R / K; sampling.generate's compact_rows) and report it against the
+same call with finished rows riding along ("compact vs plain", timed in the same alternation).
 Short rows also report forking (one prefill per prompt, shared prompt cache) vs repeating each prompt N
 times, and a floor: the decode steps' weight products alone (q/k/v, o, gate/up, down per layer and the LM
 head, on B * N rows, chained over T - 1 steps in one jitted loop, timed in the same alternation).
@@ -185,7 +188,7 @@ def _new_tokens(generated: np.ndarray, eos_ids) -> int:
   return int(np.where(ended.any(-1), ended.argmax(-1) + 1, generated.shape[-1]).sum())
 
 
-def run_preset(name: str, dtypes, scenarios, peers, repeats: int, threads: int):
+def run_preset(name: str, dtypes, scenarios, peers, repeats: int, threads: int, compact_rows: int):
   import torch
   import transformers
   torch.set_num_threads(threads)
@@ -203,13 +206,13 @@ def run_preset(name: str, dtypes, scenarios, peers, repeats: int, threads: int):
       peer = VllmPeer(model_dir, dtype) if "vllm" in peers else None
       try:
         for scenario in scenarios:  # each row as soon as it is measured
-          yield _time_row(cfg, params, model, peer, dtype, name, scenario, repeats)
+          yield _time_row(cfg, params, model, peer, dtype, name, scenario, repeats, compact_rows)
       finally:
         if peer is not None:
           peer.close()
 
 
-def _time_row(cfg, params, model, peer, dtype, name, scenario: Scenario, repeats):
+def _time_row(cfg, params, model, peer, dtype, name, scenario: Scenario, repeats, compact_rows: int):
   """One table row: transformers, vLLM and ours in `dtype`, timed in alternation (short rows: also ours
   with repeated prompts, and the weight-products floor)."""
   import torch
@@ -233,9 +236,11 @@ def _time_row(cfg, params, model, peer, dtype, name, scenario: Scenario, repeats
   def vllm():
     counts["vllm"] = peer.generate(prompts, scenario, eos_ids)
 
-  def ours(p=prompts, m=mask, samples=n):
+  compact = compact_rows if scenario.eos else 0  # without EOS every row runs to T: nothing to compact
+
+  def ours(p=prompts, m=mask, samples=n, compact=compact):
     out = sampling.generate(cfg_d, params, p, m, jax.random.key(1), num_samples=samples, max_new_tokens=t,
-                            temperature=1.0, eos_ids=eos_ids, pad_id=0)
+                            temperature=1.0, eos_ids=eos_ids, pad_id=0, compact_rows=compact)
     counts["ours"] = int(jnp.sum(out.lengths))
 
   fns = {"ours": ours} if model is None else {"theirs": theirs, "ours": ours}
@@ -245,6 +250,8 @@ def _time_row(cfg, params, model, peer, dtype, name, scenario: Scenario, repeats
     rep_p, rep_m = np.repeat(prompts, n, 0), np.repeat(mask, n, 0)
     fns["repeat"] = lambda: ours(rep_p, rep_m, 1)
     fns["floor"] = weight_products_floor(cfg_d, params, b * n, t - 1, mesh)
+  if compact:  # the same samples with finished rows riding along (compact_rows=0)
+    fns["plain"] = lambda: ours(compact=0)
   times = dict(zip(fns, _alternating_times(list(fns.values()), repeats)))
   best = {k: min(v) for k, v in times.items()}
   rate = lambda side: counts[side] / best[side]
@@ -262,6 +269,8 @@ def _time_row(cfg, params, model, peer, dtype, name, scenario: Scenario, repeats
   if "floor" in best:
     row.update(fork_gain=best["repeat"] / best["ours"], products_share=best["floor"] / best["ours"],
                ceiling=best["theirs"] / best["floor"] if has("theirs") else None)
+  if "plain" in best:
+    row["compact_gain"] = best["plain"] / best["ours"]
   return row
 
 
@@ -274,6 +283,7 @@ def _format(row) -> str:
       f"{optional('vllm', '{:,.0f}'.format)} | {row['ours']:,.0f} | {optional('ratio', '{:.2f}x'.format)} | "
       f"{optional('vllm_ratio', '{:.2f}x'.format)} | "
       f"{np.median(row['paired']) if row['paired'] else float('nan'):.2f}x | {optional('fork_gain', '{:.2f}x'.format)} | "
+      f"{optional('compact_gain', '{:.2f}x'.format)} | "
       f"{row['flops'] / 1e9:.1f} | {row['flops'] / row['peak']:.0%} of {row['peak'] / 1e9:.0f} | "
       f"{optional('products_share', '{:.0%}'.format)} | {optional('ceiling', '{:.2f}x'.format)} | "
       f"{' '.join(f'{r:.2f}' for r in row['paired'])} | "
@@ -311,12 +321,16 @@ def main():
   parser.add_argument("--long_num_samples", type=int, default=16)
   parser.add_argument("--long_prompt_len", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--compact_rows", type=int, default=8,
+                      help="eos rows: ours with sampling.generate(compact_rows=K), timed against K = 0 too")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   parser.add_argument(
       "--cpu_devices", type=int, default=None,
       help="JAX CPU devices to split the host into (default: as the environment sets it, "
       "1 unless XLA_FLAGS says otherwise); ours runs its rows over all devices")
   args = parser.parse_args()
+  if args.compact_rows < 0 or args.compact_rows == 1:
+    parser.error(f"--compact_rows={args.compact_rows} is not allowed: need 0 (off) or an integer >= 2")
   scenarios = _scenarios(args)
   rows = {sc.batch * sc.num_samples for sc in scenarios}
   devices = args.cpu_devices if args.cpu_devices is not None else jax.device_count()
@@ -338,12 +352,13 @@ def main():
         f"{jax.devices()[0].device_kind}, torch threads {args.threads}; peers: {', '.join(peers)}")
   header = (
       "| preset | compute | rows | transformers tok/s | vLLM tok/s | bond_jax tok/s | vs transformers | "
-      "vs vLLM | paired median | fork vs repeat | decode GFLOP/s | of matmul peak | products share | "
+      "vs vLLM | paired median | fork vs repeat | compact vs plain | decode GFLOP/s | of matmul peak | products share | "
       "ceiling | paired ratios | vLLM paired ratios |")
   print(header)
   print("|---" * (header.count("|") - 1) + "|")
   for name in args.presets.split(","):
-    for row in run_preset(name, args.dtypes.split(","), scenarios, peers, args.repeats, args.threads):
+    for row in run_preset(name, args.dtypes.split(","), scenarios, peers, args.repeats, args.threads,
+                          args.compact_rows):
       print(_format(row), flush=True)
 
 

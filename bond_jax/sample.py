@@ -36,6 +36,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 =
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k likeliest tokens (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, in (0, 1] (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_COMPACT_ROWS = flags.DEFINE_integer(
+    "compact_rows", 0, "0 = off; K >= 2: decode only the responses still running, gathered into multiples "
+    "of 1/K of the rows (faster when many stop early; more to compile).")
 flags.mark_flags_as_required(["model"])
 
 SPECIAL_IDS = ("bos", "eos", "pad")
@@ -123,7 +126,8 @@ def check_inputs() -> tuple[np.ndarray, Any, ModelConfig, dict, ModelConfig | No
   """Every check of the module docstring, before any weight is read: (prompt [1, P] int32, tokenizer,
   cfg, special ids, reward model cfg or None)."""
   sampling.validate_sampling(num_samples=_NUM_SAMPLES.value, max_new_tokens=_MAX_NEW_TOKENS.value,
-                             temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
+                             temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                             compact_rows=_COMPACT_ROWS.value)
   cfg, ids = model_config(_MODEL.value, "lm")
   rm_cfg = None
   if _REWARD_MODEL.value is not None:
@@ -150,7 +154,7 @@ def main(argv):
       sampling.generate(cfg, params, prompt, mask, jax.random.key(_SEED.value),
                         num_samples=_NUM_SAMPLES.value, max_new_tokens=_MAX_NEW_TOKENS.value,
                         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, eos_ids=eos,
-                        pad_id=pad))
+                        pad_id=pad, compact_rows=_COMPACT_ROWS.value))
   if rm_cfg is not None:
     rm_params, rm_cfg = hf.import_params(_REWARD_MODEL.value, mesh, kind="reward")
     rewards = np.asarray(scoring.rewards(rm_cfg, rm_params, prompt, mask, out.tokens, out.mask))[0]

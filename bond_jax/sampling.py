@@ -77,8 +77,8 @@ class Samples(NamedTuple):
 # Validation and bucketing (host side, before anything is traced).
 
 
-def validate_sampling(*, num_samples: int, max_new_tokens: int, temperature: float, top_k: int,
-                      top_p: float) -> None:
+def validate_sampling(*, num_samples: int, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                      compact_rows: int = 0) -> None:
   """One-line ValueErrors naming the bad value and what is allowed."""
   if int(num_samples) != num_samples or num_samples < 1:
     raise ValueError(f"num_samples={num_samples} is not allowed: need an integer >= 1")
@@ -90,6 +90,10 @@ def validate_sampling(*, num_samples: int, max_new_tokens: int, temperature: flo
     raise ValueError(f"top_k={top_k} is not allowed: need an integer >= 0 (0 = no top-k truncation)")
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p={top_p} is not allowed: need 0 < top_p <= 1 (1 = no nucleus truncation)")
+  if int(compact_rows) != compact_rows or compact_rows < 0 or compact_rows == 1:
+    raise ValueError(
+        f"compact_rows={compact_rows} is not allowed: need 0 (off) or an integer >= 2 (live rows "
+        f"gathered into multiples of R / compact_rows)")
 
 
 def bucket_length(length: int, limit: int | None = None) -> int:
@@ -288,40 +292,86 @@ def _emit(state, step, chosen, eos_mask, pad_id):
               last=tokens, done=state["done"] | (live & eos_mask[tokens]))
 
 
-def _decode_chunks(cfg: ModelConfig, weights, prompt_cache, rope, row_lengths, state, emit, *, steps: int,
-                   num_samples: int):
+def compact_sizes(rows: int, steps: int, shards: int = 1) -> list[int]:
+  """Row counts below R, largest first, that a compacting chunk may gather its live rows into: the
+  multiples of R / steps, each a whole number of rows per batch shard so that the gathered rows stay split
+  over the devices (fewer sizes where R does not divide so)."""
+  sizes = {rows * j // steps for j in range(1, steps) if rows * j % steps == 0}
+  return sorted((size for size in sizes if size % shards == 0), reverse=True)
+
+
+def _run_chunk(cfg, weights, prompt_cache, rope, row_lengths, state, uniforms, emit, earlier, span, slots,
+               num_samples):
+  """One chunk's lax.while_loop over steps span = [start, stop), stopping once every row is done:
+  (state, the chunk's block). Rows: state's; row r decodes from prompt r // num_samples of prompt_cache."""
+  start, stop = span
+
+  def cond(carry):
+    step, _, state = carry
+    return (step <= stop) & ~jnp.all(state["done"])
+
+  def body(carry):
+    step, block, state = carry
+    logits, block = decode.step(cfg, weights, rope, prompt_cache, earlier, block, state["last"],
+                                row_lengths + step - 1, step - 1 - start, num_samples)
+    return step + 1, block, emit(state, step, logits, uniforms)
+
+  block = decode.empty_block(cfg, row_lengths.shape[0], slots)
+  _, block, state = jax.lax.while_loop(cond, body, (jnp.int32(start + 1), block, state))
+  return state, block
+
+
+def _compacted_chunk(cfg, weights, prompt_cache, rope, row_lengths, state, uniforms, emit, earlier, span,
+                     slots, num_samples, size):
+  """_run_chunk on `size` rows: every live row (and done ones to fill up), gathered with their prompt
+  cache, earlier blocks, uniforms and outputs, then scattered back. A done row left out keeps what it
+  has: padding from its EOS on, which is all a later step would write for it."""
+  rows = row_lengths.shape[0]
+  order = jnp.argsort(state["done"], stable=True)[:size]  # live rows first (False sorts before True)
+  take = lambda x: jnp.take(x, order, axis=0)
+  sub_state, sub_block = _run_chunk(cfg, weights, decode.prompt_rows(cfg, prompt_cache,
+                                                                     order // num_samples), rope,
+                                    take(row_lengths), jax.tree.map(take, state), take(uniforms), emit,
+                                    [decode.block_rows(cfg, b, order) for b in earlier], span, slots, 1)
+  state = jax.tree.map(lambda full, part: full.at[order].set(part), state, sub_state)
+  return state, decode.put_block_rows(cfg, decode.empty_block(cfg, rows, slots), order, sub_block)
+
+
+def _decode_chunks(cfg: ModelConfig, weights, prompt_cache, rope, row_lengths, state, uniforms, emit, *,
+                   steps: int, num_samples: int, compact: int):
   """Steps 1..T-1 as one lax.while_loop per chunk (decode.chunks), each stopping once every row is done.
 
   Step s feeds token s-1 (cache slot s-1, position prompt_length + s - 1) and samples token s. A chunk's
   block is carried and written in place; finished blocks are loop invariants of the later chunks.
+  compact: K > 0: chunks after the first run only the rows they must (the smallest of compact_sizes(R, K)
+  holding the live rows; lax.switch over compiled loops), each reading its own copy of its prompt's cache.
   """
   slots, spans = decode.chunks(steps - 1)
+  rows = row_lengths.shape[0]
+  sizes = compact_sizes(rows, compact, sharding.logical_size("act_batch")) if compact else []
   finished = []
-  for start, stop in spans:
-
-    def cond(carry, stop=stop):
-      step, _, state = carry
-      return (step <= stop) & ~jnp.all(state["done"])
-
-    def body(carry, start=start, earlier=list(finished)):
-      step, block, state = carry
-      logits, block = decode.step(cfg, weights, rope, prompt_cache, earlier, block, state["last"],
-                                  row_lengths + step - 1, step - 1 - start, num_samples)
-      return step + 1, block, emit(state, step, logits)
-
-    block = decode.empty_block(cfg, row_lengths.shape[0], slots)
-    _, block, state = jax.lax.while_loop(cond, body, (jnp.int32(start + 1), block, state))
+  for c, span in enumerate(spans):
+    args = (cfg, weights, prompt_cache, rope, row_lengths, state, uniforms, emit, list(finished), span, slots,
+            num_samples)
+    if c == 0 or not sizes:
+      state, block = _run_chunk(*args)
+    else:
+      live = rows - jnp.sum(state["done"], dtype=jnp.int32)
+      branch = sum((live <= size).astype(jnp.int32) for size in sizes)  # 0: all rows; i: sizes[i - 1]
+      variants = [lambda: _run_chunk(*args)
+                 ] + [functools.partial(lambda size: _compacted_chunk(*args, size), size) for size in sizes]
+      state, block = jax.lax.switch(branch, variants)
     finished.append(block)
   return state
 
 
 def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, temperature, top_p, eos_mask,
                    pad_id, *, num_samples: int, max_new_tokens: int, mode: dict[str, Any], fuse: bool,
-                   merge_adapters: bool = True) -> Samples:
+                   merge_adapters: bool = True, compact: int = 0) -> Samples:
   """The jitted generate. temperature, top_p: float32 []; eos_mask [V] bool; pad_id int32 [] (traced, so
   changing them does not recompile); mode: _static_mode's decisions (compiled in); fuse: see
   decode.fuse_layer; merge_adapters: fold LoRA adapters (if params carry any) into the weights once here,
-  else apply their product at every step (models/lora.py)."""
+  else apply their product at every step (models/lora.py); compact: see _decode_chunks."""
   TRACE_COUNT["generate"] += 1
   batch, width = prompts.shape
   rows, steps = batch * num_samples, max_new_tokens
@@ -334,17 +384,27 @@ def _generate_body(cfg: ModelConfig, params: Any, prompts, prompt_mask, rng, tem
     # and holds every copy at once (fsdp 8, 3 chunks: 58 -> 31 MiB temp per device; BENCHMARKS.md)
     weights = jax.tree.map(lambda w: sharding.constrain(w, (None,) * w.ndim), weights)
   uniforms = sharding.constrain(row_uniforms(rng, rows, steps), ("act_batch", None))
-  emit = lambda state, step, logits: _emit(
+  emit = lambda state, step, logits, uniforms: _emit(
       state, step, _choose(logits, uniforms[:, step], temperature, top_p, **mode), eos_mask, pad_id)
-  state = emit(_empty_state(rows, steps, pad_id), 0, jnp.repeat(first_logits, num_samples, axis=0))
+  state = emit(_empty_state(rows, steps, pad_id), 0, jnp.repeat(first_logits, num_samples, axis=0), uniforms)
   row_lengths = jnp.repeat(jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32), num_samples)
   state = _decode_chunks(cfg, weights, prompt_cache, decode.rope_by_position(cfg, width + steps), row_lengths,
-                         state, emit, steps=steps, num_samples=num_samples)
+                         state, uniforms, emit, steps=steps, num_samples=num_samples, compact=compact)
   shape = (batch, num_samples, steps)
   return Samples(tokens=state["tokens"].reshape(shape), mask=state["mask"].reshape(shape),
                  lengths=jnp.sum(state["mask"], axis=-1, dtype=jnp.int32).reshape(shape[:2]),
                  sample_logprobs=state["sample_lp"].reshape(shape),
                  model_logprobs=state["model_lp"].reshape(shape))
+
+
+def _eos_mask(cfg: ModelConfig, eos_ids: Sequence[int]) -> np.ndarray:
+  """[V] bool, True at the ids that end a response (one-line ValueError for an id outside the vocabulary)."""
+  bad = [int(i) for i in eos_ids if not 0 <= int(i) < cfg.vocab_size]
+  if bad:
+    raise ValueError(f"eos id {bad[0]} is not allowed: need 0 <= id < vocab_size={cfg.vocab_size}")
+  eos_mask = np.zeros(cfg.vocab_size, bool)
+  eos_mask[list(eos_ids)] = True
+  return eos_mask
 
 
 def _mesh_of(params: Any, mesh: Mesh | None) -> Mesh:
@@ -360,8 +420,8 @@ def _mesh_of(params: Any, mesh: Mesh | None) -> Mesh:
 
 @functools.lru_cache(maxsize=None)
 def _jitted_generate(cfg: ModelConfig, mesh: Mesh, batch: int, num_samples: int, max_new_tokens: int,
-                     mode: tuple[tuple[str, Any],
-                                 ...], adapters: tuple[Any, ...] = (), merge_adapters: bool = True):
+                     mode: tuple[tuple[str, Any], ...], adapters: tuple[Any, ...] = (),
+                     merge_adapters: bool = True, compact: int = 0):
   """One jax.jit per (config, mesh, static options, batch, adapter layout: lora.layout); jit's own cache
   keys the prompt bucket."""
   axes = params_lib.logical_axes(cfg, "lm")
@@ -372,8 +432,8 @@ def _jitted_generate(cfg: ModelConfig, mesh: Mesh, batch: int, num_samples: int,
   out_3d = sharding.fitted(mesh, (batch, num_samples, 1), ("act_batch", None, None))
   out_2d = sharding.fitted(mesh, (batch, num_samples), ("act_batch", None))
   body = functools.partial(_generate_body, cfg, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                           mode=dict(mode), fuse=mesh.shape.get("tensor",
-                                                                1) == 1, merge_adapters=merge_adapters)
+                           mode=dict(mode), fuse=mesh.shape.get("tensor", 1) == 1,
+                           merge_adapters=merge_adapters, compact=compact)
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(body, in_shardings=(param_shardings, prompt_sharding, prompt_sharding) + (replicated,) * 5,
                  out_shardings=Samples(out_3d, out_3d, out_2d, out_3d, out_3d))
@@ -382,8 +442,8 @@ def _jitted_generate(cfg: ModelConfig, mesh: Mesh, batch: int, num_samples: int,
 def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
              num_samples: int, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0, mesh: Mesh | None = None,
-             prompt_width: int | None = None, merge_adapters: bool = True,
-             prompts_checked: bool = False) -> Samples:
+             prompt_width: int | None = None, merge_adapters: bool = True, prompts_checked: bool = False,
+             compact_rows: int = 0) -> Samples:
   """Sample N responses per prompt.
 
   Args:
@@ -403,14 +463,17 @@ def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax
     prompts_checked: the caller has run `check_prompts` on this batch with this max_new_tokens (the
       trainer does, on each host batch before placing it); needs prompt_width. Nothing is then read back
       from the device: a rollout's steps are dispatched without waiting on each other.
-  Compiles once per (cfg, mesh, B, N, T, prompt bucket, top_k, and whether temperature is 0 or 1 and
-  top_p < 1); the values of temperature, top_p, eos_ids and pad_id are traced and never recompile.
+    compact_rows: 0 = off (finished rows ride along). K >= 2: chunks after the first decode only the live
+      rows, in the fewest multiple of R / K rows that holds them (_decode_chunks): the same samples, faster
+      where many responses end early, up to K - 1 more compiled loops per chunk (BENCHMARKS.md, eos rows).
+  Compiles once per (cfg, mesh, B, N, T, prompt bucket, top_k, compact_rows, and whether temperature is 0
+  or 1 and top_p < 1); the values of temperature, top_p, eos_ids and pad_id are traced and never recompile.
   Returns:
     Samples with [B, N, T] arrays (see `Samples`: sample_logprobs is the sampled distribution,
     model_logprobs the temperature-1, untruncated log pi).
   """
   validate_sampling(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_k=top_k, top_p=top_p)
+                    top_k=top_k, top_p=top_p, compact_rows=compact_rows)
   if prompts_checked and prompt_width is None:
     raise ValueError("prompts_checked=True needs prompt_width (the checked batch's width)")
   host = lambda x, dtype: x if isinstance(x, jax.Array) else np.asarray(x, dtype)  # checked where it is
@@ -425,14 +488,10 @@ def generate(cfg: ModelConfig, params: Any, prompts: jax.Array, prompt_mask: jax
     width = int(prompt_width)
   prompts, prompt_mask = _fit_width(prompts, prompt_mask, width)
   mesh = _mesh_of(params, mesh)
-  bad = [int(i) for i in eos_ids if not 0 <= int(i) < cfg.vocab_size]
-  if bad:
-    raise ValueError(f"eos id {bad[0]} is not allowed: need 0 <= id < vocab_size={cfg.vocab_size}")
-  eos_mask = np.zeros(cfg.vocab_size, bool)
-  eos_mask[list(eos_ids)] = True
+  eos_mask = _eos_mask(cfg, eos_ids)
   fn = _jitted_generate(cfg, mesh, prompts.shape[0], int(num_samples), int(max_new_tokens),
                         tuple(sorted(_static_mode(temperature, top_k, top_p).items())), lora.layout(params),
-                        bool(merge_adapters))
+                        bool(merge_adapters), int(compact_rows))
   # jit refuses committed arguments on another layout (e.g. prompts replicated over a multi-process mesh)
   prompts, prompt_mask = jax.device_put((prompts, prompt_mask),
                                         sharding.fitted(mesh, (prompts.shape[0], 1), ("act_batch", None)))

@@ -95,6 +95,13 @@ def local_shape(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: 
       dim // _mesh_size(mesh, _RULES[name] if name else None) for dim, name in zip(shape, logical_axes))
 
 
+def logical_size(name: str, mesh: Any | None = None) -> int:
+  """How many ways a dimension named `name` is split over mesh (default: the current jax.set_mesh one; 1
+  outside any)."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  return 1 if getattr(mesh, "empty", False) else _mesh_size(mesh, _RULES[name])
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names; a no-op outside a mesh (jax.set_mesh) context.
 

@@ -23,10 +23,12 @@ def _rows(stdout):
 
 
 def test_sampling_bench_times_both_sides_on_two_cpu_devices():
-  out = _bench("bench.sampling", *MICRO, "--cpu_devices=2")
+  out = _bench("bench.sampling", *MICRO[:-2], "--scenarios=short,eos", "--peers=transformers",
+               "--cpu_devices=2")
   assert out.returncode == 0, out.stderr[-2000:]
   assert "ours on 2 x cpu" in out.stdout
-  (row,) = _rows(out.stdout)
+  row, eos_row = _rows(out.stdout)
+  assert row[10] == "n/a" and float(eos_row[10].rstrip("x")) > 0  # compact vs plain: EOS rows only
   theirs, ours = (float(row[i].replace(",", "")) for i in (3, 5))
   ratio = float(row[6].rstrip("x"))
   assert row[4] == row[7] == "n/a"  # vLLM not asked for
@@ -35,7 +37,7 @@ def test_sampling_bench_times_both_sides_on_two_cpu_devices():
   # alone moves ours / theirs by up to 0.5 / theirs + 0.5 / ours relative (15 tok/s on a loaded machine)
   rounding = 0.5 / theirs + 0.5 / ours
   assert abs(ratio - ours / theirs) <= 0.01 + (0.01 + rounding) * ratio
-  assert float(row[12].rstrip("%")) > 0  # products share: the floor ran on the same mesh
+  assert float(row[13].rstrip("%")) > 0  # products share: the floor ran on the same mesh
 
 
 def test_sampling_bench_refuses_a_device_count_that_does_not_split_the_rows():

@@ -131,6 +131,7 @@ def test_sample_bad_inputs(models):
       ([policy, ids, "--temperature=-1"], "temperature=-1.0 is not allowed"),
       ([policy, ids, "--top_p=1.5"], "top_p=1.5 is not allowed"),
       ([policy, ids, "--top_k=-1"], "top_k=-1 is not allowed"),
+      ([policy, ids, "--compact_rows=1"], "compact_rows=1 is not allowed: need 0 (off) or an integer >= 2"),
       ([policy, "--prompt_ids=5,six"], "--prompt_ids='5,six' is not comma-separated integers"),
       ([policy, f"--prompt_ids=5,{VOCAB}"], f"prompt token id {VOCAB} is outside the vocabulary of --model"),
       ([policy, f"--reward_model={models['policy']}", ids

@@ -270,6 +270,55 @@ def test_every_family_samples_the_same_on_one_device_and_the_8_device_mesh(name)
   np.testing.assert_allclose(np.asarray(single.model_logprobs), np.asarray(multi.model_logprobs), atol=1e-5)
 
 
+def test_compact_sizes_are_whole_multiples_of_r_over_k_per_batch_shard():
+  assert sampling.compact_sizes(64, 8) == [56, 48, 40, 32, 24, 16, 8]
+  assert sampling.compact_sizes(16, 8, shards=4) == [12, 8, 4]
+  assert sampling.compact_sizes(12, 8) == [9, 6, 3]  # 12 * j / 8 whole for even j only
+  assert sampling.compact_sizes(64, 2) == [32]
+  assert sampling.compact_sizes(3, 2) == []
+
+
+# Compaction runs from the second cache chunk on (16 slots each), so 40 new tokens: three chunks.
+COMPACT_KWARGS = dict(num_samples=4, max_new_tokens=40, temperature=1.0, eos_ids=EOS_IDS, pad_id=PAD)
+
+
+def _assert_compaction_ran(lengths, rows: int):
+  """Enough rows ended by the second chunk for a compacted variant to run, and some rows outlived it."""
+  live = int((np.asarray(lengths) > 17).sum())
+  assert 0 < live <= rows // 2, live
+
+
+def test_compacting_finished_rows_gives_the_same_samples():
+  """Gathering the live rows (their prompt cache, blocks, uniforms, outputs) into fewer rows changes no
+  sample: every row is decoded by the same math, only its prompt read is per row once compacted. Scanned
+  layers, mixed sliding and full ones (the windows' masks are the same for every row); the unrolled llama
+  below, on the 8-device mesh."""
+  cfg, k = ModelConfig(**FAMILY_CASES["gemma3_scanned"]), 2
+  params = _params(cfg)
+  prompts, mask = _prompts(6, lengths=(4, 9, 1, 6), width=9)
+  plain = sampling.generate(cfg, params, prompts, mask, jax.random.key(7), **COMPACT_KWARGS)
+  compact = sampling.generate(cfg, params, prompts, mask, jax.random.key(7), compact_rows=k, **COMPACT_KWARGS)
+  _assert_compaction_ran(plain.lengths, 16)
+  for field in ("tokens", "mask", "lengths"):
+    np.testing.assert_array_equal(np.asarray(getattr(plain, field)), np.asarray(getattr(compact, field)))
+  for field in ("sample_logprobs", "model_logprobs"):
+    np.testing.assert_allclose(np.asarray(getattr(plain, field)), np.asarray(getattr(compact, field)),
+                               atol=1e-5)
+
+
+def test_compacting_on_the_8_device_mesh_gives_the_one_device_samples(llama):
+  cfg, params = llama
+  prompts, mask = _prompts(6, lengths=(4, 9, 1, 6), width=9)
+  single = sampling.generate(cfg, params, prompts, mask, jax.random.key(7), **COMPACT_KWARGS)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  placed = sharding.place(params, params_lib.logical_axes(cfg, "lm"), mesh)
+  multi = sampling.generate(cfg, placed, prompts, mask, jax.random.key(7), compact_rows=4, **COMPACT_KWARGS)
+  assert multi.tokens.sharding.mesh.size == 8
+  _assert_compaction_ran(single.lengths, 16)
+  np.testing.assert_array_equal(np.asarray(single.tokens), np.asarray(multi.tokens))
+  np.testing.assert_allclose(np.asarray(single.model_logprobs), np.asarray(multi.model_logprobs), atol=1e-5)
+
+
 def test_samples_do_not_depend_on_padding_or_batch_mates(llama, sampled):
   cfg, params = llama
   prompts, mask, out = sampled
@@ -335,6 +384,7 @@ def test_a_fixed_prompt_width_compiles_once_and_gives_the_same_samples(llama, sa
     (dict(num_samples=0), r"num_samples=0 is not allowed: need an integer >= 1"),
     (dict(top_p=0.0), r"top_p=0.0 is not allowed: need 0 < top_p <= 1"),
     (dict(top_p=1.5), r"top_p=1.5 is not allowed: need 0 < top_p <= 1"),
+    (dict(compact_rows=1), r"compact_rows=1 is not allowed: need 0 \(off\) or an integer >= 2"),
     (dict(top_k=-1), r"top_k=-1 is not allowed: need an integer >= 0"),
     (dict(temperature=-0.5), r"temperature=-0.5 is not allowed: need temperature >= 0"),
     (dict(max_new_tokens=0), r"max_new_tokens=0 is not allowed: need an integer >= 1"),

@@ -199,6 +199,31 @@ def empty_block(cfg: ModelConfig, rows: int, slots: int) -> dict[str, Any]:
   return {"k": [zeros() for _ in range(cfg.num_layers)], "v": [zeros() for _ in range(cfg.num_layers)]}
 
 
+def _row_axis(cfg: ModelConfig) -> int:
+  return 1 if cfg.scan_layers else 0  # stacked [L, R, ...] or a list of [R, ...] per layer
+
+
+def prompt_rows(cfg: ModelConfig, cache: PromptCache, prompt_index: jax.Array) -> PromptCache:
+  """A PromptCache with one row per entry of prompt_index [R'] (prompt_index[r] = the prompt row r decodes
+  from): the layout a step with num_samples = 1 reads, for rows that no longer come N to a prompt."""
+  take = lambda x: jnp.take(x, prompt_index, axis=_row_axis(cfg))
+  return PromptCache(k=jax.tree.map(take, cache.k), v=jax.tree.map(take, cache.v),
+                     valid=jnp.take(cache.valid, prompt_index, axis=0))
+
+
+def block_rows(cfg: ModelConfig, block: dict[str, Any], index: jax.Array) -> dict[str, Any]:
+  """Rows index [R'] of a generated block (empty_block's layout)."""
+  return jax.tree.map(lambda x: jnp.take(x, index, axis=_row_axis(cfg)), block)
+
+
+def put_block_rows(cfg: ModelConfig, block: dict[str, Any], index: jax.Array,
+                   rows: dict[str, Any]) -> dict[str, Any]:
+  """block with its rows index [R'] (distinct) replaced by those of `rows` (block_rows' inverse)."""
+  if cfg.scan_layers:
+    return jax.tree.map(lambda full, part: full.at[:, index].set(part), block, rows)
+  return jax.tree.map(lambda full, part: full.at[index].set(part), block, rows)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The step (inside the loop).
 
