@@ -329,8 +329,10 @@ def main():
       help="JAX CPU devices to split the host into (default: as the environment sets it, "
       "1 unless XLA_FLAGS says otherwise); ours runs its rows over all devices")
   args = parser.parse_args()
-  if args.compact_rows < 0 or args.compact_rows == 1:
-    parser.error(f"--compact_rows={args.compact_rows} is not allowed: need 0 (off) or an integer >= 2")
+  try:
+    sampling.check_compact_rows(args.compact_rows, "--compact_rows")
+  except ValueError as e:
+    parser.error(str(e))
   scenarios = _scenarios(args)
   rows = {sc.batch * sc.num_samples for sc in scenarios}
   devices = args.cpu_devices if args.cpu_devices is not None else jax.device_count()

@@ -90,10 +90,13 @@ def validate_sampling(*, num_samples: int, max_new_tokens: int, temperature: flo
     raise ValueError(f"top_k={top_k} is not allowed: need an integer >= 0 (0 = no top-k truncation)")
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p={top_p} is not allowed: need 0 < top_p <= 1 (1 = no nucleus truncation)")
+  check_compact_rows(compact_rows)
+
+
+def check_compact_rows(compact_rows: int, name: str = "compact_rows") -> None:
+  """One-line ValueError unless compact_rows is 0 (off) or an integer K >= 2 (see generate)."""
   if int(compact_rows) != compact_rows or compact_rows < 0 or compact_rows == 1:
-    raise ValueError(
-        f"compact_rows={compact_rows} is not allowed: need 0 (off) or an integer >= 2 (live rows "
-        f"gathered into multiples of R / compact_rows)")
+    raise ValueError(f"{name}={compact_rows} is not allowed: need 0 (off) or an integer >= 2")
 
 
 def bucket_length(length: int, limit: int | None = None) -> int:
@@ -293,9 +296,8 @@ def _emit(state, step, chosen, eos_mask, pad_id):
 
 
 def compact_sizes(rows: int, steps: int, shards: int = 1) -> list[int]:
-  """Row counts below R, largest first, that a compacting chunk may gather its live rows into: the
-  multiples of R / steps, each a whole number of rows per batch shard so that the gathered rows stay split
-  over the devices (fewer sizes where R does not divide so)."""
+  """Row counts below R, largest first, that a compacting chunk may gather its live rows into: multiples of
+  R / steps, each whole per batch shard so that the gathered rows stay split over the devices."""
   sizes = {rows * j // steps for j in range(1, steps) if rows * j % steps == 0}
   return sorted((size for size in sizes if size % shards == 0), reverse=True)
 
@@ -323,18 +325,17 @@ def _run_chunk(cfg, weights, prompt_cache, rope, row_lengths, state, uniforms, e
 
 def _compacted_chunk(cfg, weights, prompt_cache, rope, row_lengths, state, uniforms, emit, earlier, span,
                      slots, num_samples, size):
-  """_run_chunk on `size` rows: every live row (and done ones to fill up), gathered with their prompt
-  cache, earlier blocks, uniforms and outputs, then scattered back. A done row left out keeps what it
-  has: padding from its EOS on, which is all a later step would write for it."""
-  rows = row_lengths.shape[0]
+  """_run_chunk on `size` rows: the live ones (done ones fill up), gathered with their prompt cache, blocks,
+  uniforms and outputs, then scattered back. A done row left out keeps its padding, all it would get."""
   order = jnp.argsort(state["done"], stable=True)[:size]  # live rows first (False sorts before True)
   take = lambda x: jnp.take(x, order, axis=0)
-  sub_state, sub_block = _run_chunk(cfg, weights, decode.prompt_rows(cfg, prompt_cache,
-                                                                     order // num_samples), rope,
-                                    take(row_lengths), jax.tree.map(take, state), take(uniforms), emit,
-                                    [decode.block_rows(cfg, b, order) for b in earlier], span, slots, 1)
+  cache = decode.prompt_rows(cfg, prompt_cache, order // num_samples)
+  earlier = [decode.block_rows(cfg, b, order) for b in earlier]
+  sub_state, sub_block = _run_chunk(cfg, weights, cache, rope, take(row_lengths), jax.tree.map(take, state),
+                                    take(uniforms), emit, earlier, span, slots, 1)
   state = jax.tree.map(lambda full, part: full.at[order].set(part), state, sub_state)
-  return state, decode.put_block_rows(cfg, decode.empty_block(cfg, rows, slots), order, sub_block)
+  block = decode.empty_block(cfg, row_lengths.shape[0], slots)
+  return state, decode.put_block_rows(cfg, block, order, sub_block)
 
 
 def _decode_chunks(cfg: ModelConfig, weights, prompt_cache, rope, row_lengths, state, uniforms, emit, *,
@@ -347,8 +348,8 @@ def _decode_chunks(cfg: ModelConfig, weights, prompt_cache, rope, row_lengths, s
   holding the live rows; lax.switch over compiled loops), each reading its own copy of its prompt's cache.
   """
   slots, spans = decode.chunks(steps - 1)
-  rows = row_lengths.shape[0]
-  sizes = compact_sizes(rows, compact, sharding.logical_size("act_batch")) if compact else []
+  rows, shards = row_lengths.shape[0], sharding.logical_size("act_batch")
+  sizes = compact_sizes(rows, compact, shards) if compact else []
   finished = []
   for c, span in enumerate(spans):
     args = (cfg, weights, prompt_cache, rope, row_lengths, state, uniforms, emit, list(finished), span, slots,
@@ -358,9 +359,8 @@ def _decode_chunks(cfg: ModelConfig, weights, prompt_cache, rope, row_lengths, s
     else:
       live = rows - jnp.sum(state["done"], dtype=jnp.int32)
       branch = sum((live <= size).astype(jnp.int32) for size in sizes)  # 0: all rows; i: sizes[i - 1]
-      variants = [lambda: _run_chunk(*args)
-                 ] + [functools.partial(lambda size: _compacted_chunk(*args, size), size) for size in sizes]
-      state, block = jax.lax.switch(branch, variants)
+      variants = [functools.partial(_compacted_chunk, *args, size) for size in sizes]
+      state, block = jax.lax.switch(branch, [functools.partial(_run_chunk, *args)] + variants)
     finished.append(block)
   return state
 

@@ -219,9 +219,8 @@ def block_rows(cfg: ModelConfig, block: dict[str, Any], index: jax.Array) -> dic
 def put_block_rows(cfg: ModelConfig, block: dict[str, Any], index: jax.Array,
                    rows: dict[str, Any]) -> dict[str, Any]:
   """block with its rows index [R'] (distinct) replaced by those of `rows` (block_rows' inverse)."""
-  if cfg.scan_layers:
-    return jax.tree.map(lambda full, part: full.at[:, index].set(part), block, rows)
-  return jax.tree.map(lambda full, part: full.at[index].set(part), block, rows)
+  where = (slice(None),) * _row_axis(cfg) + (index,)
+  return jax.tree.map(lambda full, part: full.at[where].set(part), block, rows)
 
 
 # ---------------------------------------------------------------------------------------------------------
