@@ -109,13 +109,13 @@ class OptimizerConfig:
   @classmethod
   def from_section(cls, section: Any, total_steps: int) -> "OptimizerConfig":
     """The optimizer of a config section (config.sft, config.reward_training or config.optimizer: each has
-    learning_rate, warmup_steps, schedule, end_lr_fraction, b1, b2, weight_decay, clip_norm). The schedule
+    learning_rate, warmup_steps, schedule, end_lr_fraction, b1, b2, eps, weight_decay, clip_norm). The schedule
     decays over the steps after warm-up; warm-up is capped at the stage's steps."""
     warmup = min(int(section.warmup_steps), total_steps)
     return cls(learning_rate=section.learning_rate, warmup_steps=warmup, schedule=section.schedule,
                decay_steps=max(total_steps - warmup,
                                0), end_lr_fraction=section.end_lr_fraction, b1=section.b1, b2=section.b2,
-               weight_decay=section.weight_decay, max_grad_norm=section.clip_norm)
+               eps=section.eps, weight_decay=section.weight_decay, max_grad_norm=section.clip_norm)
 
 
 SCHEDULES = ("constant", "cosine", "linear")

@@ -12,7 +12,7 @@ What it checks, by section:
                    steps / log_every / eval_every / checkpoint_every / keep_checkpoints / max_bad_steps
                    >= 1; batch sizes divide over processes and the mesh's batch axes (with grad_accum_steps);
   sft, reward_training, optimizer
-                   learning_rate > 0, warmup_steps >= 0, schedule, b1 / b2 in [0, 1), weight_decay >= 0,
+                   learning_rate > 0, warmup_steps >= 0, schedule, b1 / b2 in [0, 1), eps > 0, weight_decay >= 0,
                    clip_norm >= 0, grad_accum_steps >= 1;
   bond, sampling   the algorithm and its hyperparameters; training samples at temperature 1 (BOND's
                    losses need samples of pi itself);
@@ -82,6 +82,7 @@ def _optimizer(name: str, section: ml_collections.ConfigDict) -> None:
   _require(0 <= o.end_lr_fraction <= 1, f"{name}.end_lr_fraction={o.end_lr_fraction} must lie in [0, 1]")
   for key in ("b1", "b2"):
     _require(0 <= o[key] < 1, f"{name}.{key}={o[key]} must lie in [0, 1)")
+  _require(o.eps > 0 and math.isfinite(o.eps), f"{name}.eps={o.eps} must be > 0 and finite")
   _require(o.weight_decay >= 0, f"{name}.weight_decay={o.weight_decay} must be >= 0")
   _require(o.clip_norm >= 0, f"{name}.clip_norm={o.clip_norm} must be >= 0 (0 = no clipping)")
   _positive_int(f"{name}.grad_accum_steps", o.grad_accum_steps)

@@ -76,6 +76,7 @@ BAD_CONFIGS = [
     ("sft.learning_rate", 0.0, r"sft.learning_rate=0.0 must be > 0"),
     ("sft.warmup_steps", -1, r"sft.warmup_steps=-1 must be an integer >= 0"),
     ("reward_training.b2", 1.0, r"reward_training.b2=1.0 must lie in \[0, 1\)"),
+    ("optimizer.eps", 0.0, r"optimizer.eps=0.0 must be > 0 and finite"),
     ("reward_training.steps", 0, r"reward_training.steps=0 must be an integer >= 1"),
     ("reward_training.model", "bert", r"reward_training.model='bert'; allowed: transformer, bag_of_words"),
     ("train.max_bad_steps", 0, r"train.max_bad_steps=0 must be an integer >= 1"),

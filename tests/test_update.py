@@ -432,3 +432,16 @@ def test_optimizer_schedule_and_clipping():
 def test_step_builders_validate(build, message):
   with pytest.raises(ValueError, match=message):
     build(optax.sgd(0.1))
+
+
+@pytest.mark.parametrize("eps,expected", [(1e-8, -0.1), (1e-3, -0.05)])
+def test_a_config_sections_eps_is_adams_denominator_floor(eps, expected):
+  """Adam's first step is -lr g / (|g| + eps): at eps = |g| it halves (momentum SGD's regime)."""
+  from configs import dialogue
+  section = dialogue.get_config().optimizer
+  section.update(learning_rate=0.1, warmup_steps=0, eps=eps)
+  optimizer = upd.make_optimizer(upd.OptimizerConfig.from_section(section, total_steps=10))
+  params = {"w": jnp.ones(3)}
+  grads = {"w": jnp.full(3, 1e-3)}  # under clip_norm: clipping leaves it alone
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  np.testing.assert_allclose(updates["w"], expected, rtol=1e-4)
