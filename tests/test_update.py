@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bond_jax import best_of_n
 from bond_jax import update as upd
+from configs import dialogue
 
 VOCAB, LENGTH = 3, 4
 ALL_SEQUENCES = jnp.asarray(list(itertools.product(range(VOCAB), repeat=LENGTH)), jnp.int32)  # [81, 4]
@@ -437,7 +438,6 @@ def test_step_builders_validate(build, message):
 @pytest.mark.parametrize("eps,expected", [(1e-8, -0.1), (1e-3, -0.05)])
 def test_a_config_sections_eps_is_adams_denominator_floor(eps, expected):
   """Adam's first step is -lr g / (|g| + eps): at eps = |g| it halves (momentum SGD's regime)."""
-  from configs import dialogue
   section = dialogue.get_config().optimizer
   section.update(learning_rate=0.1, warmup_steps=0, eps=eps)
   optimizer = upd.make_optimizer(upd.OptimizerConfig.from_section(section, total_steps=10))
