@@ -25,11 +25,13 @@ from bond_jax.frozen import FrozenModels
 Rollout = Callable[
     [ml_collections.ConfigDict, FrozenModels, update.TrainState, jax.Array, jax.Array, jax.Array, int],
     tuple[Any, rollout.Stats]]
-# (bond config, sequence_logprob_fn, optimizer, build_update_step's options, measure_ref) -> jitted step;
-# measure_ref=False: a step without pi_ref's forward, for an algorithm that `measures_ref_only`
-StepBuilder = Callable[
-    [ml_collections.ConfigDict, update.SequenceLogprobFn, optax.GradientTransformation, dict[str, Any], bool],
-    Callable]
+# (bond config, sequence_logprob_fn, optimizer, build_update_step's options, measure_ref, sequence_kl_fn)
+# -> jitted step; measure_ref=False: a step without pi_ref's forward, for an algorithm that
+# `measures_ref_only`; sequence_kl_fn (scoring.sequence_kl_fn): what bond.kl_estimator="per_position" reads
+StepBuilder = Callable[[
+    ml_collections.ConfigDict, update.SequenceLogprobFn, optax.GradientTransformation, dict[
+        str, Any], bool, update.SequenceKLFn | None
+], Callable]
 
 PROGRESS_KEYS = ("reward_mean", "kl_policy_ref", "kl_policy_anchor", "penalty_rate", "kl_base_importance",
                  "loss")
@@ -78,31 +80,46 @@ def _reinforce_rollout(bond, frozen, state, prompts, mask, rng, max_new_tokens):
                            num_policy_samples=POLICY_SAMPLES)
 
 
-def _jbond_step(b, fn, opt, options, measure_ref=True):
+def _jbond_step(b, fn, opt, options, measure_ref=True, kl_fn=None):
   return update.make_jbond_step(fn, opt, beta=b.beta, gamma=b.gamma, eta=b.eta, measure_ref=measure_ref,
-                                **options)
+                                sequence_kl_fn=_per_position(b, kl_fn), **options)
 
 
-def _jbond_hard_step(b, fn, opt, options, measure_ref=True):
+def _jbond_hard_step(b, fn, opt, options, measure_ref=True, kl_fn=None):
   return update.make_jbond_step(fn, opt, beta=b.beta, gamma=b.gamma, eta=b.eta, anchor_period=b.anchor_period,
-                                measure_ref=measure_ref, **options)
+                                measure_ref=measure_ref, sequence_kl_fn=_per_position(b, kl_fn), **options)
 
 
-def _bond_step(b, fn, opt, options, measure_ref=True):
+def _bond_step(b, fn, opt, options, measure_ref=True, kl_fn=None):
   del measure_ref  # BOND's loss reads its base (pi_ref) anyway
   return update.make_bond_step(fn, opt, n=b.n, beta=b.beta, forward_estimator=_forward_estimator(b),
-                               **options)
+                               sequence_kl_fn=_per_position(b, kl_fn), **options)
 
 
-def _iterative_bond_step(b, fn, opt, options, measure_ref=True):
+def _iterative_bond_step(b, fn, opt, options, measure_ref=True, kl_fn=None):
   del measure_ref
   return update.make_bond_step(fn, opt, n=b.n, beta=b.beta, anchor_period=b.anchor_period,
-                               forward_estimator=_forward_estimator(b), **options)
+                               forward_estimator=_forward_estimator(b),
+                               sequence_kl_fn=_per_position(b, kl_fn), **options)
 
 
-def _reinforce_step(b, fn, opt, options, measure_ref=True):
+def _per_position(bond: ml_collections.ConfigDict, kl_fn):
+  """The sequence_kl_fn the KL term of the return reads (bond.kl_estimator "per_position"), else None."""
+  if _kl_estimator(bond) == "sampled":
+    return None
+  if kl_fn is None:
+    raise ValueError("bond.kl_estimator='per_position' needs the step builder's sequence_kl_fn")
+  return kl_fn
+
+
+def _kl_estimator(bond: ml_collections.ConfigDict) -> str:
+  return bond.get("kl_estimator", "sampled")  # absent from configs written before it existed
+
+
+def _reinforce_step(b, fn, opt, options, measure_ref=True, kl_fn=None):
   del measure_ref  # RLOO's loss reads pi_ref (its KL penalty)
-  return update.make_reinforce_step(fn, opt, beta_rl=b.beta_rl, **options)
+  return update.make_reinforce_step(fn, opt, beta_rl=b.beta_rl, sequence_kl_fn=_per_position(b, kl_fn),
+                                    **options)
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -151,7 +168,7 @@ def validate(bond: ml_collections.ConfigDict) -> None:
   try:  # objectives names the hyperparameter; the config key is bond.<name>
     objectives.validate_hparams(beta=bond.beta, eta=bond.eta, gamma=bond.gamma, k=bond.k,
                                 beta_rl=bond.beta_rl, anchor_period=bond.anchor_period,
-                                forward_estimator=_forward_estimator(bond))
+                                forward_estimator=_forward_estimator(bond), kl_estimator=_kl_estimator(bond))
     if algorithm.rollout is _bond_rollout:
       objectives.validate_hparams(n=bond.n)
   except ValueError as error:

@@ -37,6 +37,10 @@ BASELINES = ("none", "loo")
 # BOND's forward-KL estimators (`bond_loss`): the best of the first n base samples (eq. 13), or all k of them
 # weighted by their chance to be a Best-of-n, less the policy's importance weight (`weighted_forward_kl_loss`)
 FORWARD_ESTIMATORS = ("best_of_n", "all_k")
+# The estimator of the KL term in every policy-gradient return (BOND's KL to pi_base, J-BOND's to the
+# anchor, RLOO's to pi_ref): the sampled log-ratio (eq. 15), or the exact KL of each position's next-token
+# law along the sample (`backward_kl_loss`)
+KL_ESTIMATORS = ("sampled", "per_position")
 
 # --------------------------------------------------------------------------------------------------------
 # Validation of static hyper-parameters (Python level, never inside jit).
@@ -59,13 +63,13 @@ def _check_baseline(baseline: str) -> None:
 
 def validate_hparams(*, n: Any = None, beta: Any = None, eta: Any = None, gamma: Any = None, k: Any = None,
                      beta_rl: Any = None, baseline: str | None = None, anchor_period: Any = None,
-                     forward_estimator: str | None = None) -> None:
+                     forward_estimator: str | None = None, kl_estimator: str | None = None) -> None:
   """Raises ValueError (one line, naming the value and what is allowed) for an invalid hyper-parameter.
 
   n: Best-of-n (integer >= 2); beta: Jeffreys mix in [0, 1]; eta: EMA rate in [0, 1]; gamma: anchor-KL
   weight >= 0; k: quantile sample count (integer >= 1); beta_rl: RLHF KL weight >= 0; anchor_period:
-  hard anchor period of iterative BOND (integer >= 1); forward_estimator: one of FORWARD_ESTIMATORS.
-  None = not given.
+  hard anchor period of iterative BOND (integer >= 1); forward_estimator: one of FORWARD_ESTIMATORS;
+  kl_estimator: one of KL_ESTIMATORS. None = not given.
   """
   if n is not None:
     best_of_n.check_best_of("n", n)
@@ -86,6 +90,8 @@ def validate_hparams(*, n: Any = None, beta: Any = None, eta: Any = None, gamma:
   if forward_estimator is not None and forward_estimator not in FORWARD_ESTIMATORS:
     raise ValueError(f"forward_estimator={forward_estimator!r} is unknown: allowed are "
                      f"{', '.join(FORWARD_ESTIMATORS)}")
+  if kl_estimator is not None and kl_estimator not in KL_ESTIMATORS:
+    raise ValueError(f"kl_estimator={kl_estimator!r} is unknown: allowed are {', '.join(KL_ESTIMATORS)}")
 
 
 def leave_one_out_baseline(returns: Array) -> Array:
@@ -113,6 +119,19 @@ def _advantage(returns: Array, baseline: str) -> Array:
 def _policy_gradient_surrogate(policy_logprobs: Array, advantage: Array) -> Array:
   """-mean(log pi(y) * A(y)): its gradient is the REINFORCE estimate of -grad E_pi[A] (A held fixed)."""
   return -jnp.mean(policy_logprobs * jax.lax.stop_gradient(advantage))
+
+
+def _kl_in_return(policy_logprobs: Array, base_logprobs: Array,
+                  position_kl: Array | None) -> tuple[Array, Array, Array, Metrics]:
+  """The KL term of a policy-gradient return, by its estimator (`backward_kl_loss` explains both):
+  (the sampled log-ratio log pi - log pi_base, the KL term R subtracts, the loss's direct part, metrics);
+  all but the direct part constants. Sampled: (log-ratio, log-ratio, 0, {}); per position: (log-ratio,
+  K, mean(K), {kl_per_position})."""
+  log_ratio = jax.lax.stop_gradient(policy_logprobs - base_logprobs)
+  if position_kl is None:
+    return log_ratio, log_ratio, jnp.zeros((), log_ratio.dtype), {}
+  mean = jnp.mean(position_kl)
+  return log_ratio, jax.lax.stop_gradient(position_kl), mean, {"kl_per_position": mean}
 
 
 def _mean_std(x: Array) -> tuple[Array, Array]:
@@ -179,7 +198,7 @@ def weighted_forward_kl_loss(target_logprobs: Array, target_base_logprobs: Array
 
 
 def backward_kl_loss(policy_logprobs: Array, base_logprobs: Array, log_quantiles: Array, n: int,
-                     baseline: str = "loo") -> tuple[Array, Metrics]:
+                     baseline: str = "loo", position_kl: Array | None = None) -> tuple[Array, Metrics]:
   """Backward-KL policy-gradient surrogate (eq. 15) on samples y ~ pi.
 
       R(y) = (n - 1) * log p_hat(y) - (log pi(y) - log pi_base(y)),   loss = -mean(log pi(y) * sg(R - b))
@@ -187,23 +206,36 @@ def backward_kl_loss(policy_logprobs: Array, base_logprobs: Array, log_quantiles
   Its gradient estimates grad KL(pi || pi_BoN) where pi_BoN = Best-of-n of pi_base (the no-ties form; the
   constant log n cancels in expectation). pi_base is pi_ref for BOND and the anchor for iterative BOND.
 
+  With position_kl (kl_estimator "per_position"): K(y) = sum_t KL(pi(. | h_t) || pi_base(. | h_t)), the
+  exact per-position KL along y (scoring.sequence_kl_fn), replaces the sampled log-ratio:
+
+      R(y) = (n - 1) * log p_hat(y) - sg(K(y)),   loss = -mean(log pi(y) * sg(R - b)) + mean(K(y))
+
+  E[K] = KL(pi || pi_base) and grad KL = E[grad log pi * K] + E[sum_t grad KL_t] (the chain rule), so the
+  expected gradient is the same; the second part moves every position's whole next-token law back toward
+  pi_base's, where the sampled log-ratio pulls only on the one token drawn there and its pull is buried in
+  the quantile term's noise (docs/math.md, "The KL term, exactly at each position").
+
   Args:
     policy_logprobs: [B, M] log pi(y), differentiable.
     base_logprobs: [B, M] log pi_base(y) (treated as a constant).
     log_quantiles: [B, M] log p_hat(y) against samples of pi_base (`empirical_quantile`).
     n: Best-of-n, static >= 2.
     baseline: "loo" or "none".
+    position_kl: optional [B, M] K(y), differentiable (see above).
   Returns:
-    (loss, metrics) with return_mean, kl_estimate (mean log pi - log pi_base), mean_log_quantile.
+    (loss, metrics) with return_mean, kl_estimate (mean log pi - log pi_base), mean_log_quantile, and
+    kl_per_position (mean K) with position_kl.
   """
   best_of_n.check_best_of("n", n)
-  log_ratio = jax.lax.stop_gradient(policy_logprobs - base_logprobs)
-  returns = (n - 1) * log_quantiles - log_ratio
-  loss = _policy_gradient_surrogate(policy_logprobs, _advantage(returns, baseline))
+  log_ratio, kl_term, direct, kl_metrics = _kl_in_return(policy_logprobs, base_logprobs, position_kl)
+  returns = (n - 1) * log_quantiles - kl_term
+  loss = _policy_gradient_surrogate(policy_logprobs, _advantage(returns, baseline)) + direct
   metrics = {
       "return_mean": jnp.mean(returns),
       "kl_estimate": jnp.mean(log_ratio),
-      "mean_log_quantile": jnp.mean(log_quantiles)
+      "mean_log_quantile": jnp.mean(log_quantiles),
+      **kl_metrics
   }
   return loss, _stop(metrics)
 
@@ -211,7 +243,8 @@ def backward_kl_loss(policy_logprobs: Array, base_logprobs: Array, log_quantiles
 def bond_loss(policy_logprobs: Array, base_logprobs: Array, policy_rewards: Array, base_rewards: Array,
               target_logprobs: Array, *, n: int, beta: float, baseline: str = "loo",
               ref_logprobs: Array | None = None, forward_estimator: str = "best_of_n",
-              target_base_logprobs: Array | None = None) -> tuple[Array, Metrics]:
+              target_base_logprobs: Array | None = None,
+              position_kl: Array | None = None) -> tuple[Array, Metrics]:
   """Jeffreys BOND loss (eq. 11): (1 - beta) * forward + beta * backward.
 
   Args:
@@ -228,6 +261,8 @@ def bond_loss(policy_logprobs: Array, base_logprobs: Array, policy_rewards: Arra
       base is an anchor (defaults to base_logprobs).
     forward_estimator: one of FORWARD_ESTIMATORS (static).
     target_base_logprobs: [B, k] log pi_base of the k base samples; "all_k" only.
+    position_kl: optional [B, M] exact per-position KL to pi_base along the policy samples, differentiable:
+      the backward term's KL estimator "per_position" (`backward_kl_loss`).
   Returns:
     (loss, metrics): loss_forward, loss_backward, kl_policy_base, kl_policy_ref, mean_log_quantile,
     mean_quantile, return_mean, reward_mean, reward_std, entropy_estimate (and "all_k"'s metrics).
@@ -245,7 +280,7 @@ def bond_loss(policy_logprobs: Array, base_logprobs: Array, policy_rewards: Arra
   else:
     loss_forward = forward_kl_loss(target_logprobs)
   loss_backward, backward_metrics = backward_kl_loss(policy_logprobs, base_logprobs, log_quantiles, n,
-                                                     baseline)
+                                                     baseline, position_kl)
   loss = (1.0 - beta) * loss_forward + beta * loss_backward
   reward_mean, reward_std = _mean_std(policy_rewards)
   ref = base_logprobs if ref_logprobs is None else ref_logprobs
@@ -262,6 +297,8 @@ def bond_loss(policy_logprobs: Array, base_logprobs: Array, policy_rewards: Arra
       "entropy_estimate": -jnp.mean(policy_logprobs),
       **forward_metrics,
   }
+  if "kl_per_position" in backward_metrics:
+    metrics["kl_per_position"] = backward_metrics["kl_per_position"]
   return loss, _stop(metrics)
 
 
@@ -269,24 +306,30 @@ def bond_loss(policy_logprobs: Array, base_logprobs: Array, policy_rewards: Arra
 # J-BOND (Algorithm 2).
 
 
-def anchor_kl_regularizer(policy_logprobs: Array, anchor_logprobs: Array) -> Array:
+def anchor_kl_regularizer(policy_logprobs: Array, anchor_logprobs: Array,
+                          position_kl: Array | None = None) -> Array:
   """loss_reg = mean(log pi(y) * sg(log pi(y) - log pi_anchor(y))), y ~ pi.
 
   Its gradient is E_pi[grad log pi * (log pi - log pi_anchor)] = grad KL(pi || anchor), so DEscending it
   lowers the KL. (Algorithm 2 as printed has the opposite sign, which would raise the KL; eq. 19 and the
-  text want it lowered.)
+  text want it lowered.) With position_kl K(y) (kl_estimator "per_position", see `backward_kl_loss`):
+  mean(log pi(y) * sg(K(y))) + mean(K(y)), the same expected gradient.
 
   Args:
     policy_logprobs: [B] or [B, M], differentiable.
     anchor_logprobs: same shape, constant.
+    position_kl: optional, same shape, differentiable: sum_t KL(pi(. | h_t) || anchor(. | h_t)) along y.
   """
+  if position_kl is not None:
+    return jnp.mean(policy_logprobs * jax.lax.stop_gradient(position_kl)) + jnp.mean(position_kl)
   log_ratio = jax.lax.stop_gradient(policy_logprobs - anchor_logprobs)
   return jnp.mean(policy_logprobs * log_ratio)
 
 
 def jbond_loss(policy_logprobs: Array, anchor_logprobs: Array, policy_rewards: Array, anchor_rewards: Array,
                best_anchor_logprobs: Array, *, beta: float, gamma: float = 0.0, baseline: str = "loo",
-               penalty: float = JBOND_PENALTY, ref_logprobs: Array | None = None) -> tuple[Array, Metrics]:
+               penalty: float = JBOND_PENALTY, ref_logprobs: Array | None = None,
+               position_kl: Array | None = None) -> tuple[Array, Metrics]:
   """J-BOND loss (Algorithm 2): 1 policy sample and 2 anchor samples per prompt.
 
       forward:  loss_fw  = -mean(log pi(y'_best)),   y'_best = better of the 2 anchor samples
@@ -294,6 +337,8 @@ def jbond_loss(policy_logprobs: Array, anchor_logprobs: Array, policy_rewards: A
                 R(y)     = r_J(y) - (log pi(y) - log pi_anchor(y)),  loss_bw = -mean(log pi(y) sg(R - b))
       regulariser (gamma >= 0): loss_reg = `anchor_kl_regularizer` (lowers KL(pi || anchor))
       loss = (1 - beta) * loss_fw + beta * loss_bw + gamma * loss_reg
+  position_kl K(y) = sum_t KL(pi(. | h_t) || anchor(. | h_t)) (kl_estimator "per_position") replaces the
+  log-ratio in R and loss_reg, and loss_bw gains mean(K): the same expected gradients (`backward_kl_loss`).
 
   Args:
     policy_logprobs: [B] log pi(y), y ~ pi (differentiable).
@@ -303,7 +348,7 @@ def jbond_loss(policy_logprobs: Array, anchor_logprobs: Array, policy_rewards: A
     best_anchor_logprobs: [B] log pi of the better anchor sample (pick it with `select_best`).
     beta in [0, 1], gamma >= 0: static. penalty: log 16 in the paper.
     baseline: "loo" (mean return of the other prompts) or "none".
-    ref_logprobs: optional [B] log pi_ref(y), for the kl_policy_ref metric.
+    ref_logprobs: optional [B] log pi_ref(y), for the kl_policy_ref metric. position_kl: [B] K(y) or None.
   Returns:
     (loss, metrics): loss_forward, loss_backward, loss_reg, penalty_rate, kl_policy_anchor,
     [kl_policy_ref], anchor_tie_rate, policy_tie_rate, return_mean, reward_mean, reward_std,
@@ -314,11 +359,11 @@ def jbond_loss(policy_logprobs: Array, anchor_logprobs: Array, policy_rewards: A
     raise ValueError(f"anchor_rewards has {anchor_rewards.shape[-1]} samples per prompt: J-BOND needs 2")
   worst_anchor = jnp.min(anchor_rewards, axis=-1)
   penalized = policy_rewards < worst_anchor
-  log_ratio = jax.lax.stop_gradient(policy_logprobs - anchor_logprobs)
-  returns = jnp.where(penalized, -penalty, 0.0) - log_ratio
+  log_ratio, kl_term, direct, kl_metrics = _kl_in_return(policy_logprobs, anchor_logprobs, position_kl)
+  returns = jnp.where(penalized, -penalty, 0.0) - kl_term
   loss_forward = forward_kl_loss(best_anchor_logprobs)
-  loss_backward = _policy_gradient_surrogate(policy_logprobs, _advantage(returns, baseline))
-  loss_reg = anchor_kl_regularizer(policy_logprobs, anchor_logprobs)
+  loss_backward = _policy_gradient_surrogate(policy_logprobs, _advantage(returns, baseline)) + direct
+  loss_reg = anchor_kl_regularizer(policy_logprobs, anchor_logprobs, position_kl)
   loss = (1.0 - beta) * loss_forward + beta * loss_backward + gamma * loss_reg
   reward_mean, reward_std = _mean_std(policy_rewards)
   metrics = {
@@ -335,6 +380,7 @@ def jbond_loss(policy_logprobs: Array, anchor_logprobs: Array, policy_rewards: A
       "reward_std": reward_std,
       "anchor_reward_mean": jnp.mean(anchor_rewards),
       "entropy_estimate": -jnp.mean(policy_logprobs),
+      **kl_metrics,
   }
   if ref_logprobs is not None:
     metrics["kl_policy_ref"] = jnp.mean(policy_logprobs - ref_logprobs)
@@ -346,21 +392,23 @@ def jbond_loss(policy_logprobs: Array, anchor_logprobs: Array, policy_rewards: A
 
 
 def reinforce_loss(policy_logprobs: Array, ref_logprobs: Array, rewards: Array, *, beta_rl: float,
-                   baseline: str = "loo") -> tuple[Array, Metrics]:
-  """REINFORCE on R = r - beta_rl * (log pi - log pi_ref), leave-one-out baseline (RLOO).
+                   baseline: str = "loo", position_kl: Array | None = None) -> tuple[Array, Metrics]:
+  """REINFORCE on R = r - beta_rl * (log pi - log pi_ref), leave-one-out baseline (RLOO). With position_kl
+  K(y) (kl_estimator "per_position", `backward_kl_loss`): R = r - beta_rl * sg(K), plus beta_rl * mean(K).
 
   Args:
     policy_logprobs: [B, M] log pi(y), y ~ pi (M = 2 in the paper), differentiable.
     ref_logprobs: [B, M] log pi_ref(y), constant.
     rewards: [B, M].
     beta_rl: static >= 0. baseline: "loo" or "none".
+    position_kl: optional [B, M] sum_t KL(pi(. | h_t) || pi_ref(. | h_t)) along y, differentiable.
   Returns:
     (loss, metrics): loss_pg, kl_policy_ref, return_mean, reward_mean, reward_std, entropy_estimate.
   """
   validate_hparams(beta_rl=beta_rl, baseline=baseline)
-  log_ratio = jax.lax.stop_gradient(policy_logprobs - ref_logprobs)
-  returns = rewards - beta_rl * log_ratio
-  loss = _policy_gradient_surrogate(policy_logprobs, _advantage(returns, baseline))
+  log_ratio, kl_term, direct, kl_metrics = _kl_in_return(policy_logprobs, ref_logprobs, position_kl)
+  returns = rewards - beta_rl * kl_term
+  loss = _policy_gradient_surrogate(policy_logprobs, _advantage(returns, baseline)) + beta_rl * direct
   reward_mean, reward_std = _mean_std(rewards)
   metrics = {
       "loss_pg": loss,
@@ -368,7 +416,8 @@ def reinforce_loss(policy_logprobs: Array, ref_logprobs: Array, rewards: Array, 
       "return_mean": jnp.mean(returns),
       "reward_mean": reward_mean,
       "reward_std": reward_std,
-      "entropy_estimate": -jnp.mean(policy_logprobs)
+      "entropy_estimate": -jnp.mean(policy_logprobs),
+      **kl_metrics
   }
   return loss, _stop(metrics)
 

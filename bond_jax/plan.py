@@ -31,7 +31,9 @@ Phases (a run's peak is persistent + max(sampling, update): the KV cache is gone
   With remat: the layer inputs are kept, layers * (b P + 2b T) * D * s, plus one layer recomputed with
   its gradients, 2 G. Without remat: every layer's G, plus one layer's gradients, S(b, L, L).
   Logits (the LM head on response positions only): 3 * b * T * V/t * 4 bytes (the float32 log-softmax of
-  the gradient call's 2b rows is kept for the backward pass, plus one call's raw logits in flight). Gradients in param_dtype (a float32
+  the gradient call's 2b rows is kept for the backward pass, plus one call's raw logits in flight; with
+  bond.kl_estimator='per_position' the policy sample's rows hold both models' logits of 32 positions at a
+  time instead, scoring.sequence_kl_fn, which is less for T > 32). Gradients in param_dtype (a float32
   accumulator too when m > 1), and with fsdp > 1 (or a dtype cast) one all-gathered layer plus the
   embedding in the compute dtype, split only over tensor.
 """

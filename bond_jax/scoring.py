@@ -189,6 +189,73 @@ def sequence_logprob_fn(cfg: ModelConfig, pad_id: int, chunk: int = 128,
   return fn
 
 
+class SequenceKL(NamedTuple):
+  """`sequence_kl_fn`'s [B, N] (or [R]) float32 sums over each response's positions."""
+  logprobs: jax.Array  # log pi(y), differentiable in pi's params
+  ref_logprobs: jax.Array  # log ref(y), a constant
+  kl: jax.Array  # sum_t KL(pi(. | h_t) || ref(. | h_t)), differentiable in pi's params
+
+
+def sequence_kl_fn(
+    cfg: ModelConfig, pad_id: int, chunk: int = 32,
+    response_width: int | None = None) -> Callable[[Any, Any, jax.Array, jax.Array], SequenceKL]:
+  """`fn(params, ref_params, tokens, response_mask) -> SequenceKL` of rows as `sequence_logprob_fn` reads
+  them (tokens, response_mask [R, L] or [B, N, L]; response_width as there): besides log pi(y), the exact
+  per-position KL of pi's next-token law to ref's along each response, summed, and log ref(y).
+
+  For y ~ pi, E[sum_t KL_t] = KL(pi || ref) (the chain rule), and its gradient is
+  E[sum_t grad KL_t] + E[grad log pi(y) * sum_t KL_t]: the first part, through every position's full law, is
+  what the sampled log-ratio log pi(y) - log ref(y) only reaches through the one token sampled there
+  (objectives.backward_kl_loss, kl_estimator "per_position"). Both models' [rows, chunk, V] logits are live
+  at once, recomputed on the backward pass (jax.checkpoint), so `chunk` bounds the memory.
+  """
+  if int(chunk) != chunk or chunk < 1:
+    raise ValueError(f"chunk={chunk} is not allowed: need an integer >= 1")
+  model = transformer.Transformer(cfg)
+
+  @jax.checkpoint
+  def laws(params, ref_params, hidden, ref_hidden, targets):
+    kl, _, chosen, chosen_ref = _position_laws(model, params, ref_params, hidden, ref_hidden, targets, None)
+    return kl, chosen, jax.lax.stop_gradient(chosen_ref)
+
+  def chunked(params, ref_params, hidden, ref_hidden, targets, on):
+    pieces = [
+        laws(params, ref_params, *(x[:, i:i + chunk] for x in (hidden, ref_hidden, targets)))
+        for i in range(0, targets.shape[1], chunk)
+    ]
+    kl, chosen, chosen_ref = (jnp.concatenate(parts, axis=1) for parts in zip(*pieces))
+    total = lambda x: jnp.sum(jnp.where(on, x, 0.0), axis=-1)
+    return SequenceKL(total(chosen), total(chosen_ref), total(kl))
+
+  def fn(params: Any, ref_params: Any, tokens: jax.Array, response_mask: jax.Array) -> SequenceKL:
+    attend = (tokens != pad_id) | response_mask
+    ref_params = jax.lax.stop_gradient(ref_params)
+    if response_width is None:
+      rows = lambda x: x.reshape(-1, x.shape[-1])
+      flat_tokens, flat_attend = rows(tokens), rows(attend)
+      hidden = [
+          model.apply({"params": p}, flat_tokens, flat_attend,
+                      method=transformer.Transformer.hidden)[0][:, :-1] for p in (params, ref_params)
+      ]
+      out = chunked(params, ref_params, *hidden, flat_tokens[:, 1:], rows(response_mask)[:, 1:])
+      return SequenceKL(*(x.reshape(tokens.shape[:-1]) for x in out))
+    grouped = lambda x: x if x.ndim == 3 else x[:, None]
+    tokens_3d, attend_3d, mask_3d = (grouped(x) for x in (tokens, attend, response_mask))
+    width = tokens.shape[-1] - response_width
+    batch, num_samples = tokens_3d.shape[:2]
+    prompts, prompt_attend = tokens_3d[:, 0, :width], attend_3d[:, 0, :width]
+    responses, response_attend = tokens_3d[..., width:], attend_3d[..., width:]
+    flat = lambda x: x.reshape(batch * num_samples, *x.shape[2:])
+    hidden = [
+        flat(_predicting_hidden(model, p, prompts, prompt_attend, responses, response_attend))
+        for p in (params, ref_params)
+    ]
+    out = chunked(params, ref_params, *hidden, flat(responses), flat(mask_3d[..., width:]))
+    return SequenceKL(*(x.reshape(tokens.shape[:-1]) for x in out))
+
+  return fn
+
+
 def _predicting_hidden(model: transformer.Transformer, params: Any, prompts: jax.Array,
                        prompt_attend: jax.Array, responses: jax.Array,
                        response_attend: jax.Array) -> jax.Array:
@@ -207,6 +274,29 @@ class ResponseKL(NamedTuple):
   ref_logprobs: jax.Array  # log ref(y): what sequence_logprobs gives, from the same forward
 
 
+def _position_laws(model: transformer.Transformer, params: Any, ref_params: Any, hidden: jax.Array,
+                   ref_hidden: jax.Array, targets: jax.Array,
+                   stops: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Both models' next-token laws at hidden [R, S, D] (pi's) and ref_hidden [R, S, D] (pi_ref's), compared.
+
+  Returns [R, S] float32: (KL(pi(. | h) || ref(. | h)) over the full vocabulary, its part on stop / go on
+  (0 when stops is None), log pi(target), log ref(target)). Differentiable in params (the training loss
+  reads it); the [R, S, V] logits of both models are live at once, so callers pass a chunk of positions.
+  """
+  lp = jax.nn.log_softmax(model.apply({"params": params}, hidden, method=transformer.Transformer.logits), -1)
+  lr = jax.nn.log_softmax(
+      model.apply({"params": ref_params}, ref_hidden, method=transformer.Transformer.logits), -1)
+  total = jnp.sum(jnp.exp(lp) * (lp - lr), axis=-1)
+  chosen = lambda l: jnp.take_along_axis(l, targets[..., None], axis=-1)[..., 0]
+  if stops is None:
+    return total, jnp.zeros_like(total), chosen(lp), chosen(lr)
+  # the binary decision stop / go on: KL between the two models' P(EOS) at this position
+  mass = lambda l, where: jax.nn.logsumexp(jnp.where(where, l, -jnp.inf), axis=-1)
+  stop_p, stop_r, go_p, go_r = mass(lp, stops), mass(lr, stops), mass(lp, ~stops), mass(lr, ~stops)
+  stopping = jnp.exp(stop_p) * (stop_p - stop_r) + jnp.exp(go_p) * (go_p - go_r)
+  return total, stopping, chosen(lp), chosen(lr)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 7, 8))
 def _response_kl(cfg, params, ref_params, prompts, prompt_mask, responses, response_mask, eos_ids, chunk):
   model = transformer.Transformer(cfg)
@@ -214,25 +304,16 @@ def _response_kl(cfg, params, ref_params, prompts, prompt_mask, responses, respo
       _predicting_hidden(model, p, prompts, prompt_mask, responses, response_mask)
       for p in (params, ref_params)
   ]
-  stops = jnp.zeros((cfg.vocab_size,), bool).at[jnp.asarray(eos_ids, jnp.int32)].set(True)
+  stops = jnp.zeros(
+      (cfg.vocab_size,), bool).at[jnp.asarray(eos_ids, jnp.int32)].set(True) if eos_ids else None
 
   def one_sample(xs):  # ([B, T, D], [B, T, D], tokens [B, T]) -> per-position (KL, stopping, log ref) [B, T]
-
-    def positions(hp, hr, tokens):
-      lp = jax.nn.log_softmax(model.apply({"params": params}, hp, method=transformer.Transformer.logits), -1)
-      lr = jax.nn.log_softmax(model.apply({"params": ref_params}, hr, method=transformer.Transformer.logits),
-                              -1)
-      total = jnp.sum(jnp.exp(lp) * (lp - lr), axis=-1)
-      chosen = jnp.take_along_axis(lr, tokens[..., None], axis=-1)[..., 0]
-      if not eos_ids:
-        return total, jnp.zeros_like(total), chosen
-      # the binary decision stop / go on: KL between the two models' P(EOS) at this position
-      mass = lambda l, where: jax.nn.logsumexp(jnp.where(where, l, -jnp.inf), axis=-1)
-      stop_p, stop_r, go_p, go_r = mass(lp, stops), mass(lr, stops), mass(lp, ~stops), mass(lr, ~stops)
-      return total, jnp.exp(stop_p) * (stop_p - stop_r) + jnp.exp(go_p) * (go_p - go_r), chosen
-
-    pieces = [positions(*(x[:, i:i + chunk] for x in xs)) for i in range(0, xs[0].shape[1], chunk)]
-    return tuple(jnp.concatenate(parts, axis=1) for parts in zip(*pieces))
+    pieces = [
+        _position_laws(model, params, ref_params, *(x[:, i:i + chunk] for x in xs), stops)
+        for i in range(0, xs[0].shape[1], chunk)
+    ]
+    kl, stopping, _, chosen_ref = (jnp.concatenate(parts, axis=1) for parts in zip(*pieces))
+    return kl, stopping, chosen_ref
 
   # one sample index at a time: the [B, chunk, V] logits of two models are what this holds at once
   per_position = jax.lax.map(one_sample, tuple(x.swapaxes(0, 1) for x in (*hidden, responses)))

@@ -34,6 +34,8 @@ from bond_jax import best_of_n, objectives, sharding
 
 Array = jax.Array
 SequenceLogprobFn = Callable[[Any, Array, Array], Array]
+# (params, base_params, tokens, mask) -> (log pi, log pi_base, sum_t KL_t) [B, N]: scoring.sequence_kl_fn
+SequenceKLFn = Callable[[Any, Any, Array, Array], tuple[Array, Array, Array]]
 LossFn = Callable[[Any, Any, Any, dict], tuple[Array, dict]]
 
 
@@ -194,9 +196,12 @@ def _with_targets(fn: SequenceLogprobFn, params: Any, tokens: Array, mask: Array
 
 
 def bond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, n: int, beta: float, baseline: str = "loo",
-                 use_anchor: bool = False, forward_estimator: str = "best_of_n") -> LossFn:
+                 use_anchor: bool = False, forward_estimator: str = "best_of_n",
+                 sequence_kl_fn: SequenceKLFn | None = None) -> LossFn:
   """Jeffreys BOND on a batch; the Best-of-n base is pi_ref, or the anchor when use_anchor (iterative).
-  forward_estimator "all_k" needs the batch's target rows to be all k base samples (rollout.bond)."""
+  forward_estimator "all_k" needs the batch's target rows to be all k base samples (rollout.bond).
+  sequence_kl_fn (scoring.sequence_kl_fn): the backward term's KL to the base is the exact per-position KL
+  along the policy's samples (objectives.KL_ESTIMATORS "per_position"); None: the sampled log-ratio."""
   objectives.validate_hparams(n=n, beta=beta, baseline=baseline, forward_estimator=forward_estimator)
   all_k = forward_estimator == "all_k"
 
@@ -205,15 +210,21 @@ def bond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, n: int, beta: float,
     if base_params is None:
       raise ValueError("BOND needs ref_params (or an anchor in the state for iterative BOND)")
     tokens, mask = batch.policy_tokens, batch.policy_mask
-    policy_logprobs, target_logprobs = _with_targets(sequence_logprob_fn, params, tokens, mask,
-                                                     batch.target_tokens, batch.target_mask)
+    position_kl = None
+    if sequence_kl_fn is None:
+      policy_logprobs, target_logprobs = _with_targets(sequence_logprob_fn, params, tokens, mask,
+                                                       batch.target_tokens, batch.target_mask)
+    else:  # the policy's rows read both models' full laws; the targets only need log pi
+      policy_logprobs, policy_base_logprobs, position_kl = sequence_kl_fn(params, base_params, tokens, mask)
+      target_logprobs = _grouped_logprobs(sequence_logprob_fn, params, batch.target_tokens, batch.target_mask)
     target_base_logprobs = None
     if all_k:  # the base's forward of each prompt serves its policy samples and its own k samples
       base_logprobs, target_base_logprobs = jax.lax.stop_gradient(
           _with_targets(sequence_logprob_fn, base_params, tokens, mask, batch.target_tokens,
                         batch.target_mask))
     else:
-      base_logprobs = _constant_logprobs(sequence_logprob_fn, base_params, tokens, mask)
+      base_logprobs = (_constant_logprobs(sequence_logprob_fn, base_params, tokens, mask)
+                       if position_kl is None else policy_base_logprobs)
       target_logprobs = target_logprobs[:, 0]
     ref_logprobs = None
     if use_anchor and ref_params is not None:
@@ -221,17 +232,19 @@ def bond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, n: int, beta: float,
     return objectives.bond_loss(policy_logprobs, base_logprobs, batch.policy_rewards, batch.base_rewards,
                                 target_logprobs, n=n, beta=beta, baseline=baseline, ref_logprobs=ref_logprobs,
                                 forward_estimator=forward_estimator,
-                                target_base_logprobs=target_base_logprobs)
+                                target_base_logprobs=target_base_logprobs, position_kl=position_kl)
 
   return loss_fn
 
 
 def jbond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta: float, gamma: float, baseline: str = "loo",
-                  penalty: float = objectives.JBOND_PENALTY, measure_ref: bool = True) -> LossFn:
+                  penalty: float = objectives.JBOND_PENALTY, measure_ref: bool = True,
+                  sequence_kl_fn: SequenceKLFn | None = None) -> LossFn:
   """J-BOND on a batch: selects the better anchor sample (lowest index on ties) and scores it.
   measure_ref: also run pi_ref on the policy's sample for the kl_policy_ref metric (the loss never needs
   pi_ref: without it a step skips one of its four forwards; the distillation stage measures on the steps
-  it logs)."""
+  it logs). sequence_kl_fn: the KL to the anchor in the return and the regulariser is the exact
+  per-position KL along the policy's sample (as in bond_loss_fn)."""
   objectives.validate_hparams(beta=beta, gamma=gamma, baseline=baseline)
 
   def loss_fn(params, anchor_params, ref_params, batch):
@@ -240,23 +253,29 @@ def jbond_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta: float, gamma:
     tokens, mask = batch.policy_tokens, batch.policy_mask
     best_index, _ = best_of_n.select_best(batch.anchor_rewards)
     pick = lambda x: jnp.take_along_axis(x, best_index[:, None, None], axis=1)
-    policy_logprobs, best_logprobs = _with_targets(sequence_logprob_fn, params, tokens[:, None], mask[:,
-                                                                                                      None],
-                                                   pick(batch.anchor_tokens), pick(batch.anchor_mask))
-    policy_logprobs, best_logprobs = policy_logprobs[:, 0], best_logprobs[:, 0]
-    anchor_logprobs = _constant_logprobs(sequence_logprob_fn, anchor_params, tokens, mask)
+    position_kl = None
+    if sequence_kl_fn is None:
+      policy_logprobs, best_logprobs = _with_targets(sequence_logprob_fn, params, tokens[:, None], mask[:,
+                                                                                                        None],
+                                                     pick(batch.anchor_tokens), pick(batch.anchor_mask))
+      policy_logprobs, best_logprobs = policy_logprobs[:, 0], best_logprobs[:, 0]
+      anchor_logprobs = _constant_logprobs(sequence_logprob_fn, anchor_params, tokens, mask)
+    else:  # the policy's sample reads both models' full laws; the best anchor sample only needs log pi
+      policy_logprobs, anchor_logprobs, position_kl = sequence_kl_fn(params, anchor_params, tokens, mask)
+      best_logprobs = _grouped_logprobs(sequence_logprob_fn, params, pick(batch.anchor_tokens),
+                                        pick(batch.anchor_mask))[:, 0]
     ref_logprobs = (None if ref_params is None or not measure_ref else _constant_logprobs(
         sequence_logprob_fn, ref_params, tokens, mask))
     return objectives.jbond_loss(policy_logprobs, anchor_logprobs, batch.policy_rewards, batch.anchor_rewards,
                                  best_logprobs, beta=beta, gamma=gamma, baseline=baseline, penalty=penalty,
-                                 ref_logprobs=ref_logprobs)
+                                 ref_logprobs=ref_logprobs, position_kl=position_kl)
 
   return loss_fn
 
 
-def reinforce_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta_rl: float,
-                      baseline: str = "loo") -> LossFn:
-  """RLOO with a beta_rl KL penalty to pi_ref (the paper's baseline)."""
+def reinforce_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta_rl: float, baseline: str = "loo",
+                      sequence_kl_fn: SequenceKLFn | None = None) -> LossFn:
+  """RLOO with a beta_rl KL penalty to pi_ref (the paper's baseline); sequence_kl_fn as in bond_loss_fn."""
   objectives.validate_hparams(beta_rl=beta_rl, baseline=baseline)
 
   def loss_fn(params, anchor_params, ref_params, batch):
@@ -264,10 +283,14 @@ def reinforce_loss_fn(sequence_logprob_fn: SequenceLogprobFn, *, beta_rl: float,
     if ref_params is None:
       raise ValueError("REINFORCE needs ref_params for its KL penalty")
     tokens, mask = batch.policy_tokens, batch.policy_mask
-    policy_logprobs = _grouped_logprobs(sequence_logprob_fn, params, tokens, mask)
-    ref_logprobs = _constant_logprobs(sequence_logprob_fn, ref_params, tokens, mask)
+    position_kl = None
+    if sequence_kl_fn is None:
+      policy_logprobs = _grouped_logprobs(sequence_logprob_fn, params, tokens, mask)
+      ref_logprobs = _constant_logprobs(sequence_logprob_fn, ref_params, tokens, mask)
+    else:
+      policy_logprobs, ref_logprobs, position_kl = sequence_kl_fn(params, ref_params, tokens, mask)
     return objectives.reinforce_loss(policy_logprobs, ref_logprobs, batch.policy_rewards, beta_rl=beta_rl,
-                                     baseline=baseline)
+                                     baseline=baseline, position_kl=position_kl)
 
   return loss_fn
 
@@ -403,15 +426,16 @@ def _jit_step(step: Callable, mesh: jax.sharding.Mesh | None, shardings: tuple[A
 
 def make_bond_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.GradientTransformation, *, n: int,
                    beta: float, baseline: str = "loo", anchor_period: int | None = None,
-                   forward_estimator: str = "best_of_n", **step_options):
+                   forward_estimator: str = "best_of_n", sequence_kl_fn: SequenceKLFn | None = None,
+                   **step_options):
   """BOND (anchor_period=None: Best-of-n of pi_ref) or iterative BOND (Algorithm 1: Best-of-n of the
-  anchor, which becomes the policy after every `anchor_period` updates). step_options: see
-  `build_update_step`."""
+  anchor, which becomes the policy after every `anchor_period` updates). sequence_kl_fn: see
+  `bond_loss_fn`. step_options: see `build_update_step`."""
   objectives.validate_hparams(anchor_period=anchor_period)
   use_anchor = anchor_period is not None
   anchor_update = functools.partial(_hard_update, period=anchor_period) if use_anchor else None
   loss_fn = bond_loss_fn(sequence_logprob_fn, n=n, beta=beta, baseline=baseline, use_anchor=use_anchor,
-                         forward_estimator=forward_estimator)
+                         forward_estimator=forward_estimator, sequence_kl_fn=sequence_kl_fn)
   return build_update_step(loss_fn, optimizer, anchor_update=anchor_update, **step_options)
 
 
@@ -422,14 +446,14 @@ def _hard_update(anchor, params, step, *, period):
 def make_jbond_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.GradientTransformation, *,
                     beta: float = 0.5, gamma: float = 0.0, eta: float = 0.02, baseline: str = "loo",
                     penalty: float = objectives.JBOND_PENALTY, anchor_period: int | None = None,
-                    measure_ref: bool = True, **step_options):
+                    measure_ref: bool = True, sequence_kl_fn: SequenceKLFn | None = None, **step_options):
   """J-BOND (Algorithm 2) with the EMA anchor update theta_a <- (1 - eta) theta_a + eta theta after
   every applied update, or (anchor_period given, the paper's Fig. 5 comparison) a hard anchor update: the
   anchor becomes the policy every anchor_period updates. The state must carry anchor_params (start them at
-  pi_ref). measure_ref: see jbond_loss_fn."""
+  pi_ref). measure_ref, sequence_kl_fn: see jbond_loss_fn."""
   objectives.validate_hparams(eta=eta, anchor_period=anchor_period)
   loss_fn = jbond_loss_fn(sequence_logprob_fn, beta=beta, gamma=gamma, baseline=baseline, penalty=penalty,
-                          measure_ref=measure_ref)
+                          measure_ref=measure_ref, sequence_kl_fn=sequence_kl_fn)
   if anchor_period is not None:
     anchor_update = functools.partial(_hard_update, period=anchor_period)
   else:
@@ -438,7 +462,9 @@ def make_jbond_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.Gra
 
 
 def make_reinforce_step(sequence_logprob_fn: SequenceLogprobFn, optimizer: optax.GradientTransformation, *,
-                        beta_rl: float, baseline: str = "loo", **step_options):
-  """RLOO baseline: REINFORCE on r - beta_rl * (log pi - log pi_ref)."""
-  loss_fn = reinforce_loss_fn(sequence_logprob_fn, beta_rl=beta_rl, baseline=baseline)
+                        beta_rl: float, baseline: str = "loo", sequence_kl_fn: SequenceKLFn | None = None,
+                        **step_options):
+  """RLOO baseline: REINFORCE on r - beta_rl * (log pi - log pi_ref); sequence_kl_fn: see bond_loss_fn."""
+  loss_fn = reinforce_loss_fn(sequence_logprob_fn, beta_rl=beta_rl, baseline=baseline,
+                              sequence_kl_fn=sequence_kl_fn)
   return build_update_step(loss_fn, optimizer, **step_options)

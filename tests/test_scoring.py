@@ -223,6 +223,36 @@ def test_response_kl_equals_the_full_logits_kl_and_its_stopping_part_for_every_c
   assert np.abs(np.asarray(same[:2])).max() < 1e-6
 
 
+@pytest.mark.parametrize("response_width", [None, 5])
+def test_sequence_kl_fn_equals_the_full_logits_kl_and_the_log_probs_and_differentiates_the_kl(response_width):
+  """The training path of the per-position KL (kl_estimator "per_position"): joined rows [B, N, L] give
+  log pi(y), log ref(y) and sum_t KL_t equal to the unchunked references, grouped by prompt or not, for
+  every chunk; its gradient is the full-logits KL's gradient."""
+  params, ref_params = _params(CFG, 0), _params(CFG, 1)
+  prompts, responses, mask = _rows()
+  rows = scoring.join(prompts, prompts != 0, responses, mask)
+  kl, _ = _kl_by_full_logits(params, ref_params, prompts, responses, mask, (1, 5))
+  logprob = lambda p: scoring.sequence_logprob_fn(CFG, PAD)(p, rows.tokens, rows.response_mask)
+  for chunk in (2, 16):
+    fn = scoring.sequence_kl_fn(CFG, PAD, chunk=chunk, response_width=response_width)
+    got = jax.jit(fn)(params, ref_params, rows.tokens, rows.response_mask)
+    np.testing.assert_allclose(got.kl, kl, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.logprobs, logprob(params), atol=1e-5)
+    np.testing.assert_allclose(got.ref_logprobs, logprob(ref_params), atol=1e-5)
+
+  def full_kl(p):  # the reference: both models' whole [R, L, V] laws at once, summed on the responses
+    flat = lambda x: x.reshape(6, -1)
+    law = lambda q: jax.nn.log_softmax(transformer.forward(CFG, q, flat(rows.tokens), flat(rows.attend_mask)),
+                                       -1)[:, 5:-1]
+    lp, lr = law(p), jax.lax.stop_gradient(law(ref_params))
+    return jnp.sum(jnp.where(flat(jnp.asarray(mask)), jnp.sum(jnp.exp(lp) * (lp - lr), -1), 0.0))
+
+  grads = jax.grad(lambda p: jnp.sum(fn(p, ref_params, rows.tokens, rows.response_mask).kl))(params)
+  expected = jax.grad(full_kl)(params)
+  for got_leaf, leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got_leaf, leaf, atol=1e-4 * float(jnp.max(jnp.abs(leaf))) + 1e-7)
+
+
 def test_response_kl_along_samples_of_pi_estimates_the_sampled_log_ratio_with_less_variance():
   """E_pi[sum_t KL_t] = E_pi[log pi(y) - log ref(y)]: both estimators of KL(pi || ref) on 4,096 samples of
   one prompt agree within their errors, and the exact per-position one has the smaller spread."""

@@ -62,6 +62,8 @@ BAD_CONFIGS = [
     ("bond.eta", 1.5, r"bond.eta=1.5"),
     ("bond.beta", -0.1, r"bond.beta=-0.1"),
     ("bond.gamma", -1.0, r"bond.gamma=-1.0"),
+    ("bond.kl_estimator", "exact",
+     r"bond.kl_estimator='exact' is unknown: allowed are sampled, per_position"),
     ("sampling.temperature", 0.7, r"BOND's losses need samples from pi itself"),
     ("sampling.max_new_tokens", 0, r"sampling.max_new_tokens=0 must be an integer >= 1"),
     ("sampling.max_new_tokens", 400,

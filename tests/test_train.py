@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from bond_jax import algorithms, artifacts, checkpoint, export, hf, pipeline, sharding
+from bond_jax import algorithms, artifacts, checkpoint, export, hf, metrics, pipeline, sharding
 from bond_jax import workdir as workdir_lib
 from bond_jax.data import local, prepare
 from bond_jax.models import params as params_lib
@@ -156,10 +156,21 @@ def test_unknown_config_key_is_a_one_line_cli_error():
 
 
 def test_trained_run_exports_and_generates_in_transformers(stages, tmp_path):
+  """Trained with the per-position KL to the anchor (bond.kl_estimator; the sampled one is every other
+  run's), on the 8-device mesh: its steps apply and log the per-position KL, and the run exports."""
   workdir = _copy(stages, tmp_path, "export")
   config = _config()
-  config.train.steps = 2
+  config.train.update(steps=3, log_every=1)
+  config.bond.kl_estimator = "per_position"
   pipeline.run(config, workdir)
+  rows = [
+      r for r in metrics.read_metrics(workdir_lib.metrics_path(workdir, distill.STAGE))
+      if r["kind"] == "train"
+  ]
+  assert [row["step"] for row in rows] == [1, 2, 3] and not any(row["step_skipped"] for row in rows)
+  # policy = anchor until the first update with a learning rate above 0 (warm-up starts at 0)
+  assert rows[0]["kl_per_position"] == pytest.approx(0.0, abs=1e-5)
+  assert 0.0 < rows[2]["kl_per_position"] < 1.0
   out = str(tmp_path / "hf_policy")
   export.export_run(workdir, out)
   tok = transformers.AutoTokenizer.from_pretrained(out)

@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bond_jax import best_of_n
+from bond_jax import objectives as obj
 from bond_jax import update as upd
 from configs import dialogue
 
@@ -43,6 +44,15 @@ def tabular_logprob(table, tokens, mask):
   """sequence_logprob_fn of the tabular policy: sum_t mask * log softmax(table[prefix_t])[token_t]."""
   token_logprobs = jax.nn.log_softmax(table, axis=-1)[prefix_rows(tokens), tokens]
   return jnp.sum(token_logprobs * mask, axis=-1)
+
+
+def tabular_kl(table, base_table, tokens, mask):
+  """sequence_kl_fn of the tabular policy: (log pi(y), log base(y), sum_t KL(pi(. | y_<t) || base(. | y_<t)))."""
+  rows = prefix_rows(tokens)
+  laws = [jax.nn.log_softmax(t, axis=-1)[rows] for t in (table, jax.lax.stop_gradient(base_table))]
+  chosen = [jnp.take_along_axis(law, tokens[..., None], axis=-1)[..., 0] for law in laws]
+  kl = jnp.sum(jnp.exp(laws[0]) * (laws[0] - laws[1]), axis=-1)
+  return tuple(jnp.sum(x * mask, axis=-1) for x in (*chosen, kl))
 
 
 def all_logprobs(table):
@@ -97,7 +107,7 @@ def jbond_batch(key, params, anchor_table, prompts):
 BOND_N, BOND_STEPS, BOND_PROMPTS, BOND_LR = 8, 600, 256, 0.1
 
 
-def bond_trainer(k, forward_estimator="best_of_n", prompts=BOND_PROMPTS):
+def bond_trainer(k, forward_estimator="best_of_n", prompts=BOND_PROMPTS, kl_estimator="sampled"):
   """jit(vmap(train)) over (beta, key): returns the exact log pi over all sequences after training."""
   optimizer = upd.make_optimizer(
       upd.OptimizerConfig(learning_rate=BOND_LR, warmup_steps=10, schedule="cosine", decay_steps=BOND_STEPS,
@@ -106,7 +116,8 @@ def bond_trainer(k, forward_estimator="best_of_n", prompts=BOND_PROMPTS):
   def train(beta, key):
     # beta is traced (vmapped), so validation is skipped here; it is checked in test_step_builders_validate.
     step = upd.make_bond_step(tabular_logprob, optimizer, n=BOND_N, beta=beta, donate=False,
-                              forward_estimator=forward_estimator)
+                              forward_estimator=forward_estimator,
+                              sequence_kl_fn=tabular_kl if kl_estimator == "per_position" else None)
 
     def body(state, key):
       return step(state, REF_TABLE,
@@ -177,6 +188,54 @@ def test_bond_all_k_matches_exact_best_of_n(all_k_runs, beta):
   print(f"all_k beta={beta}: KL(BoN||pi)={forward:.4f} KL(pi||BoN)={backward:.4f} "
         f"KL(pi||ref)-KL(BoN||ref)={kl_ref_gap:+.4f}")
   assert forward < 0.01 and backward < 0.02 and abs(kl_ref_gap) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------------
+# The backward term's KL estimated exactly at each position (kl_estimator "per_position").
+
+
+def test_per_position_kl_gradient_is_the_kl_gradient_with_less_noise():
+  """backward_kl_loss's KL part (log p_hat = 0) on samples of an autoregressive policy: the sampled
+  log-ratio and the exact per-position KL (direct gradient + its sum as the return) both average to
+  d KL(pi || pi_ref) / d table (exact, by enumeration); the per-position one with a fraction of the noise."""
+  table = REF_TABLE + 0.4 * jax.random.normal(jax.random.key(30), REF_TABLE.shape)
+  draws = 40_000
+  samples = ALL_SEQUENCES[sample_sequences(jax.random.key(31), table, (draws,))]
+  ones = jnp.ones((LENGTH,))
+
+  def per_sample_grad(kl_estimator):
+
+    def loss(th, tokens):
+      logp, base_logp, kl = tabular_kl(th, REF_TABLE, tokens[None, None], ones[None, None])
+      position_kl = kl if kl_estimator == "per_position" else None
+      return obj.backward_kl_loss(logp, base_logp, jnp.zeros_like(logp), 2, "none", position_kl)[0]
+
+    return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(table, samples)
+
+  exact = jax.grad(lambda th: exact_kl(all_logprobs(th), REF_LOGPROBS))(table)
+  scale = float(jnp.max(jnp.abs(exact)))
+  noise = {}
+  for kl_estimator in obj.KL_ESTIMATORS:
+    grads = per_sample_grad(kl_estimator)
+    error = float(jnp.max(jnp.abs(jnp.mean(grads, axis=0) - exact)))
+    noise[kl_estimator] = float(jnp.sum(jnp.var(grads, axis=0)))
+    print(
+        f"{kl_estimator:12s}: max |mean - exact| {error:.4f} (of {scale:.3f}), noise {noise[kl_estimator]:.4f}"
+    )
+    assert error < 0.05 * scale
+  assert noise["per_position"] < 0.5 * noise["sampled"]
+
+
+def test_bond_with_per_position_kl_matches_exact_best_of_n():
+  """Backward-only BOND with the per-position KL estimator reaches the exact Best-of-8, as the sampled one
+  does (test_bond_matches_exact_best_of_n)."""
+  (logprobs,) = bond_trainer(512, kl_estimator="per_position")(jnp.ones(1),
+                                                               jax.random.split(jax.random.key(1), 1))
+  bon = best_of_n.best_of_n_log_density(REF_LOGPROBS, REWARDS, BOND_N)
+  forward, backward, kl_ref_gap = _kl_summary(logprobs, bon)
+  print(f"per_position beta=1: KL(BoN||pi)={forward:.4f} KL(pi||BoN)={backward:.4f} "
+        f"KL(pi||ref)-KL(BoN||ref)={kl_ref_gap:+.4f}")
+  assert forward < 0.05 and backward < 0.05 and abs(kl_ref_gap) < 0.05
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -275,14 +334,18 @@ def test_jbond_raises_quantile_and_kl_grows_smoothly(jbond_curve):
   assert float(metrics[-1]["kl_policy_ref"]) == pytest.approx(kls[-1], abs=0.3)  # sampled vs exact
 
 
-def test_jbond_gamma_step_lowers_kl_to_anchor():
-  """One SGD step of the full J-BOND update, gamma = 5 versus gamma = 0 on the same batch."""
+@pytest.mark.parametrize("kl_estimator", ["sampled", "per_position"])
+def test_jbond_gamma_step_lowers_kl_to_anchor(kl_estimator):
+  """One SGD step of the full J-BOND update, gamma = 5 versus gamma = 0 on the same batch, with either
+  estimator of the KL to the anchor."""
   policy_table = REF_TABLE + 0.5 * jax.random.normal(jax.random.key(20), REF_TABLE.shape)
   batch = jbond_batch(jax.random.key(21), policy_table, REF_TABLE, 4096)
+  kl_fn = tabular_kl if kl_estimator == "per_position" else None
 
   @jax.jit
   def kl_after_step(gamma):
-    step = upd.make_jbond_step(tabular_logprob, optax.sgd(0.5), beta=0.5, gamma=gamma, eta=0.0, donate=False)
+    step = upd.make_jbond_step(tabular_logprob, optax.sgd(0.5), beta=0.5, gamma=gamma, eta=0.0, donate=False,
+                               sequence_kl_fn=kl_fn)
     state = upd.init_train_state(policy_table, optax.sgd(0.5), anchor_params=REF_TABLE)
     state, _ = step(state, None, batch)
     return exact_kl(all_logprobs(state.params), REF_LOGPROBS)

@@ -221,11 +221,13 @@ def build(ctx: Context) -> loop.Stage:
   # rollout rows are join's [prompt | max_new_tokens response slots]: each prompt's forward serves its rows
   logprob_fn = scoring.sequence_logprob_fn(frozen.policy_cfg, frozen.pad_id,
                                            response_width=config.sampling.max_new_tokens)
+  kl_fn = scoring.sequence_kl_fn(frozen.policy_cfg, frozen.pad_id,
+                                 response_width=config.sampling.max_new_tokens)  # bond.kl_estimator
   schedule = loop.Schedule.from_section(config.train)
   # pi_ref's forward only measures kl_policy_ref for J-BOND: run it on the steps the loop logs, not on the
   # others (a fourth of the update's forwards; the evaluation measures KL(pi || pi_ref) with its SE anyway)
-  steps = {True: algorithm.make_step(config.bond, logprob_fn, optimizer, options)}
-  steps[False] = (algorithm.make_step(config.bond, logprob_fn, optimizer, options, measure_ref=False)
+  steps = {True: algorithm.make_step(config.bond, logprob_fn, optimizer, options, True, kl_fn)}
+  steps[False] = (algorithm.make_step(config.bond, logprob_fn, optimizer, options, False, kl_fn)
                   if algorithm.measures_ref_only else steps[True])
   base_rng = jax.random.key(config.seed)
   warned: list[int] = []
