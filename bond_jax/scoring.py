@@ -13,7 +13,9 @@ Log-probs have one implementation, `token_logprobs`: the backbone runs once over
 and log-softmax run on `chunk` positions at a time under jax.checkpoint. The [R, L, V] float32 logits are
 never held at once (with a 256k vocabulary they would dominate memory), and the backward pass recomputes a
 chunk's logits instead of storing them. The update step's `sequence_logprob_fn`, the SFT loss and the
-evaluation's `sequence_logprobs` all go through it.
+evaluation's `sequence_logprobs` all go through it. Where two models' full next-token laws are compared
+at each position (the evaluation's `response_kl`, the update's `sequence_kl_fn`), one helper,
+`_position_laws`, reads both models' log-softmax of a chunk and gives the KL and both chosen log-probs.
 
 A prompt's N responses read it once (`_shared_prompt_hidden`): the prompt runs into a KV cache of P + T
 slots and its N responses run as continuations of that cache, [B * N, T] tokens instead of [B * N, P + T].

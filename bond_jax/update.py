@@ -1,6 +1,8 @@
 """Jitted update steps for BOND, iterative BOND, J-BOND and the RLOO baseline, generic over the policy.
 
-The policy enters only through `sequence_logprob_fn(params, tokens, mask) -> [B, N]` of tokens [B, N, T]:
+The policy enters only through `sequence_logprob_fn(params, tokens, mask) -> [B, N]` of tokens [B, N, T]
+(and, for bond.kl_estimator "per_position", `sequence_kl_fn`, which also returns the per-position KL to a
+base model along each row: scoring.sequence_kl_fn):
 the SEQUENCE log-prob of each response (sum over the response tokens where mask is 1 of log-softmax at
 temperature 1). The N rows of a prompt b come together, so that a prompt's forward can serve all of them
 (scoring.sequence_logprob_fn with response_width): the losses group every set of rows that shares a
